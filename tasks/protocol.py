@@ -1,0 +1,34 @@
+"""The Redis names shared by workers and the web process.
+
+Delivery: job events go over pub/sub, which keeps no backlog. A subscriber must be
+subscribed *before* the job can start, so the web subscribes first, then enqueues.
+Cancels are both published (for running jobs) and left as a key (for jobs not yet started).
+Worker liveness is a sorted set per queue: member = worker name, score = the Unix time (ms)
+until which the worker is presumed alive; workers push it forward every heartbeat.
+"""
+
+from __future__ import annotations
+
+CANCEL_CHANNEL = "ferry:cancel"
+CANCEL_TTL = 600
+
+
+def events_channel(job_id: str) -> str:
+    return f"ferry:ev:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"ferry:cancel:{job_id}"
+
+
+def workers_key(queue: str) -> str:
+    return f"ferry:workers:{queue}"
+
+
+def request_cancel(redis, job_id: str) -> None:
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(cancel_key(job_id), 1, ex=CANCEL_TTL)
+    pipe.publish(CANCEL_CHANNEL, job_id)
+    pipe.execute()
+
+GENERATE_TASK = "ferry.generate"

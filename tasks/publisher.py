@@ -1,0 +1,73 @@
+"""Publishes job events from a worker, batching when Redis is slower than the model.
+
+``put`` never blocks on Redis: events go to an in-process queue that one thread drains. Each
+drain sends, per channel, one message holding every event queued so far, in a single
+pipeline; so a fast token source costs one PUBLISH per drain, not one per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+
+from models import events
+from tasks.protocol import events_channel
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, redis):
+        self.redis = redis
+        self._q: queue.Queue = queue.Queue()
+        self._seq: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="ferry-publisher", daemon=True)
+        self._thread.start()
+
+    def put(self, job_id: str, event: events.Event) -> None:
+        with self._lock:
+            seq = self._seq[job_id]
+            self._seq[job_id] = seq + 1
+            if isinstance(event, events.TERMINAL):
+                del self._seq[job_id]
+        self._q.put((job_id, seq, event))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything put so far has been sent (or given up on)."""
+        done = threading.Event()
+        self._q.put(done)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            items = [self._q.get()]
+            while True:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            batches: dict[str, tuple[int, list]] = {}
+            flushes = []
+            for item in items:
+                if isinstance(item, threading.Event):
+                    flushes.append(item)
+                    continue
+                job_id, seq, event = item
+                batches.setdefault(job_id, (seq, []))[1].append(event)
+            if batches:
+                self._send(batches)
+            for f in flushes:
+                f.set()
+
+    def _send(self, batches) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, (first, evs) in batches.items():
+            pipe.publish(events_channel(job_id), events.encode(first, evs))
+        try:
+            pipe.execute()
+        except Exception:
+            # The web side notices the gap (or the dead connection) and fails the request.
+            log.exception("could not publish events for %d jobs", len(batches))

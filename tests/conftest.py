@@ -1,0 +1,59 @@
+"""Fixtures: a real redis-server, real Celery workers and the real web app (gunicorn with
+gevent workers, as in production), all on loopback; the official OpenAI client talks to it."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.services import RedisServer, Web, Worker
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(logs):
+    server = RedisServer(logs).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_worker(redis_server, logs):
+    worker = Worker("smollm2", redis_server.url, logs).start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def synthetic_worker(redis_server, logs):
+    worker = Worker("synthetic", redis_server.url, logs).start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def web(redis_server, logs):
+    server = Web(redis_server.url, logs).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(web) -> openai.OpenAI:
+    return openai.OpenAI(base_url=web.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def chat(client, smollm2_worker):
+    """The official client, with the real SmolLM2 worker running."""
+    return client
+
+
+@pytest.fixture
+def scripted(client, synthetic_worker):
+    """The official client, with the synthetic (scripted) worker running."""
+    return client

@@ -1,0 +1,44 @@
+"""One error handler: every failure is an OpenAI error envelope with its status."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from config.errors import FerryError, PayloadTooLarge, RateLimited
+
+log = logging.getLogger(__name__)
+
+
+def error_response(err: FerryError) -> Response:
+    resp = Response(json.dumps({"error": err.to_dict()}), status=err.status,
+                    mimetype="application/json")
+    if isinstance(err, RateLimited):
+        resp.headers["Retry-After"] = str(err.retry_after)
+    return resp
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(FerryError)
+    def _ferry(err: FerryError):
+        return error_response(err)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_):
+        return error_response(PayloadTooLarge("The request body is too large."))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        err = FerryError(exc.description or exc.name)
+        err.status = exc.code or 500
+        err.type = "invalid_request_error" if err.status < 500 else "server_error"
+        err.code = {404: "not_found", 405: "method_not_allowed"}.get(err.status)
+        return error_response(err)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(FerryError("The server had an error while processing the request."))
