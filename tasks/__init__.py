@@ -1,0 +1,1 @@
+"""Celery only: the app, the tasks and the worker runtime."""
