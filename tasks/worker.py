@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown
 
 from config import Registry, load_settings
 from tasks.app import make_celery
@@ -31,8 +31,10 @@ def _start(sender, **_):
     log.info("worker %s serving %s on queue %s", sender.hostname, entry.name, entry.queue)
 
 
-@worker_shutting_down.connect
+@worker_shutdown.connect
 def _stop(**_):
+    # After the warm shutdown finished the job in hand: until then the worker keeps beating,
+    # so the web does not fail a stream that is still being served.
     runtime = getattr(app, "ferry_runtime", None)
     if runtime is not None:
         runtime.stop()

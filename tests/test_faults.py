@@ -1,0 +1,101 @@
+"""Faults with real processes: shutdowns, Redis restarts. Each test starts its own services."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.services import RedisServer, Web, Worker
+
+
+def script(**kw) -> list[dict]:
+    return [{"role": "user", "content": json.dumps(kw)}]
+
+
+def sse_lines(resp) -> list[bytes]:
+    return [line for line in resp.iter_lines() if line]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """A private Redis, web and 'doomed' worker, for tests that kill or restart them."""
+    redis_server = RedisServer(tmp_path).start()
+    web = Web(redis_server.url, tmp_path).start()
+    worker = Worker("doomed", redis_server.url, tmp_path).start()
+    yield redis_server, web, worker
+    for s in (worker, web, redis_server):
+        s.kill()
+
+
+def test_worker_sigterm_finishes_the_job_in_hand(stack):
+    _, web, worker = stack
+    body = {"model": "doomed", "stream": True, "messages": script(count=30, delay=0.05)}
+    with requests.post(web.url + "/v1/chat/completions", json=body, stream=True, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        worker.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == b"data: [DONE]"
+    text = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content") or ""
+                   for x in rest[:-1] if x.startswith(b"data: {"))
+    assert text == "".join(f"t{i} " for i in range(30))
+    assert worker.proc.wait(10) == 0
+    # With the only worker gone, a new request fails fast instead of waiting forever.
+    time.sleep(0.2)
+    r = requests.post(web.url + "/v1/chat/completions", timeout=30,
+                      json={"model": "doomed", "messages": script(tokens=["x"])})
+    assert r.status_code == 503
+
+
+def test_web_sigterm_drains_open_streams(stack):
+    _, web, _ = stack
+    body = {"model": "doomed", "stream": True, "messages": script(count=20, delay=0.05)}
+    with requests.post(web.url + "/v1/chat/completions", json=body, stream=True, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        web.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == b"data: [DONE]"
+    assert web.proc.wait(10) == 0
+
+
+def test_redis_restart_fails_in_flight_then_recovers(stack, tmp_path, request):
+    redis_server, web, worker = stack
+    client = openai.OpenAI(base_url=web.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    errors: list[Exception] = []
+
+    def stream():
+        try:
+            for _ in client.chat.completions.create(
+                    model="doomed", stream=True, messages=script(count=200, delay=0.02)):
+                pass
+        except Exception as e:  # noqa: BLE001 - recorded and asserted below
+            errors.append(e)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.5)
+    redis_server.kill()
+    t.join(15)
+    assert not t.is_alive(), "the stream hung after Redis went away"
+    assert errors and isinstance(errors[0], openai.APIError)
+    restarted = RedisServer(tmp_path, port=redis_server.port).start()
+    request.addfinalizer(restarted.kill)
+    # Web and worker reconnect on their own; the first requests may race the worker's
+    # reconnection (503), then requests succeed.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            r = client.chat.completions.create(model="doomed", messages=script(tokens=["ok"]))
+            break
+        except openai.APIStatusError as e:
+            assert e.status_code == 503, e
+            assert time.monotonic() < deadline, "Ferry did not recover after the Redis restart"
+            time.sleep(0.5)
+    assert r.choices[0].message.content == "ok"
