@@ -38,6 +38,9 @@ class ModelEntry(BaseModel):
     owned_by: str = "library"
     # Celery queue the model's workers consume; defaults to ``ferry.<name>``.
     queue: str = ""
+    # Requests in flight (queued or running) beyond which new ones get 429: at ~100 tok/s
+    # per CPU worker, 64 requests is minutes of waiting, and a client is better told to retry.
+    max_pending: int = Field(default=64, ge=1)
     options: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -80,6 +83,11 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(default=300.0, gt=0)
     # Largest request body accepted (bytes).
     max_body_bytes: int = 16 * 1024 * 1024
+    # Bearer keys accepted on /v1 (a JSON list in FERRY_API_KEYS). None configured = open,
+    # as Ollama and llama.cpp's server are by default on loopback.
+    api_keys: list[str] = []
+    # Requests per minute per API key; 0 = no limit.
+    rate_limit_rpm: int = Field(default=0, ge=0)
     models: list[ModelEntry] = []
 
     @field_validator("models")

@@ -9,6 +9,7 @@ import time
 
 import openai
 import pytest
+import redis
 import requests
 
 from tests.services import RedisServer, Web, Worker
@@ -99,3 +100,35 @@ def test_redis_restart_fails_in_flight_then_recovers(stack, tmp_path, request):
             assert time.monotonic() < deadline, "Ferry did not recover after the Redis restart"
             time.sleep(0.5)
     assert r.choices[0].message.content == "ok"
+
+
+def test_queue_limit_is_429_with_retry_after(stack):
+    redis_server, web, _ = stack
+    body = {"model": "doomed", "stream": True, "messages": script(count=40, delay=0.05)}
+    results: list[list[bytes]] = []
+
+    def stream():
+        with requests.post(web.url + "/v1/chat/completions", json=body, stream=True,
+                           timeout=30) as r:
+            results.append(sse_lines(r))
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    r = redis.Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 5
+    while r.zcard("ferry:pending:ferry.doomed") < 2:  # one running, one queued
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    third = requests.post(web.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "doomed", "messages": script(tokens=["x"])})
+    assert third.status_code == 429
+    assert int(third.headers["Retry-After"]) >= 1
+    assert third.json()["error"]["code"] == "rate_limit_exceeded"
+    for t in threads:
+        t.join(30)
+    assert [lines[-1] for lines in results] == [b"data: [DONE]"] * 2
+    # Capacity is released when requests end.
+    ok = requests.post(web.url + "/v1/chat/completions", timeout=30,
+                       json={"model": "doomed", "messages": script(tokens=["x"])})
+    assert ok.status_code == 200

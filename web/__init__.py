@@ -12,7 +12,7 @@ from flask import Flask
 
 from config import Registry, Settings, load_settings
 from tasks.app import make_celery
-from web import errors
+from web import auth, errors
 from web.relay import Relay
 
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["ferry"] = Ferry(settings, Registry(settings.models), make_celery(settings),
                                     Relay(settings))
     errors.register(app)
+    auth.register(app)
     from web import chat, completions, health, models
 
     for module in (chat, completions, models, health):

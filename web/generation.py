@@ -22,6 +22,7 @@ from config.settings import ModelEntry
 from models import events
 from models.job import GenerationJob
 from tasks.protocol import GENERATE_TASK
+from web import limits
 from web.relay import Subscription
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,13 @@ def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     if not live:
         raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
-    sub = ferry.relay.subscribe(job.id, entry.queue)
+    limits.admit(ferry.relay.redis, ferry.settings, entry, job.id)
+    try:
+        sub = ferry.relay.subscribe(job.id, entry.queue)
+    except BaseException:
+        limits.release(ferry.relay.redis, entry.queue, job.id)
+        raise
+    sub.on_close(lambda: limits.release(ferry.relay.redis, entry.queue, job.id))
     try:
         ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
                                queue=entry.queue, task_id=job.id,

@@ -38,6 +38,11 @@ class Subscription:
         self.finished = False
         self._q: gevent.queue.Queue = gevent.queue.Queue()
         self._next_seq = 0
+        self._on_close: list = []
+
+    def on_close(self, callback) -> None:
+        """Run ``callback()`` when the subscription closes (e.g. to release admission)."""
+        self._on_close.append(callback)
 
     def _deliver(self, first_seq: int, evs: list[events.Event]) -> None:
         if self.finished:
@@ -76,6 +81,9 @@ class Subscription:
 
     def close(self) -> None:
         self.relay._unsubscribe(self)
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
 
 class Relay:

@@ -1,0 +1,72 @@
+"""Admission control: per-model in-flight limits and per-key request rates, both in Redis so
+they hold across web processes.
+
+In-flight requests of a model are a sorted set (member = job id, score = admission time);
+a request leaves it when its subscription closes. Entries older than any request can live
+(the queue timeout plus an hour of generation) are swept, so a crashed web process cannot
+leak capacity for long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import redis as redis_lib
+
+from config.errors import RateLimited, ServiceUnavailable
+from config.settings import ModelEntry, Settings
+
+STALE_AFTER = 3600.0
+
+
+def pending_key(queue: str) -> str:
+    return f"ferry:pending:{queue}"
+
+
+def pending(redis, queue: str) -> int:
+    return int(redis.zcard(pending_key(queue)))
+
+
+def admit(redis, settings: Settings, entry: ModelEntry, job_id: str) -> None:
+    """Count the job in, or raise 429 when the model already has ``max_pending`` in flight."""
+    key, now = pending_key(entry.queue), time.time()
+    try:
+        pipe = redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, 0, now - settings.queue_timeout - STALE_AFTER)
+        pipe.zcard(key)
+        _, count = pipe.execute()
+        if count >= entry.max_pending:
+            raise RateLimited(
+                f"The model '{entry.name}' has {count} requests in flight, its limit; "
+                "retry shortly.", retry_after=2)
+        redis.zadd(key, {job_id: now})
+    except redis_lib.RedisError as e:
+        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+
+
+def release(redis, entry_queue: str, job_id: str) -> None:
+    try:
+        redis.zrem(pending_key(entry_queue), job_id)
+    except redis_lib.RedisError:
+        pass  # swept later
+
+
+def check_rate(redis, settings: Settings, api_key: str) -> None:
+    """Fixed one-minute windows per key; the key itself is never stored, only a digest."""
+    if not settings.rate_limit_rpm:
+        return
+    now = time.time()
+    window = int(now // 60)
+    digest = hashlib.sha256(api_key.encode()).hexdigest()[:20]
+    key = f"ferry:rate:{digest}:{window}"
+    try:
+        pipe = redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count, _ = pipe.execute()
+    except redis_lib.RedisError as e:
+        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+    if count > settings.rate_limit_rpm:
+        raise RateLimited(f"Rate limit of {settings.rate_limit_rpm} requests per minute "
+                          "reached for this API key.", retry_after=max(1, int(60 - now % 60)))
