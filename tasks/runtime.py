@@ -17,7 +17,7 @@ import redis as redis_lib
 from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
 from models import load_backend
-from models.events import Failed, Started, failed
+from models.events import Done, Failed, Started, failed
 from models.job import GenerationJob
 from tasks.protocol import CANCEL_CHANNEL, cancel_key, workers_key
 from tasks.publisher import Publisher
@@ -78,6 +78,8 @@ class Runtime:
         if self._skip(job):
             return
         self._active.add(job.id)
+        started, tokens, outcome = time.monotonic(), 0, "done"
+        log.info("started job=%s model=%s", job.id, job.model)
         try:
             # A cancel may have landed between the check above and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
@@ -85,13 +87,20 @@ class Runtime:
             for event in self.backend.generate(job, lambda: job.id in self._cancelled):
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
+                elif isinstance(event, Done):
+                    tokens = event.completion_tokens
                 self.publisher.put(job.id, event)
         except FerryError as e:
+            outcome = f"failed:{e.code}"
             self.publisher.put(job.id, failed(e))
         except Exception:
+            outcome = "failed:exception"
             log.exception("job %s failed", job.id)
             self.publisher.put(job.id, failed(GenerationFailed("The model failed while generating.")))
         finally:
+            log.info("finished job=%s outcome=%s cancelled=%s completion_tokens=%d seconds=%.3f",
+                     job.id, outcome, job.id in self._cancelled, tokens,
+                     time.monotonic() - started)
             self._active.discard(job.id)
             self._cancelled.discard(job.id)
             self.publisher.flush()

@@ -12,7 +12,7 @@ from flask import Flask
 
 from config import Registry, Settings, load_settings
 from tasks.app import make_celery
-from web import auth, errors
+from web import auth, errors, logs, metrics
 from web.relay import Relay
 
 
@@ -35,8 +35,10 @@ def create_app(settings: Settings | None = None) -> Flask:
                                     Relay(settings))
     errors.register(app)
     auth.register(app)
+    metrics.register(app)
+    logs.register(app)
     from web import chat, completions, health, models
 
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, health, metrics):
         app.register_blueprint(module.bp)
     return app

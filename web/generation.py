@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import redis as redis_lib
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 
 from config.errors import FerryError, ServiceUnavailable, rebuild
 from config.settings import ModelEntry
 from models import events
 from models.job import GenerationJob
 from tasks.protocol import GENERATE_TASK
-from web import limits
+from web import limits, logs
 from web.relay import Subscription
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def client_watch() -> Callable[[], bool]:
 def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
     """Subscribe to the job's events, then enqueue it. Fails fast when no worker is live."""
     ferry = current_app.extensions["ferry"]
+    g.model = entry.name
     try:
         live = ferry.relay.live_workers(entry.queue)
     except redis_lib.RedisError as e:
@@ -60,11 +61,12 @@ def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
         raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
     limits.admit(ferry.relay.redis, ferry.settings, entry, job.id)
     try:
-        sub = ferry.relay.subscribe(job.id, entry.queue)
+        sub = ferry.relay.subscribe(job.id, entry.queue, entry.name)
     except BaseException:
         limits.release(ferry.relay.redis, entry.queue, job.id)
         raise
     sub.on_close(lambda: limits.release(ferry.relay.redis, entry.queue, job.id))
+    logs.enqueued(job.id, entry.name)
     try:
         ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
                                queue=entry.queue, task_id=job.id,

@@ -1,6 +1,11 @@
 """gunicorn settings for Ferry's web process (bind comes from FERRY_HOST/FERRY_PORT)."""
 
 import os
+import shutil
+import tempfile
+
+# Metrics from every worker process are aggregated through files in this directory.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ferry-metrics-"))
 
 bind = f"{os.environ.get('FERRY_HOST', '127.0.0.1')}:{os.environ.get('FERRY_PORT', '8000')}"
 worker_class = "gevent"
@@ -12,3 +17,16 @@ timeout = 120
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
+loglevel = "info"
+
+
+def on_starting(server):
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -24,13 +24,15 @@ from config.errors import FerryError, ServiceUnavailable, WorkerLost
 from config.settings import Settings
 from models import events
 from tasks.protocol import events_channel, request_cancel, workers_key
+from web.metrics import Timing
 
 log = logging.getLogger(__name__)
 
 
 class Subscription:
-    def __init__(self, relay: "Relay", job_id: str, queue: str):
+    def __init__(self, relay: "Relay", job_id: str, queue: str, model: str = ""):
         self.relay, self.job_id, self.queue = relay, job_id, queue
+        self.timing = Timing(model or queue)
         self.channel = events_channel(job_id)
         self.created = time.monotonic()
         self.worker: str | None = None
@@ -52,9 +54,13 @@ class Subscription:
                                           "response between worker and web."))
             return
         self._next_seq = first_seq + len(evs)
+        if any(isinstance(ev, events.Delta) and ev.text for ev in evs):
+            self.timing.tokens()
         for ev in evs:
             if isinstance(ev, events.Started):
                 self.worker = ev.worker
+            elif isinstance(ev, events.Done):
+                self.timing.done(ev.completion_tokens)
             self._q.put(ev)
             if isinstance(ev, events.TERMINAL):
                 self.finished = True
@@ -80,8 +86,11 @@ class Subscription:
             log.warning("could not cancel %s: %s", self.job_id, e)
 
     def close(self) -> None:
+        if self._on_close is None:
+            return
         self.relay._unsubscribe(self)
-        callbacks, self._on_close = self._on_close, []
+        self.timing.close()
+        callbacks, self._on_close = self._on_close, None
         for callback in callbacks:
             callback()
 
@@ -102,17 +111,17 @@ class Relay:
         now_ms = int(time.time() * 1000)
         return [w.decode() for w in self.redis.zrangebyscore(workers_key(queue), now_ms, "+inf")]
 
-    def subscribe(self, job_id: str, queue: str) -> Subscription:
-        sub = Subscription(self, job_id, queue)
+    def subscribe(self, job_id: str, queue: str, model: str = "") -> Subscription:
+        sub = Subscription(self, job_id, queue, model)
         self._subs[sub.channel] = sub
         try:
             self._ensure_running()
             self._pubsub.subscribe(sub.channel)
         except redis_lib.RedisError as e:
-            self._subs.pop(sub.channel, None)
+            sub.close()
             raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
         if not sub.confirmed.wait(5):
-            self._unsubscribe(sub)
+            sub.close()
             raise ServiceUnavailable("Redis did not confirm the subscription in time.")
         return sub
 

@@ -1,0 +1,46 @@
+"""Health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import requests
+
+
+def metric(text: str, name: str, **labels) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name and all(p in (m.group(2) or "") for p in want.split(",")):
+            return float(m.group(3))
+    return None
+
+
+def test_metrics_count_requests_tokens_and_workers(web, scripted):
+    before = requests.get(web.url + "/metrics", timeout=5).text
+    n0 = metric(before, "ferry_requests_total", endpoint="/v1/chat/completions",
+                model="synthetic", status="200") or 0
+    t0 = metric(before, "ferry_tokens_generated_total", model="synthetic") or 0
+    for stream in (False, True):
+        r = scripted.chat.completions.create(
+            model="synthetic", stream=stream,
+            messages=[{"role": "user", "content": json.dumps({"tokens": ["a", "b", "c"]})}])
+        if stream:
+            list(r)
+    text = requests.get(web.url + "/metrics", timeout=5).text
+    assert metric(text, "ferry_requests_total", endpoint="/v1/chat/completions",
+                  model="synthetic", status="200") == n0 + 2
+    assert metric(text, "ferry_tokens_generated_total", model="synthetic") == t0 + 6
+    assert metric(text, "ferry_time_to_first_token_seconds_count", model="synthetic") >= 2
+    assert metric(text, "ferry_workers", model="synthetic") == 1
+    assert metric(text, "ferry_workers", model="unserved") == 0
+    assert metric(text, "ferry_requests_in_flight", model="synthetic") == 0
+
+
+def test_health_and_ready(web, synthetic_worker):
+    assert requests.get(web.url + "/health", timeout=5).json() == {"status": "ok"}
+    r = requests.get(web.url + "/ready", timeout=5)
+    body = r.json()
+    assert body["workers"]["synthetic"] >= 1 and body["workers"]["unserved"] == 0
+    assert r.status_code == 503 and body["status"] == "degraded"
