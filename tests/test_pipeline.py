@@ -56,9 +56,10 @@ def test_bad_script_is_400_before_streaming(scripted):
 
 
 def test_disconnect_cancels_generation(web, synthetic_worker, redis_server):
-    """The client leaves mid-stream: the worker stops and takes the next job at once."""
+    """The client leaves mid-stream: the worker stops and has served the next job within
+    200 ms (tokens every 10 ms, as a ~100 tok/s model)."""
     body = {"model": "synthetic", "stream": True,
-            "messages": script(count=100000, delay=0.005)}
+            "messages": script(count=100000, delay=0.01)}
     with requests.post(web.url + "/v1/chat/completions", json=body, stream=True, timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -69,7 +70,7 @@ def test_disconnect_cancels_generation(web, synthetic_worker, redis_server):
     body = {"model": "synthetic", "messages": script(tokens=["next"])}
     reply = requests.post(web.url + "/v1/chat/completions", json=body, timeout=30).json()
     assert reply["choices"][0]["message"]["content"] == "next"
-    assert time.monotonic() - left < 2.0
+    assert time.monotonic() - left < 0.2
 
 
 def test_dead_worker_fails_fast(web, redis_server, logs):

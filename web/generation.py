@@ -28,6 +28,10 @@ from web.relay import Subscription
 log = logging.getLogger(__name__)
 
 
+# How often a waiting or streaming request checks that its client is still connected.
+WATCH_INTERVAL = 0.1
+
+
 class ClientGone(Exception):
     pass
 
@@ -80,15 +84,20 @@ def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
 def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event]:
     """Events until the terminal one. A ``Failed`` event is raised as its ``FerryError``.
 
-    While waiting, the client's connection is watched: if it goes, the job is cancelled
-    (a queued job then never runs) and ``ClientGone`` is raised.
+    The client's connection is watched, at most every ``WATCH_INTERVAL`` and whether or not
+    events flow (a write to a closed socket can still succeed): if it goes, the job is
+    cancelled (a queued job then never runs) and ``ClientGone`` is raised.
     """
+    checked = time.monotonic()
     while True:
-        ev = sub.next(timeout=0.5)
-        if ev is None:
+        ev = sub.next(timeout=WATCH_INTERVAL)
+        now = time.monotonic()
+        if ev is None or now - checked >= WATCH_INTERVAL:
+            checked = now
             if gone():
                 sub.cancel()
                 raise ClientGone()
+        if ev is None:
             continue
         if isinstance(ev, events.Failed):
             raise rebuild(ev.error, ev.status)
