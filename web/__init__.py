@@ -37,8 +37,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.register(app)
     metrics.register(app)
     logs.register(app)
-    from web import chat, completions, health, models
+    from web import chat, completions, health, models, openapi
 
-    for module in (chat, completions, models, health, metrics):
+    for module in (chat, completions, models, health, metrics, openapi):
         app.register_blueprint(module.bp)
     return app

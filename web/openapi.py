@@ -1,0 +1,58 @@
+"""GET /openapi.json: an OpenAPI 3.1 document generated from the pydantic request models.
+
+It documents what Ferry validates, so a fuzzer (tests/test_fuzz.py runs schemathesis) and
+client generators see the same contract the handlers enforce.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from web.schemas.chat import CreateChatCompletionRequest
+from web.schemas.completions import CreateCompletionRequest
+
+bp = Blueprint("openapi", __name__)
+
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {k: {"type": ["string", "null"]} for k in ("message", "type", "param", "code")},
+}}}
+
+# (method, path, request model or None, operation id, summary)
+OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str]] = [
+    ("post", "/v1/chat/completions", CreateChatCompletionRequest, "createChatCompletion",
+     "Create a chat completion (streamed as server-sent events with stream=true)"),
+    ("post", "/v1/completions", CreateCompletionRequest, "createCompletion",
+     "Create a text completion"),
+    ("get", "/v1/models", None, "listModels", "List the served models"),
+    ("get", "/v1/models/{model}", None, "retrieveModel", "Retrieve a model"),
+]
+
+
+def document() -> dict:
+    models = [(m, "validation") for _, _, m, _, _ in OPERATIONS if m is not None]
+    refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict] = {}
+    for method, path, model, op_id, summary in OPERATIONS:
+        op: dict = {"operationId": op_id, "summary": summary, "responses": {
+            "200": {"description": "OK"},
+            "default": {"description": "An OpenAI error",
+                        "content": {"application/json": {"schema": ERROR}}}}}
+        if model is not None:
+            op["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": refs[(model, "validation")]}}}
+        if "{model}" in path:
+            op["parameters"] = [{"name": "model", "in": "path", "required": True,
+                                 "schema": {"type": "string"}}]
+        paths.setdefault(path, {})[method] = op
+    return {"openapi": "3.1.0",
+            "info": {"title": "Ferry", "version": "0.1.0",
+                     "description": "OpenAI-compatible serving through a job queue"},
+            "paths": paths, "components": {"schemas": defs.get("$defs", {})}}
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(document())
