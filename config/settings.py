@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     api_keys: list[str] = []
     # Requests per minute per API key; 0 = no limit.
     rate_limit_rpm: int = Field(default=0, ge=0)
+    # Image URLs in messages are fetched by the server only if the operator turns it on: a
+    # server that fetches what clients name can be pointed at internal services.
+    fetch_image_urls: bool = False
+    # ...and then only from public addresses, unless this is set too (tests, private nets).
+    fetch_allow_private: bool = False
+    # Larger images are refused (decoded or fetched), and fetching stops after this long.
+    max_image_bytes: int = 20 * 1024 * 1024
+    image_fetch_timeout: float = Field(default=10.0, gt=0)
     models: list[ModelEntry] = []
 
     @field_validator("models")

@@ -1,0 +1,77 @@
+"""Image inputs: data URLs decoded; URL fetching off by default, public-only when on, capped."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+
+import pytest
+
+from config import load_settings
+from config.errors import InvalidRequest
+from web.images import load_image
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/")
+                self.end_headers()
+                return
+            body = PNG if self.path == "/a.png" else b"x" * 4096
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_data_url_decoded_and_checked():
+    s = load_settings()
+    url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert load_image(url, s, "p") == PNG
+    with pytest.raises(InvalidRequest, match="base64"):
+        load_image("data:image/png;base64,@@@", s, "p")
+    with pytest.raises(InvalidRequest):
+        load_image("data:text/plain,hello", s, "p")
+    with pytest.raises(InvalidRequest, match="larger"):
+        load_image(url, load_settings(max_image_bytes=10), "p")
+
+
+def test_fetching_is_off_by_default(image_server):
+    with pytest.raises(InvalidRequest, match="disabled") as e:
+        load_image(image_server + "/a.png", load_settings(), "messages[0].content[1]")
+    assert e.value.param == "messages[0].content[1]"
+
+
+def test_private_addresses_refused(image_server):
+    on = load_settings(fetch_image_urls=True)
+    for url in (image_server + "/a.png", "http://localhost/a.png", "http://10.0.0.1/a.png",
+                "http://169.254.169.254/latest/meta-data", "http://[::1]/a.png"):
+        with pytest.raises(InvalidRequest, match="private, loopback or link-local"):
+            load_image(url, on, "p")
+    with pytest.raises(InvalidRequest, match="http"):
+        load_image("file:///etc/passwd", on, "p")
+
+
+def test_fetch_when_allowed_with_limits(image_server):
+    s = load_settings(fetch_image_urls=True, fetch_allow_private=True)
+    assert load_image(image_server + "/a.png", s, "p") == PNG
+    with pytest.raises(InvalidRequest, match="larger"):
+        load_image(image_server + "/big", load_settings(fetch_image_urls=True,
+                   fetch_allow_private=True, max_image_bytes=1000), "p")
+    with pytest.raises(InvalidRequest, match="HTTP 302"):
+        load_image(image_server + "/redirect", s, "p")
