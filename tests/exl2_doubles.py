@@ -68,8 +68,9 @@ class GeneratorDouble:
     """``script(job) -> list[int]``: the tokens a job "samples", in order."""
 
     def __init__(self, vocab: list[str], script: Callable[[JobDouble], list[int]], *,
-                 max_batch_size: int = 8, cache_tokens: int = 4096, chunk: int = 2048):
-        self.vocab, self.script = vocab, script
+                 max_batch_size: int = 8, cache_tokens: int = 4096, chunk: int = 2048,
+                 step: float = 0.0):
+        self.vocab, self.script, self.step = vocab, script, step
         self.max_batch_size, self.chunk = max_batch_size, chunk
         self.max_pages = cache_tokens // PAGE
         self.pending: list[JobDouble] = []
@@ -103,6 +104,8 @@ class GeneratorDouble:
 
     def iterate(self) -> list[dict]:
         self.iterations += 1
+        if self.step:
+            time.sleep(self.step)
         if self.fail_on_iterate == self.iterations:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (double)")
         results: list[dict] = []
@@ -194,13 +197,14 @@ class EngineDouble:
 
     def __init__(self, vocab: list[str], script: Callable[[JobDouble], list[int]], *,
                  eos_token_id: int | None = None, bos_token_id: int | None = None,
-                 **generator_kwargs):
+                 step: float = 0.0, **generator_kwargs):
         self.vocab, self.script = vocab, script
         self.eos_token_id, self.bos_token_id = eos_token_id, bos_token_id
         self.generator_kwargs = generator_kwargs
+        self.step = step  # seconds each iterate() takes, as a GPU step would
         self.generators: list[GeneratorDouble] = []
         self.jobs: list[JobDouble] = []
-        self.encoded: list[str] = []
+        self.encoded: list[tuple[str, bool]] = []  # (text, add_bos) of every encode()
         self.warmed = self.closed = False
 
     @property
@@ -208,7 +212,8 @@ class EngineDouble:
         return len(self.vocab)
 
     def new_generator(self) -> GeneratorDouble:
-        self.generators.append(GeneratorDouble(self.vocab, self.script, **self.generator_kwargs))
+        self.generators.append(GeneratorDouble(self.vocab, self.script, step=self.step,
+                                               **self.generator_kwargs))
         return self.generators[-1]
 
     def new_job(self, spec: JobSpec, identifier: int) -> JobDouble:
@@ -218,7 +223,7 @@ class EngineDouble:
         return job
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
-        self.encoded.append(text)
+        self.encoded.append((text, add_bos))
         ids = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
         for ch in text:
             if ch not in self.vocab:
