@@ -42,6 +42,20 @@ def paged_attention_available(no_flash_attn: bool) -> bool:
     return bool(has_flash_attn_with_paged) and not no_flash_attn and all(c[0] >= 8 for c in caps)
 
 
+def generator_kwargs(model: Any, cache: Any, tokenizer: Any, limits: Limits, max_batch_size: int,
+                     paged: bool, draft_model: Any = None, draft_cache: Any = None) -> dict:
+    """Keyword arguments of ``ExLlamaV2DynamicGenerator``, which ignores unknown ones
+    silently: the names are checked against its signature in tests/test_exllamav2_api.py."""
+    kwargs: dict[str, Any] = dict(
+        model=model, cache=cache, tokenizer=tokenizer, max_batch_size=max_batch_size,
+        max_seq_len=limits.max_seq_len, max_chunk_size=limits.chunk, paged=paged,
+    )
+    if draft_model is not None:
+        kwargs.update(draft_model=draft_model, draft_cache=draft_cache,
+                      num_draft_tokens=limits.num_draft_tokens)
+    return kwargs
+
+
 class Exl2Engine:
     def __init__(self, model_dir: Path, limits: Limits, opts: ExLlamaV2Options):
         from exllamav2 import ExLlamaV2Tokenizer
@@ -121,15 +135,9 @@ class Exl2Engine:
     # --- for the loop thread ----------------------------------------------------------------
 
     def new_generator(self) -> Any:
-        kwargs: dict[str, Any] = dict(
-            model=self.model, cache=self.cache, tokenizer=self.tokenizer,
-            max_batch_size=self.max_batch_size, max_seq_len=self.limits.max_seq_len,
-            max_chunk_size=self.limits.chunk, paged=self.paged,
-        )
-        if self.draft_model is not None:
-            kwargs.update(draft_model=self.draft_model, draft_cache=self.draft_cache,
-                          num_draft_tokens=self.limits.num_draft_tokens)
-        return self._Generator(**kwargs)
+        return self._Generator(**generator_kwargs(
+            self.model, self.cache, self.tokenizer, self.limits, self.max_batch_size,
+            self.paged, self.draft_model, self.draft_cache))
 
     def warmup(self, generator: Any) -> None:
         """Run before the loop starts: kernel autotuning happens on the first generations."""
