@@ -144,19 +144,25 @@ class GeneratorDouble:
         planned = self.script(job)
         token = planned[job.new_tokens] if job.new_tokens < len(planned) else 0
         job.new_tokens += 1
+        # As exllamav2 does: the token joins the held text and ids before any stop check.
+        job.held_text += self.vocab[token]
         job.held_ids.append(token)
         if token in job.stop_tokens:
-            return self._end(job, results, "stop_token", emit=False,
+            # Nothing is released; what was held goes under "held" (stop token included).
+            held = {"text": job.held_text,
+                    "token_ids": torch.tensor([job.held_ids], dtype=torch.long)}
+            job.held_text, job.held_ids = "", []
+            return self._end(job, results, "stop_token", held=held,
                              eos_triggering_token_id=token,
                              eos_triggering_token_str=self.vocab[token])
-        job.held_text += self.vocab[token]
         if job.new_tokens >= job.max_new_tokens:
-            return self._end(job, results, "max_new_tokens")
+            return self._end(job, results, "max_new_tokens", **self._release(job))
         for s in job.stop_strings:
             at = job.held_text.find(s)
             if at >= 0:
                 job.held_text = job.held_text[:at]
-                return self._end(job, results, "stop_string", eos_triggering_string=s)
+                return self._end(job, results, "stop_string", eos_triggering_string=s,
+                                 **self._release(job))
         if any(job.held_text.endswith(s[:k]) for s in job.stop_strings for k in range(1, len(s))):
             results.append(self._result(job, "streaming"))  # held: neither text nor tokens
             return
@@ -179,13 +185,10 @@ class GeneratorDouble:
         job.held_text, job.held_ids = "", []
         return out
 
-    def _end(self, job: JobDouble, results: list[dict], reason: str, emit: bool = True, **extra):
-        released = self._release(job) if emit else {}
-        if not emit:
-            job.held_ids = []
+    def _end(self, job: JobDouble, results: list[dict], reason: str, **keys) -> None:
         self.active.remove(job)
         results.append(self._result(
-            job, "streaming", eos=True, eos_reason=reason, **released, **extra,
+            job, "streaming", eos=True, eos_reason=reason, **keys,
             full_completion=job.full_completion, new_tokens=job.new_tokens,
             prompt_tokens=job.prompt_len, cached_tokens=0, cached_pages=0,
             time_enqueued=0.0, time_prefill=0.0, time_generate=0.0))

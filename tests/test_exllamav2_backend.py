@@ -222,3 +222,11 @@ def test_worker_pool_is_threads_sized_from_the_batch():
     entry = ModelEntry(name="g", backend="exllamav2", weights="/m", options={"max_batch_size": 8})
     pool, threads = ExLlamaV2Backend.worker_pool(entry)
     assert pool == "threads" and threads >= 8
+
+
+def test_text_held_for_a_possible_stop_string_survives_the_end_of_turn(toys):
+    # "e." could start the stop string "e.x"; then <|im_end|> ends the turn.
+    events = toys().run(stop=["e.x"])
+    assert text_of(events) == REPLY
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert sum(d.tokens for d in deltas) == events[-2].completion_tokens == len(REPLY)

@@ -247,12 +247,22 @@ def test_results_become_deltas_and_a_finish():
 
 
 def test_stop_token_is_not_counted_and_brings_no_text():
-    s = ChoiceStream(0)
+    s = ChoiceStream(0, {5: "Hi", 151645: ""}.__getitem__)
     s.feed(streaming(text="Hi", token_ids=ids(5)))
     end = s.feed(streaming(eos=True, eos_reason="stop_token", eos_triggering_token_id=151645,
                            eos_triggering_token_str="<|im_end|>", new_tokens=2,
-                           held={"text": "", "token_ids": ids(151645)}, full_completion="Hi"))
+                           held={"token_ids": ids(151645)}, full_completion="Hi"))
     assert end == [Finish(0, "stop", 1)]
+
+
+def test_text_held_when_a_stop_token_comes_is_still_output():
+    # Stop string "\n\n": a lone "\n" was held back, then the model sampled </s> (id 2,
+    # decoded as "</s>" by a SentencePiece vocabulary): "\n" is output, "</s>" is not.
+    s = ChoiceStream(0, {7: "\n", 2: "</s>"}.__getitem__)
+    end = s.feed(streaming(eos=True, eos_reason="stop_token", eos_triggering_token_id=2,
+                           eos_triggering_token_str="</s>", new_tokens=5,
+                           held={"text": "\n</s>", "token_ids": ids(7, 2)}))
+    assert end == [Delta(0, "\n", tokens=1), Finish(0, "stop", 4)]
 
 
 def test_stop_string_releases_the_text_before_it():
@@ -272,7 +282,7 @@ def test_cancelled_finish_counts_tokens_seen():
 
 def test_logprobs_from_probabilities_and_top_tokens():
     pieces = {1: "a", 2: "é", 3: "c"}
-    s = ChoiceStream(0, pieces.__getitem__)
+    s = ChoiceStream(0, pieces.__getitem__, logprobs=True)
     (delta,) = s.feed(streaming(text="aé", token_ids=ids(1, 2),
                                 token_probs=torch.tensor([[0.5, 0.0]]),
                                 top_k_tokens=torch.tensor([[[1, 3], [2, 1]]]),
@@ -283,4 +293,5 @@ def test_logprobs_from_probabilities_and_top_tokens():
     assert first["top_logprobs"][1]["logprob"] == pytest.approx(math.log(0.25))
     # Truncated away by the sampler: probability 0, which JSON cannot spell as -inf.
     assert second["logprob"] == FLOOR_LOGPROB and second["bytes"] == list("é".encode())
-    assert ChoiceStream(0).feed(streaming(text="a", token_ids=ids(1)))[0].logprobs is None
+    assert ChoiceStream(0, pieces.__getitem__).feed(
+        streaming(text="a", token_ids=ids(1), token_probs=torch.tensor([[0.5]])))[0].logprobs is None

@@ -125,8 +125,9 @@ class ExLlamaV2Backend(Backend):
         specs = self.specs(job, prompt, max_tokens)
         yield Started(worker="", prompt_tokens=len(prompt))
         out: queue.Queue = queue.Queue()
-        piece = self.engine.piece if job.top_logprobs is not None else None
-        tickets = [Ticket(spec, ChoiceStream(i, piece), out=out, deadline=job.deadline)
+        logprobs = job.top_logprobs is not None
+        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs), out=out,
+                          deadline=job.deadline)
                    for i, spec in enumerate(specs)]
         for t in tickets:
             self.loop.submit(t)

@@ -22,11 +22,14 @@ def _logprob(p: float) -> float:
 
 
 class ChoiceStream:
-    """Events of choice ``index``. ``piece`` maps a token id to its text (for logprobs)."""
+    """Events of choice ``index``. ``piece`` maps a token id to its text as exllamav2 decodes
+    it (special tokens not decoded); ``logprobs``: the results carry probabilities."""
 
-    def __init__(self, index: int, piece: Callable[[int], str] | None = None):
+    def __init__(self, index: int, piece: Callable[[int], str] | None = None,
+                 logprobs: bool = False):
         self.index = index
         self.piece = piece
+        self.logprobs = logprobs
         self.tokens = 0  # tokens seen in results so far
 
     def feed(self, r: dict[str, Any]) -> list[Event]:
@@ -40,6 +43,9 @@ class ChoiceStream:
         if text or ids:
             events.append(Delta(self.index, text, tokens=len(ids), logprobs=self._logprobs(r, ids)))
         if r["eos"]:
+            held = self._held_before_stop_token(r)
+            if held:
+                events.append(held)
             events.append(self._finish(r))
         return events
 
@@ -55,8 +61,24 @@ class ChoiceStream:
             generated -= 1
         return Finish(self.index, "length" if reason == "max_new_tokens" else "stop", generated)
 
+    def _held_before_stop_token(self, r: dict[str, Any]) -> Delta | None:
+        """Text exllamav2 was holding back (a possible stop string's start, or half a UTF-8
+        character) when a stop token came: it drops it, though it is output like any other;
+        the llama.cpp backend returns it too. The held text ends with the stop token's own
+        piece, which is not output."""
+        held = r.get("held") or {}
+        if r.get("eos_reason") != "stop_token" or not held.get("text") or self.piece is None:
+            return None
+        ids = held["token_ids"][0].tolist() if held.get("token_ids") is not None else []
+        text, stop = held["text"], self.piece(r["eos_triggering_token_id"])
+        if stop and text.endswith(stop):
+            text = text[: -len(stop)]
+        count = max(len(ids) - 1, 0)
+        self.tokens += count
+        return Delta(self.index, text, tokens=count) if text else None
+
     def _logprobs(self, r: dict[str, Any], ids: list[int]) -> list[dict[str, Any]] | None:
-        if self.piece is None or "token_probs" not in r or not ids:
+        if not self.logprobs or self.piece is None or "token_probs" not in r or not ids:
             return None
         probs = r["token_probs"][0].tolist()
         top_ids = r["top_k_tokens"][0].tolist() if "top_k_tokens" in r else [[] for _ in ids]
