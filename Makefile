@@ -43,7 +43,7 @@ REDIS_SERVER = $(shell command -v redis-server || $(BIN)/python -c 'import redis
 run: install
 	@if $(BIN)/python -c 'import redis, os; redis.Redis.from_url(os.environ["FERRY_REDIS_URL"]).ping()' 2>/dev/null; then \
 		echo "using the Redis at $(FERRY_REDIS_URL)"; \
-		$(BIN)/honcho -d . -f Procfile start; \
+		PATH="$(BIN):$$PATH" $(BIN)/honcho -d . -f config/Procfile.cpu start $$(grep -Eo '^[a-z0-9_-]+:' config/Procfile.cpu | tr -d : | grep -vx redis); \
 	else \
 		echo "starting redis-server on 127.0.0.1:$(REDIS_PORT)"; \
 		REDIS_SERVER="$(REDIS_SERVER)" REDIS_PORT=$(REDIS_PORT) PATH="$(BIN):$$PATH" \

@@ -295,3 +295,19 @@ def test_logprobs_from_probabilities_and_top_tokens():
     assert second["logprob"] == FLOOR_LOGPROB and second["bytes"] == list("é".encode())
     assert ChoiceStream(0, pieces.__getitem__).feed(
         streaming(text="a", token_ids=ids(1), token_probs=torch.tensor([[0.5]])))[0].logprobs is None
+
+
+def test_the_commented_registry_example_is_valid():
+    import tomllib
+    from pathlib import Path
+
+    from config.settings import ModelEntry
+
+    text = (Path(__file__).resolve().parent.parent / "config" / "ferry.toml").read_text()
+    block = text[text.index("# [[models]]\n# name = \"qwen2.5"):]
+    lines = [line[2:] for line in block.splitlines()
+             if line.startswith("# ") and not line.startswith("# #")]
+    (raw,) = tomllib.loads("\n".join(lines))["models"]
+    entry = ModelEntry.model_validate(raw)
+    limits = ExLlamaV2Options.model_validate(entry.options).limits(entry.num_ctx)
+    assert entry.backend == "exllamav2" and limits.cache_tokens >= limits.max_seq_len
