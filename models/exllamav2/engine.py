@@ -130,7 +130,10 @@ class Exl2Engine:
         return self.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)[0].tolist()
 
     def piece(self, token: int) -> str:
-        return self.tokenizer.get_id_to_piece_list(False)[token]
+        # The model's head can be wider than the tokenizer's vocabulary; such ids (masked off,
+        # but possible among top-k alternatives of probability 0) have no text.
+        pieces = self.tokenizer.get_id_to_piece_list(False)
+        return pieces[token] if 0 <= token < len(pieces) else ""
 
     # --- for the loop thread ----------------------------------------------------------------
 
