@@ -43,7 +43,7 @@ REDIS_SERVER = $(shell command -v redis-server || $(BIN)/python -c 'import redis
 run: install
 	@if $(BIN)/python -c 'import redis, os; redis.Redis.from_url(os.environ["FERRY_REDIS_URL"]).ping()' 2>/dev/null; then \
 		echo "using the Redis at $(FERRY_REDIS_URL)"; \
-		$(BIN)/honcho -d . -f Procfile start; \
+		PATH="$(BIN):$$PATH" $(BIN)/honcho -d . -f config/Procfile.cpu start $$(grep -Eo '^[a-z0-9_-]+:' config/Procfile.cpu | tr -d : | grep -vx redis); \
 	else \
 		echo "starting redis-server on 127.0.0.1:$(REDIS_PORT)"; \
 		REDIS_SERVER="$(REDIS_SERVER)" REDIS_PORT=$(REDIS_PORT) PATH="$(BIN):$$PATH" \
@@ -56,6 +56,22 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# On a GPU host with exllamav2 installed (README, "Deploying on a GPU host") and
+# FERRY_TEST_EXL2_MODEL set to an EXL2 model directory: the backend conformance suite and the
+# exllamav2 tests against that model, then throughput at 1/8/32 concurrent streams.
+# Without CUDA it says so and succeeds; with CUDA but no model it fails.
+gpu-check: install
+	@if ! $(BIN)/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+		echo "skipped: no CUDA"; exit 0; \
+	fi; \
+	if [ -z "$$FERRY_TEST_EXL2_MODEL" ]; then \
+		echo "gpu-check: set FERRY_TEST_EXL2_MODEL to an EXL2 model directory"; exit 2; \
+	fi; \
+	$(BIN)/python -m pytest tests/test_backend_conformance.py tests/test_exllamav2_api.py \
+		tests/test_exllamav2_loop.py tests/test_exllamav2_mapping.py tests/test_exllamav2_backend.py \
+		-k exllamav2 && \
+	$(BIN)/python -m bench.gpu
 
 clean:
 	rm -rf $(VENV)

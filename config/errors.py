@@ -100,9 +100,18 @@ class GenerationFailed(FerryError):
     code = "generation_failed"
 
 
+class RequestExpired(FerryError):
+    """Nobody waits for the request any more: it was still queued at its deadline."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "expired"
+
+
 def rebuild(error: dict, status: int) -> FerryError:
     """Rebuild an error that crossed Redis (see ``models.events.Failed``)."""
     err = FerryError(error.get("message") or "error", param=error.get("param"), code=error.get("code"))
     err.type = error.get("type") or FerryError.type
     err.status = status
     return err
+

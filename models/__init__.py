@@ -15,6 +15,7 @@ from models.base import Backend
 # backend name -> (module, class, the engine package it needs)
 _BACKENDS = {
     "llama_cpp": ("models.llama_cpp", "LlamaCppBackend", "llama_cpp"),
+    "exllamav2": ("models.exllamav2.backend", "ExLlamaV2Backend", "exllamav2"),
     "synthetic": ("models.synthetic", "SyntheticBackend", None),
 }
 
@@ -23,7 +24,8 @@ def available() -> list[str]:
     return [n for n, (_, _, dep) in _BACKENDS.items() if dep is None or importlib.util.find_spec(dep)]
 
 
-def load_backend(entry: ModelEntry) -> Backend:
+def backend_class(entry: ModelEntry) -> type[Backend]:
+    """The entry's backend class, without loading a model (nor importing its engine)."""
     try:
         module, cls, dep = _BACKENDS[entry.backend]
     except KeyError:
@@ -31,4 +33,8 @@ def load_backend(entry: ModelEntry) -> Backend:
     if dep and importlib.util.find_spec(dep) is None:
         raise RuntimeError(f"model {entry.name!r}: backend {entry.backend!r} needs the package "
                            f"{dep!r}, which is not installed")
-    return getattr(importlib.import_module(module), cls)(entry)
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_backend(entry: ModelEntry) -> Backend:
+    return backend_class(entry)(entry)

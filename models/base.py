@@ -25,6 +25,13 @@ class Backend(ABC):
     supports_logprobs: ClassVar[bool] = False
     supports_vision: ClassVar[bool] = False
 
+    @classmethod
+    def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
+        """The Celery pool and concurrency of a worker serving ``entry``: ("solo", 1) runs one
+        job at a time in the main thread (llama.cpp); ("threads", n) lets n task threads
+        feed one engine that batches them (ExLlamaV2). Decided before the model loads."""
+        return "solo", 1
+
     def __init__(self, entry: ModelEntry):
         self.entry = entry
 

@@ -4,6 +4,8 @@ The prompt (or the last message) is a JSON script, so tests can drive the whole 
 (queue, pub/sub, SSE, cancel, dead workers) without a real model's timing:
 ``{"tokens": ["a", "b"], "delay": 0.01, "fail": "msg", "crash": true, "hang": true,
 "count": 100, "rate": 50}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per second.
+Registry option ``threads`` (default 1): run that many jobs at once in a Celery threads
+pool, as batching GPU backends do, so the pool's plumbing is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 from config.errors import GenerationFailed, InvalidRequest
+from config.settings import ModelEntry
 from models.base import Backend, Cancelled
 from models.events import Delta, Done, Event, Finish, Started
 from models.job import GenerationJob
@@ -23,6 +26,11 @@ from models.templates import flatten_content
 
 
 class SyntheticBackend(Backend):
+    @classmethod
+    def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
+        threads = int(entry.options.get("threads", 1))
+        return ("threads", threads) if threads > 1 else ("solo", 1)
+
     def _script(self, job: GenerationJob) -> dict:
         if job.messages is not None:
             text = flatten_content(job.messages[-1].get("content")) if job.messages else ""

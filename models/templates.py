@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
@@ -76,3 +77,57 @@ def flatten_content(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+# Chat templates of model directories (Hugging Face layout), for engines that read none.
+
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def find_chat_template(model_dir: Path, tokenizer_config: dict[str, Any],
+                       name: str | None = None) -> str | None:
+    """The template source of a model directory, or None if it has none.
+
+    Lookup order: ``name`` (a file, absolute or in the model directory, or a named template
+    of tokenizer_config.json), then ``chat_template.jinja``, ``chat_template.json`` and
+    tokenizer_config.json's ``chat_template`` — newer exports move the template out of
+    tokenizer_config.json into the first two, so they win.
+    """
+    listed = tokenizer_config.get("chat_template")
+    named = {t.get("name"): t.get("template") for t in listed} if isinstance(listed, list) else {}
+    if name is not None:
+        path = model_dir / Path(name).expanduser()
+        if path.is_file():
+            return path.read_text()
+        if name in named:
+            return named[name]
+        raise FileNotFoundError(f"chat template {name!r}: no such file in {model_dir} and no "
+                                "such named template in tokenizer_config.json")
+    jinja, as_json = (model_dir / f for f in _TEMPLATE_FILES)
+    if jinja.is_file():
+        return jinja.read_text()
+    if as_json.is_file():
+        return json.loads(as_json.read_text())["chat_template"]
+    if isinstance(listed, str):
+        return listed
+    # A list of named templates: Hugging Face uses the one named "default".
+    return named.get("default") or next(iter(named.values()), None)
+
+
+def end_of_turn(template: ChatTemplate, special_tokens: list[str]) -> str | None:
+    """The special token the template closes an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``), found by rendering a finished turn; None if the turn
+    ends in plain text or the template will not render one."""
+    marker = "\x00FERRY-END-OF-TURN\x00"
+    try:
+        text = template.render([{"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": marker}],
+                               add_generation_prompt=False)
+    except InvalidRequest:
+        return None
+    _, found, after = text.partition(marker)
+    if not found:
+        return None
+    after = after.lstrip()
+    matches = [t for t in special_tokens if t and after.startswith(t)]
+    return max(matches, key=len, default=None)

@@ -2,7 +2,9 @@
 
 One runtime per worker process, built once the worker starts (never before a fork). The
 heartbeat and the cancel listener are threads; the backend releases the GIL while it
-computes, so both keep running during generation.
+computes, so both keep running during generation. ``run`` may be called from several
+Celery task threads at once (the threads pool of batching backends): the job sets are
+guarded by one lock, and the publisher and the Redis client are thread-safe.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import time
 
 import redis as redis_lib
 
-from config.errors import FerryError, GenerationFailed
+from config.errors import FerryError, GenerationFailed, RequestExpired
 from config.settings import ModelEntry, Settings
 from models import load_backend
-from models.events import Done, Failed, Started, failed
+from models.events import Done, Started, failed
 from models.job import GenerationJob
 from tasks.protocol import CANCEL_CHANNEL, cancel_key, workers_key
 from tasks.publisher import Publisher
@@ -33,6 +35,9 @@ class Runtime:
         self.publisher = Publisher(self.redis)
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
+        # Guards both sets: a cancel must not be recorded for a job that has just ended
+        # (it would stay in _cancelled for ever).
+        self._jobs_lock = threading.Lock()
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -66,24 +71,28 @@ class Runtime:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CANCEL_CHANNEL)
                 for msg in pubsub.listen():
-                    job_id = msg["data"].decode()
-                    if job_id in self._active:
-                        self._cancelled.add(job_id)
+                    self._mark_cancelled(msg["data"].decode())
             except redis_lib.RedisError as e:
                 log.warning("cancel listener lost Redis (%s); reconnecting", e)
                 self._stop.wait(0.5)
+
+    def _mark_cancelled(self, job_id: str) -> None:
+        with self._jobs_lock:
+            if job_id in self._active:
+                self._cancelled.add(job_id)
 
     def run(self, job: GenerationJob) -> None:
         """Run one job to its end, publishing every event. Never raises."""
         if self._skip(job):
             return
-        self._active.add(job.id)
+        with self._jobs_lock:
+            self._active.add(job.id)
         started, tokens, outcome = time.monotonic(), 0, "done"
         log.info("started job=%s model=%s", job.id, job.model)
         try:
             # A cancel may have landed between the check above and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
-                self._cancelled.add(job.id)
+                self._mark_cancelled(job.id)
             for event in self.backend.generate(job, lambda: job.id in self._cancelled):
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
@@ -101,8 +110,9 @@ class Runtime:
             log.info("finished job=%s outcome=%s cancelled=%s completion_tokens=%d seconds=%.3f",
                      job.id, outcome, job.id in self._cancelled, tokens,
                      time.monotonic() - started)
-            self._active.discard(job.id)
-            self._cancelled.discard(job.id)
+            with self._jobs_lock:
+                self._active.discard(job.id)
+                self._cancelled.discard(job.id)
             self.publisher.flush()
 
     def _skip(self, job: GenerationJob) -> bool:
@@ -113,8 +123,7 @@ class Runtime:
             cancelled = False
         if cancelled or (job.deadline is not None and time.time() > job.deadline):
             log.info("job %s skipped: %s", job.id, "cancelled" if cancelled else "expired")
-            self.publisher.put(job.id, Failed(status=408, error={
-                "message": "The request was cancelled or expired before it started.",
-                "type": "invalid_request_error", "param": None, "code": "expired"}))
+            self.publisher.put(job.id, failed(RequestExpired(
+                "The request was cancelled or expired before it started.")))
             return True
         return False

@@ -1,8 +1,10 @@
 """A model worker: ``python -m tasks.worker <model>`` serves one model from the registry.
 
 One model per process, loaded once when the worker starts (not before: never load a model
-and then fork). The solo pool runs one job at a time in the main thread, which is what
-llama.cpp wants; scale with more processes or hosts on the same Redis.
+and then fork). The pool is the backend's: solo (one job at a time in the main thread) for
+llama.cpp; threads for ExLlamaV2, whose task threads feed one batching loop (never prefork:
+CUDA does not survive fork; never gevent: a forward pass would block the hub). Scale with
+more processes or hosts on the same Redis.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from celery.signals import worker_ready, worker_shutdown
 
 from config import Registry, load_settings
+from models import backend_class
 from tasks.app import make_celery
 from tasks.runtime import Runtime
 
@@ -47,8 +50,9 @@ def main(argv: list[str]) -> None:
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pool, concurrency = backend_class(entry).worker_pool(entry)
     app.worker_main([
-        "worker", "-Q", entry.queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
+        "worker", "-Q", entry.queue, "-P", pool, "-c", str(concurrency), "--prefetch-multiplier", "1",
         "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         "--without-mingle", "--loglevel", "INFO", *extra,
     ])

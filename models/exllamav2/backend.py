@@ -1,0 +1,169 @@
+"""ExLlamaV2Backend: the Backend contract on top of the batching loop.
+
+``generate`` runs in a Celery task thread (the worker uses a threads pool, see ``pool``):
+it renders and tokenizes the prompt, checks it against the context and the cache, submits
+one job per choice to the loop and yields the events the loop sends back. Several task
+threads do this at once; the loop decodes their jobs together.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from config.errors import ContextLengthExceeded, FerryError, InvalidRequest
+from config.settings import ModelEntry
+from models.base import Backend, Cancelled
+from models.events import Delta, Done, Event, Finish, Started
+from models.exllamav2.loop import BatchLoop, Ticket
+from models.exllamav2.model_dir import ModelDir
+from models.exllamav2.options import ExLlamaV2Options, Limits
+from models.exllamav2.results import ChoiceStream
+from models.exllamav2.sampling import settings_fields, token_bias
+from models.exllamav2.spec import JobSpec
+from models.exllamav2.stops import stop_conditions
+from models.job import GenerationJob
+
+# How often a waiting task thread looks at cancelled(): a cancel reaches the loop within
+# this time plus one generator step.
+POLL = 0.05
+
+
+class ExLlamaV2Backend(Backend):
+    supports_logprobs = True
+
+    @classmethod
+    def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
+        return "threads", ExLlamaV2Options.model_validate(entry.options).worker_threads()
+
+    def __init__(self, entry: ModelEntry, engine: Any = None):
+        """``engine``: for tests, a stand-in for ``engine.Exl2Engine`` (which needs CUDA)."""
+        super().__init__(entry)
+        opts = ExLlamaV2Options.model_validate(entry.options)
+        self.limits: Limits = opts.limits(entry.num_ctx)
+        self.files = ModelDir.read(entry.weights)
+        self.template = self.files.chat_template(opts.chat_template)
+        self.default_max_tokens = opts.default_max_tokens
+        if engine is None:
+            from models.exllamav2.engine import Exl2Engine
+
+            engine = Exl2Engine(self.files.path, self.limits, opts)
+        self.engine = engine
+        end = self.files.eos_ids()
+        if engine.eos_token_id is not None:
+            end.add(engine.eos_token_id)
+        eot = self.files.end_of_turn_id(self.template)
+        if eot is not None:
+            end.add(eot)
+        self.end_ids = frozenset(end)
+        self.loop = BatchLoop(engine)
+        engine.warmup(self.loop.generator)
+        self.loop.start()
+
+    # --- preparing a request (task thread) ------------------------------------------------
+
+    def prompt_ids(self, job: GenerationJob) -> list[int]:
+        if job.messages is not None:
+            if self.template is None:
+                raise InvalidRequest(f"The model '{job.model}' has no chat template; use "
+                                     "/v1/completions.", param="messages")
+            text = self.template.render(job.messages)
+            bos = self.files.bos_token
+            ids = self.engine.encode(text, add_bos=self.files.add_bos and not text.startswith(bos))
+        elif isinstance(job.prompt, list):
+            ids = list(job.prompt)
+            if any(not 0 <= t < self.engine.vocab_size for t in ids):
+                raise InvalidRequest("The prompt has token ids outside the vocabulary.",
+                                     param="prompt")
+        else:
+            ids = self.engine.encode(job.prompt or "", add_bos=self.files.add_bos)
+        if not ids:
+            raise InvalidRequest("The prompt is empty.",
+                                 param="messages" if job.messages is not None else "prompt")
+        return ids
+
+    def budget(self, job: GenerationJob, n_prompt: int) -> int:
+        """max_tokens for the job, after checking prompt + completion against the context
+        and the cache (exllamav2 reserves pages for both when a job starts)."""
+        n_ctx = self.limits.max_seq_len
+        rest = max(0, n_ctx - n_prompt)
+        wanted = job.max_tokens
+        if wanted is None:
+            wanted = min(rest, self.default_max_tokens or rest)
+        draft = self.limits.num_draft_tokens
+        fits_ctx = n_prompt + max(wanted, 1) <= n_ctx
+        fits_cache = (self.limits.pages(n_prompt + wanted + draft)
+                      <= self.limits.pages(self.limits.cache_tokens))
+        if not (fits_ctx and fits_cache):
+            field = "messages" if job.messages is not None else "prompt"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, you "
+                f"requested {n_prompt + wanted} tokens ({n_prompt} in the {field}, {wanted} in "
+                "the completion). Please reduce the length of the prompt or completion.",
+                param=field,
+            )
+        return wanted
+
+    def specs(self, job: GenerationJob, prompt: list[int], max_tokens: int) -> list[JobSpec]:
+        s = job.sampling
+        base_seed = s.seed if s.seed is not None else random.getrandbits(31)
+        stops = stop_conditions(self.end_ids, job.stop)
+        # exllamav2 ends a job at new_tokens >= max_new_tokens - num_draft_tokens.
+        max_new = max_tokens + self.limits.num_draft_tokens
+        return [JobSpec(input_ids=tuple(prompt), max_new_tokens=max_new,
+                        settings=settings_fields(s, token_bias(s.logit_bias, self.engine.vocab_size)),
+                        seed=base_seed + i, stop_conditions=stops, top_logprobs=job.top_logprobs)
+                for i in range(job.n)]
+
+    # --- generating -------------------------------------------------------------------------
+
+    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
+        prompt = self.prompt_ids(job)
+        max_tokens = self.budget(job, len(prompt))
+        specs = self.specs(job, prompt, max_tokens)
+        yield Started(worker="", prompt_tokens=len(prompt))
+        out: queue.Queue = queue.Queue()
+        logprobs = job.top_logprobs is not None
+        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs), out=out,
+                          deadline=job.deadline)
+                   for i, spec in enumerate(specs)]
+        for t in tickets:
+            self.loop.submit(t)
+        total = yield from self._follow(tickets, out, cancelled)
+        yield Done(prompt_tokens=len(prompt), completion_tokens=total)
+
+    def _follow(self, tickets: list[Ticket], out: queue.Queue, cancelled: Cancelled):
+        """Yield the choices' events until each has finished; returns the tokens generated."""
+        open_ = {t.stream.index: t for t in tickets}
+        total, cancelling = 0, False
+        try:
+            while open_:
+                if not cancelling and cancelled():
+                    cancelling = True
+                    for t in open_.values():
+                        self.loop.cancel(t)
+                try:
+                    item = out.get(timeout=POLL)
+                except queue.Empty:
+                    continue
+                if isinstance(item, FerryError):
+                    raise item
+                if isinstance(item, Delta):
+                    if not cancelling:  # nothing more reaches the client once it has gone
+                        yield item
+                    continue
+                if isinstance(item, Finish):
+                    del open_[item.index]
+                    total += item.completion_tokens
+                    yield item
+            return total
+        finally:
+            # An error in one choice, or the consumer closing us: stop the others too.
+            for t in open_.values():
+                self.loop.cancel(t)
+
+    def close(self) -> None:
+        self.loop.close()
+        self.engine.close()

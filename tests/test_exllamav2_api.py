@@ -1,0 +1,108 @@
+"""The names the ExLlamaV2 backend passes to exllamav2 0.3.2, checked against the installed
+package itself: its Settings fields, the job's and generator's keyword arguments (both
+swallow unknown keywords silently) and the classes and attributes engine.py uses.
+
+Needs the exllamav2 package, so it is skipped in CI (which has no GPU and does not install
+it). Without CUDA, exllamav2 imports only with its compiled extension stubbed out, as its
+own CPU-side tests do; the check then runs in a subprocess so the stub stays there. Nothing
+here loads a model or generates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("exllamav2") is None,
+    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host)")
+
+CHECK = r"""
+import dataclasses, inspect, json, sys, types
+import torch
+if not torch.cuda.is_available():
+    sys.modules["exllamav2_ext"] = types.ModuleType("exllamav2_ext")  # import-only stub
+import exllamav2, exllamav2.attn
+from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
+from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+from models.exllamav2.engine import _CACHE_CLASSES, generator_kwargs
+from models.exllamav2.options import ExLlamaV2Options
+from models.exllamav2.sampling import settings_fields, token_bias
+from models.exllamav2.spec import JobSpec, job_kwargs
+from models.job import Sampling
+
+def params(f):
+    return sorted(inspect.signature(f).parameters)
+
+limits = ExLlamaV2Options(draft={"weights": "/d"}).limits(4096)
+gen_kw = generator_kwargs("m", "c", "t", limits, 8, True, "dm", "dc")
+settings = ExLlamaV2Sampler.Settings(**settings_fields(
+    Sampling(temperature=0.3, frequency_penalty=0.5), token_bias({3: 1.0}, 100)))
+spec = JobSpec(input_ids=(1, 2, 3), max_new_tokens=9, settings={}, seed=5,
+               stop_conditions=(2, 7, "END"), top_logprobs=4)
+job = ExLlamaV2DynamicJob(**job_kwargs(spec, 77, torch.tensor([[1, 2, 3]]), settings))
+print(json.dumps({
+    "version": exllamav2.__version__,
+    "settings": sorted(f.name for f in dataclasses.fields(ExLlamaV2Sampler.Settings)),
+    "settings_ok": [settings.temperature, settings.token_frequency_penalty,
+                    settings.token_repetition_penalty, settings.top_k],
+    "job_params": params(ExLlamaV2DynamicJob.__init__),
+    "job_kwargs": sorted(job_kwargs(spec, 1, None, None)),
+    "job": [sorted(job.stop_tokens), sorted(job.stop_strings), job.max_new_tokens,
+            job.return_top_tokens, job.return_probs, job.identifier, job.new_tokens,
+            job.gen_settings is settings],
+    "generator_params": params(ExLlamaV2DynamicGenerator.__init__),
+    "generator_kwargs": sorted(gen_kw),
+    "generator_methods": [hasattr(ExLlamaV2DynamicGenerator, m) for m in
+                          ("enqueue", "iterate", "cancel", "num_remaining_jobs", "warmup")],
+    "caches": [hasattr(exllamav2, n) for n in _CACHE_CLASSES.values()],
+    "config_attrs": [n in ExLlamaV2Config.__annotations__ for n in
+                     ("max_seq_len", "max_input_len", "max_attention_size", "no_flash_attn",
+                      "vocab_size")],
+    "load_params": params(ExLlamaV2.load), "autosplit_params": params(ExLlamaV2.load_autosplit),
+    "encode_params": params(ExLlamaV2Tokenizer.encode),
+    "paged_flag": hasattr(exllamav2.attn, "has_flash_attn_with_paged"),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def api():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_pinned_version(api):
+    assert api["version"] == "0.3.2"
+
+
+def test_settings_fields_are_all_set(api):
+    from models.exllamav2.sampling import SETTINGS_FIELDS
+
+    assert set(api["settings"]) == SETTINGS_FIELDS
+    assert api["settings_ok"] == [0.3, 0.5, 1.0, 0]
+
+
+def test_job_keywords_exist_and_arrive(api):
+    assert set(api["job_kwargs"]) <= set(api["job_params"])
+    assert api["job"] == [[2, 7], ["END"], 9, 4, True, 77, 0, True]
+
+
+def test_generator_keywords_and_methods_exist(api):
+    assert set(api["generator_kwargs"]) <= set(api["generator_params"])
+    assert all(api["generator_methods"])
+
+
+def test_engine_names_exist(api):
+    assert all(api["caches"]) and all(api["config_attrs"]) and api["paged_flag"]
+    assert {"gpu_split"} <= set(api["load_params"])
+    assert {"cache", "progress"} <= set(api["autosplit_params"])
+    assert {"add_bos", "encode_special_tokens"} <= set(api["encode_params"])
