@@ -3,6 +3,11 @@
 One runtime per worker process, built once the worker starts (never before a fork). The
 heartbeat and the cancel listener are threads; the backend releases the GIL while it
 computes, so both keep running during generation.
+
+Every event of a job passes through ``run``, so the runtime is the source of truth for its
+record (``jobs.store``): it marks the job started, and at the end writes the final body (the
+one the synchronous endpoint returns) or the error *before* publishing the terminal event,
+so a watcher that saw ``done`` finds the job completed. No web process needs to be listening.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ import time
 
 import redis as redis_lib
 
+from celery import Celery
+
 from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
+from jobs.shapes import Outcome
+from jobs.store import JobStore
 from models import load_backend
-from models.events import Failed, Started, failed
+from models.events import Done, Started, failed
 from models.job import GenerationJob
+from tasks import webhooks
 from tasks.protocol import CANCEL_CHANNEL, cancel_key, workers_key
 from tasks.publisher import Publisher
 
@@ -26,11 +36,13 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, entry: ModelEntry, name: str):
+    def __init__(self, settings: Settings, entry: ModelEntry, name: str, celery: Celery):
         self.settings, self.entry, self.name = settings, entry, name
         self.redis = redis_lib.Redis.from_url(settings.redis_url, health_check_interval=10)
         self.backend = load_backend(entry)
-        self.publisher = Publisher(self.redis)
+        self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(celery))
+        self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
+                                   log_ttl_ms=self.jobs.events_ttl_ms)
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         self._stop = threading.Event()
@@ -75,37 +87,47 @@ class Runtime:
 
     def run(self, job: GenerationJob) -> None:
         """Run one job to its end, publishing every event. Never raises."""
-        if self._skip(job):
+        try:
+            record = self.jobs.start(job.id, self.name)
+        except redis_lib.RedisError as e:
+            log.error("job %s dropped: Redis is unreachable (%s)", job.id, e)
+            return
+        if record is None:
+            found = self.jobs.get(job.id)
+            log.info("job %s skipped: %s", job.id, found.status if found else "unknown")
             return
         self._active.add(job.id)
+        outcome = Outcome()
         try:
-            # A cancel may have landed between the check above and joining ``_active``.
+            shape = record.spec.shape(job.id, record.model, int(record.created))
+            # A cancel may have landed between the start and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
                 self._cancelled.add(job.id)
             for event in self.backend.generate(job, lambda: job.id in self._cancelled):
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
+                outcome.add(event)
+                if isinstance(event, Done):
+                    self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
+                                 result=outcome.body(shape))
                 self.publisher.put(job.id, event)
         except FerryError as e:
-            self.publisher.put(job.id, failed(e))
+            self._fail(job.id, e)
         except Exception:
             log.exception("job %s failed", job.id)
-            self.publisher.put(job.id, failed(GenerationFailed("The model failed while generating.")))
+            self._fail(job.id, GenerationFailed("The model failed while generating."))
         finally:
             self._active.discard(job.id)
             self._cancelled.discard(job.id)
             self.publisher.flush()
 
-    def _skip(self, job: GenerationJob) -> bool:
-        """Jobs whose client has gone (cancelled, or past its deadline) never start."""
+    def _fail(self, job_id: str, err: FerryError) -> None:
+        self._finish(job_id, "failed", error=err.to_dict())
+        self.publisher.put(job_id, failed(err))
+
+    def _finish(self, job_id: str, status: str, **outcome) -> None:
         try:
-            cancelled = bool(self.redis.exists(cancel_key(job.id)))
-        except redis_lib.RedisError:
-            cancelled = False
-        if cancelled or (job.deadline is not None and time.time() > job.deadline):
-            log.info("job %s skipped: %s", job.id, "cancelled" if cancelled else "expired")
-            self.publisher.put(job.id, Failed(status=408, error={
-                "message": "The request was cancelled or expired before it started.",
-                "type": "invalid_request_error", "param": None, "code": "expired"}))
-            return True
-        return False
+            self.jobs.finish(job_id, status, **outcome)
+        except redis_lib.RedisError as e:
+            # The job's watchers still get its events, if Redis comes back for the publisher.
+            log.error("could not record the end of job %s: %s", job_id, e)
