@@ -3,6 +3,9 @@ web under gunicorn's gevent worker; the scripted backend sets the timing."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -263,3 +266,25 @@ def test_expiry(redis_server, tmp_path):
     finally:
         worker.stop()
         web.stop()
+
+
+def test_cli_submits_follows_and_prints_the_result(web, synthetic_worker, tmp_path):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(scripted(tokens=["he", "llo"], delay=0.01)))
+    cli = [sys.executable, "-m", "web.cli", "--url", web.url]
+    out = subprocess.run([*cli, "submit", str(request)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == "hello"
+    assert "hello" in out.stderr  # the tokens, as they came
+    # Leave a job, come back to it, cancel another.
+    request.write_text(json.dumps({"endpoint": CHAT, "body": scripted(tokens=["x"], hang=True)}))
+    out = subprocess.run([*cli, "submit", "--detach", str(request)], capture_output=True,
+                         text=True, timeout=60)
+    job = json.loads(out.stdout)
+    assert out.returncode == 0 and job["status"] == "queued"
+    out = subprocess.run([*cli, "cancel", job["id"]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and json.loads(out.stdout)["status"] == "cancelled"
+    out = subprocess.run([*cli, "status", "chatcmpl-nope"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "404" in out.stderr
