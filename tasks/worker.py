@@ -45,7 +45,8 @@ def _stop(**_):
 def webhooks_main(extra: list[str]) -> None:
     """The webhook sender: deliveries wait on the network, so threads, several at a time."""
     os.environ.pop("FERRY_WORKER_MODEL", None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.worker_main([
         "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",

@@ -232,40 +232,63 @@ def test_dead_worker_fails_its_job(web, redis_server, logs):
         doomed.kill()
 
 
-def test_expiry(redis_server, tmp_path):
+@pytest.fixture(scope="module")
+def strict(redis_server, tmp_path_factory):
+    """A web process and a ``scratch`` worker with short limits: jobs expire unless started
+    within 1.5 s, are kept 6 s, and replay at most about a hundred messages."""
+    logs = tmp_path_factory.mktemp("strict")
+    env = dict(FERRY_JOB_DEADLINE="1.5", FERRY_JOB_TTL="6", FERRY_JOB_EVENTS_MAX="16")
+    web = Web(redis_server.url, logs, **env).start()
+    worker = Worker("scratch", redis_server.url, logs, **env).start()
+    yield web, worker
+    worker.stop()
+    web.stop()
+
+
+def test_expiry(strict):
     """Jobs not started by their deadline expire; every job is gone after its TTL."""
-    env = dict(FERRY_JOB_DEADLINE="1.5", FERRY_JOB_TTL="4")
-    web = Web(redis_server.url, tmp_path, **env).start()
-    worker = Worker("scratch", redis_server.url, tmp_path, **env).start()
-    try:
-        blocker = submitted(web, scripted(model="scratch", tokens=["x"], hang=True))
-        wait_status(web, blocker["id"], "in_progress")
-        late = submitted(web, scripted(model="scratch", tokens=["late"]))
-        nobody = submitted(web, scripted(model="unserved", tokens=["late"]))
-        for job in (late, nobody):
-            expired = wait_status(web, job["id"], "expired", timeout=5)
-            assert expired["error"]["code"] == "expired" and expired["started_at"] is None
-            evs = events(web, job["id"])
-            assert [(e.id, e.event) for e in evs] == [(0, "failed")]
-            assert evs[0].data["error"]["code"] == "expired"
-        assert cancel(web, blocker["id"]).json()["status"] == "cancelled"
-        # The worker drops the message: Celery discards it as expired, or the runtime skips it.
-        dropped = (f"job {late['id']} skipped: expired",
-                   f"Discarding revoked task: ferry.generate[{late['id']}]")
-        deadline = time.monotonic() + 5
-        while not any(line in worker.log.read_text() for line in dropped):
-            assert time.monotonic() < deadline, "the worker ran (or never saw) the expired job"
-            time.sleep(0.1)
-        assert get(web, late["id"]).json()["status"] == "expired"
-        # After the TTL every trace of the jobs is gone.
-        time.sleep(max(0.0, blocker["retained_until"] - time.time()) + 1)
-        for job in (blocker, late, nobody):
-            assert get(web, job["id"]).status_code == 404
-            assert requests.get(f"{web.url}/v1/jobs/{job['id']}/events",
-                                timeout=5).status_code == 404
-    finally:
-        worker.stop()
-        web.stop()
+    web, worker = strict
+    blocker = submitted(web, scripted(model="scratch", tokens=["x"], hang=True))
+    wait_status(web, blocker["id"], "in_progress")
+    late = submitted(web, scripted(model="scratch", tokens=["late"]))
+    nobody = submitted(web, scripted(model="unserved", tokens=["late"]))
+    for job in (late, nobody):
+        expired = wait_status(web, job["id"], "expired", timeout=5)
+        assert expired["error"]["code"] == "expired" and expired["started_at"] is None
+        evs = events(web, job["id"])
+        assert [(e.id, e.event) for e in evs] == [(0, "failed")]
+        assert evs[0].data["error"]["code"] == "expired"
+    assert cancel(web, blocker["id"]).json()["status"] == "cancelled"
+    # The worker drops the message: Celery discards it as expired, or the runtime skips it.
+    dropped = (f"job {late['id']} skipped: expired",
+               f"Discarding revoked task: ferry.generate[{late['id']}]")
+    deadline = time.monotonic() + 5
+    while not any(line in worker.log.read_text() for line in dropped):
+        assert time.monotonic() < deadline, "the worker ran (or never saw) the expired job"
+        time.sleep(0.1)
+    assert get(web, late["id"]).json()["status"] == "expired"
+    # After the TTL every trace of the jobs is gone.
+    time.sleep(max(0.0, blocker["retained_until"] - time.time()) + 1)
+    for job in (blocker, late, nobody):
+        assert get(web, job["id"]).status_code == 404
+        assert cancel(web, job["id"]).status_code == 404
+        assert requests.get(f"{web.url}/v1/jobs/{job['id']}/events",
+                            timeout=5).status_code == 404
+
+
+def test_replay_buffer_is_capped_and_says_so(strict):
+    web, _ = strict
+    job = submitted(web, scripted(model="scratch", count=1500, delay=0.001))
+    done = wait_status(web, job["id"], "completed")
+    assert done["result"]["usage"]["completion_tokens"] == 1500, "the result is whole"
+    # The earliest events were trimmed: replaying from the start reports it, skips nothing.
+    evs = events(web, job["id"])
+    assert [(e.id, e.event) for e in evs] == [(None, "error")]
+    assert evs[0].data["error"]["code"] == "events_lost"
+    # The latest ones are still there: 1500 deltas, finish, done after "started" (id 0).
+    tail = events(web, job["id"], last_event_id=1495)
+    assert [e.id for e in tail] == list(range(1496, 1503))
+    assert tail[-1].event == "done" and tail[-2].event == "finish"
 
 
 def test_cli_submits_follows_and_prints_the_result(web, synthetic_worker, tmp_path):
