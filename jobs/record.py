@@ -60,12 +60,16 @@ class JobRecord(BaseModel):
 
     def public(self, queue_position: int | None = None) -> dict[str, Any]:
         """The job object of ``/v1/jobs`` (also the webhook payload)."""
-        ts = lambda t: None if t is None else int(t)  # noqa: E731
         return {
             "id": self.id, "object": "job", "endpoint": self.endpoint, "model": self.model,
-            "status": self.status, "created_at": ts(self.created), "started_at": ts(self.started),
-            "finished_at": ts(self.finished), "expires_at": ts(self.deadline),
-            "retained_until": ts(self.retained_until),
+            "status": self.status, "created_at": _ts(self.created),
+            "started_at": _ts(self.started), "finished_at": _ts(self.finished),
+            "expires_at": _ts(self.deadline), "retained_until": _ts(self.retained_until),
             "queue_position": queue_position if self.status == "queued" else None,
             "webhook": self.webhook, "result": self.result, "error": self.error,
         }
+
+
+def _ts(t: float | None) -> int | None:
+    # Whole seconds, as OpenAI's ``created``.
+    return None if t is None else int(t)

@@ -18,7 +18,6 @@ import threading
 import time
 
 import redis as redis_lib
-
 from celery import Celery
 
 from config.errors import FerryError, GenerationFailed

@@ -247,10 +247,14 @@ class Relay:
                 sub._fail(WorkerLost(f"The worker running this request ({sub.worker}) stopped "
                                      "responding."))
         elif not live and waited > self.settings.worker_timeout:
-            sub._fail(ServiceUnavailable("No worker is serving this model any more."))
+            self._give_up(sub, ServiceUnavailable("No worker is serving this model any more."))
         elif waited > self.settings.queue_timeout:
-            try:
-                self.jobs.expire(sub.job_id)
-            except redis_lib.RedisError:
-                pass
-            sub._fail(ServiceUnavailable("The request waited too long in the queue."))
+            self._give_up(sub, ServiceUnavailable("The request waited too long in the queue."))
+
+    def _give_up(self, sub: Subscription, err: FerryError) -> None:
+        """Fail a request that never started, and expire its job: nobody waits for it now."""
+        try:
+            self.jobs.expire(sub.job_id)
+        except redis_lib.RedisError:
+            pass
+        sub._fail(err)
