@@ -22,6 +22,7 @@ from celery import Celery
 
 from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
+from jobs.record import JobStatus
 from jobs.shapes import Outcome
 from jobs.store import JobStore
 from models import load_backend
@@ -124,7 +125,7 @@ class Runtime:
         self._finish(job_id, "failed", error=err.to_dict())
         self.publisher.put(job_id, failed(err))
 
-    def _finish(self, job_id: str, status: str, **outcome) -> None:
+    def _finish(self, job_id: str, status: JobStatus, **outcome) -> None:
         try:
             self.jobs.finish(job_id, status, **outcome)
         except redis_lib.RedisError as e:
