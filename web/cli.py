@@ -102,8 +102,10 @@ def report(job: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ferry", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default=os.environ.get("FERRY_URL", "http://127.0.0.1:8000"))
+    p = argparse.ArgumentParser(prog="ferry", description="Submit a request file to Ferry as "
+                                "a job, follow its events, print the result.")
+    p.add_argument("--url", default=os.environ.get("FERRY_URL", "http://127.0.0.1:8000"),
+                   help="the server (default: $FERRY_URL or http://127.0.0.1:8000)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="submit a request file as a job, follow it, print the result")
     s.add_argument("file", help="a JSON request body or job ('-': standard input)")
