@@ -94,6 +94,22 @@ class WorkerLost(FerryError):
     code = "worker_lost"
 
 
+class JobExpired(FerryError):
+    """The job was not started before its deadline (nobody waits for it any more)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "expired"
+
+
+class JobCancelled(FerryError):
+    """The job was cancelled before it started (a running job ends with its partial output)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "cancelled"
+
+
 class GenerationFailed(FerryError):
     status = 500
     type = "server_error"

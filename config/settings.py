@@ -96,6 +96,25 @@ class Settings(BaseSettings):
     # Larger images are refused (decoded or fetched), and fetching stops after this long.
     max_image_bytes: int = 20 * 1024 * 1024
     image_fetch_timeout: float = Field(default=10.0, gt=0)
+    # Jobs (and their results) are kept a day after they are submitted: long enough to come
+    # back for them, short enough that Redis does not fill up with old answers.
+    job_ttl: float = Field(default=86400.0, gt=0)
+    # A submitted job no worker has started within this many seconds becomes ``expired``: its
+    # submitter holds no connection, so it may wait longer than ``queue_timeout``, not forever.
+    job_deadline: float = Field(default=3600.0, gt=0)
+    # The replay buffer holds every event (token) of a job; it serves reconnecting watchers,
+    # not archives (the result stays for ``job_ttl``), so it is kept this long after the last event.
+    job_events_ttl: float = Field(default=3600.0, gt=0)
+    # ...and capped at this many entries (one per published batch of events) per job, so one
+    # huge job cannot fill Redis; a longer job's earliest events can no longer be replayed.
+    job_events_max: int = Field(default=10000, ge=16)
+    # Seconds per webhook delivery attempt: a receiver should acknowledge quickly, work later.
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    # Attempts after the first, backing off 1, 2, 4, 8, 16 s: rides out a receiver restart.
+    webhook_retries: int = Field(default=5, ge=0)
+    # Webhooks to private, loopback and link-local addresses are refused, so that a webhook
+    # cannot reach into the operator's network (SSRF); tests and one-host setups allow them.
+    webhook_allow_private: bool = False
     models: list[ModelEntry] = []
 
     @field_validator("models")

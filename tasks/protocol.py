@@ -5,6 +5,7 @@ subscribed *before* the job can start, so the web subscribes first, then enqueue
 Cancels are both published (for running jobs) and left as a key (for jobs not yet started).
 Worker liveness is a sorted set per queue: member = worker name, score = the Unix time (ms)
 until which the worker is presumed alive; workers push it forward every heartbeat.
+Every job's messages are also kept, for a while, in a capped stream that watchers replay.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def cancel_key(job_id: str) -> str:
     return f"ferry:cancel:{job_id}"
 
 
+def pending_key(queue: str) -> str:
+    """Jobs admitted for a queue and not yet ended (member = job id, score = admission time);
+    added by the web (``web/limits.py``), removed by whichever side sees the job end."""
+    return f"ferry:pending:{queue}"
+
+
 def workers_key(queue: str) -> str:
     return f"ferry:workers:{queue}"
 
@@ -31,4 +38,24 @@ def request_cancel(redis, job_id: str) -> None:
     pipe.publish(CANCEL_CHANNEL, job_id)
     pipe.execute()
 
+
 GENERATE_TASK = "ferry.generate"
+WEBHOOK_TASK = "ferry.webhook"
+# Webhook deliveries have a queue (and worker) of their own: a slow receiver must never hold
+# up a model worker.
+WEBHOOK_QUEUE = "ferry.webhooks"
+
+# Jobs: one hash per job, and two indexes the web's janitor sweeps: queued jobs by deadline,
+# running jobs by start time (to find those whose worker died).
+PENDING_JOBS = "ferry:jobs:pending"
+RUNNING_JOBS = "ferry:jobs:running"
+
+
+def job_key(job_id: str) -> str:
+    return f"ferry:job:{job_id}"
+
+
+def events_log(job_id: str) -> str:
+    """The job's replay buffer: a Redis Stream holding every message published on its
+    channel, added in the same pipeline and *before* the PUBLISH (see ``web/job_events.py``)."""
+    return f"ferry:evlog:{job_id}"

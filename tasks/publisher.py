@@ -3,6 +3,10 @@
 ``put`` never blocks on Redis: events go to an in-process queue that one thread drains. Each
 drain sends, per channel, one message holding every event queued so far, in a single
 pipeline; so a fast token source costs one PUBLISH per drain, not one per token.
+
+Each message is also appended to the job's replay buffer (a capped stream with a TTL) in the
+same pipeline, *before* it is published: a watcher that subscribes and then reads the buffer
+misses nothing (what was published before it subscribed is already in the buffer).
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import threading
 from collections import defaultdict
 
 from models import events
-from tasks.protocol import events_channel
+from tasks.protocol import events_channel, events_log
 
 log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, redis):
+    def __init__(self, redis, *, log_max: int, log_ttl_ms: int):
         self.redis = redis
+        self.log_max, self.log_ttl_ms = log_max, log_ttl_ms
         self._q: queue.Queue = queue.Queue()
         self._seq: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
@@ -65,7 +70,10 @@ class Publisher:
     def _send(self, batches) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for job_id, (first, evs) in batches.items():
-            pipe.publish(events_channel(job_id), events.encode(first, evs))
+            message = events.encode(first, evs)
+            pipe.xadd(events_log(job_id), {"m": message}, maxlen=self.log_max, approximate=True)
+            pipe.pexpire(events_log(job_id), self.log_ttl_ms)
+            pipe.publish(events_channel(job_id), message)
         try:
             pipe.execute()
         except Exception:

@@ -5,6 +5,11 @@ heartbeat and the cancel listener are threads; the backend releases the GIL whil
 computes, so both keep running during generation. ``run`` may be called from several
 Celery task threads at once (the threads pool of batching backends): the job sets are
 guarded by one lock, and the publisher and the Redis client are thread-safe.
+
+Every event of a job passes through ``run``, so the runtime is the source of truth for its
+record (``jobs.store``): it marks the job started, and at the end writes the final body (the
+one the synchronous endpoint returns) or the error *before* publishing the terminal event,
+so a watcher that saw ``done`` finds the job completed. No web process needs to be listening.
 """
 
 from __future__ import annotations
@@ -15,24 +20,31 @@ import threading
 import time
 
 import redis as redis_lib
+from celery import Celery
 
-from config.errors import FerryError, GenerationFailed, RequestExpired
+from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
+from tasks.jobs.record import JobStatus
+from tasks.jobs.shapes import Outcome
+from tasks.jobs.store import JobStore
 from models import load_backend
 from models.events import Done, Started, failed
 from models.job import GenerationJob
-from tasks.protocol import CANCEL_CHANNEL, cancel_key, workers_key
+from tasks import webhooks
+from tasks.protocol import CANCEL_CHANNEL, cancel_key, pending_key, workers_key
 from tasks.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, entry: ModelEntry, name: str):
+    def __init__(self, settings: Settings, entry: ModelEntry, name: str, celery: Celery):
         self.settings, self.entry, self.name = settings, entry, name
         self.redis = redis_lib.Redis.from_url(settings.redis_url, health_check_interval=10)
         self.backend = load_backend(entry)
-        self.publisher = Publisher(self.redis)
+        self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(celery))
+        self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
+                                   log_ttl_ms=self.jobs.events_ttl_ms)
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         # Guards both sets: a cancel must not be recorded for a job that has just ended
@@ -83,47 +95,62 @@ class Runtime:
 
     def run(self, job: GenerationJob) -> None:
         """Run one job to its end, publishing every event. Never raises."""
-        if self._skip(job):
+        try:
+            record = self.jobs.start(job.id, self.name)
+        except redis_lib.RedisError as e:
+            log.error("job %s dropped: Redis is unreachable (%s)", job.id, e)
+            return
+        if record is None:
+            found = self.jobs.get(job.id)
+            log.info("job %s skipped: %s", job.id, found.status if found else "unknown")
+            self._release(job.id)
             return
         with self._jobs_lock:
             self._active.add(job.id)
-        started, tokens, outcome = time.monotonic(), 0, "done"
+        outcome = Outcome()
+        started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
         try:
-            # A cancel may have landed between the check above and joining ``_active``.
+            shape = record.spec.shape(job.id, record.model, int(record.created))
+            # A cancel may have landed between the start and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
                 self._mark_cancelled(job.id)
             for event in self.backend.generate(job, lambda: job.id in self._cancelled):
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
-                elif isinstance(event, Done):
-                    tokens = event.completion_tokens
+                outcome.add(event)
+                if isinstance(event, Done):
+                    self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
+                                 result=outcome.body(shape))
                 self.publisher.put(job.id, event)
         except FerryError as e:
-            outcome = f"failed:{e.code}"
-            self.publisher.put(job.id, failed(e))
+            self._fail(job.id, e)
         except Exception:
-            outcome = "failed:exception"
             log.exception("job %s failed", job.id)
-            self.publisher.put(job.id, failed(GenerationFailed("The model failed while generating.")))
+            self._fail(job.id, GenerationFailed("The model failed while generating."))
         finally:
-            log.info("finished job=%s outcome=%s cancelled=%s completion_tokens=%d seconds=%.3f",
-                     job.id, outcome, job.id in self._cancelled, tokens,
-                     time.monotonic() - started)
+            log.info("finished job=%s cancelled=%s usage=%s seconds=%.3f", job.id,
+                     outcome.cancelled, outcome.usage, time.monotonic() - started)
             with self._jobs_lock:
                 self._active.discard(job.id)
                 self._cancelled.discard(job.id)
+            self._release(job.id)
             self.publisher.flush()
 
-    def _skip(self, job: GenerationJob) -> bool:
-        """Jobs whose client has gone (cancelled, or past its deadline) never start."""
+    def _release(self, job_id: str) -> None:
+        """The job no longer counts against its model's in-flight limit."""
         try:
-            cancelled = bool(self.redis.exists(cancel_key(job.id)))
+            self.redis.zrem(pending_key(self.entry.queue), job_id)
         except redis_lib.RedisError:
-            cancelled = False
-        if cancelled or (job.deadline is not None and time.time() > job.deadline):
-            log.info("job %s skipped: %s", job.id, "cancelled" if cancelled else "expired")
-            self.publisher.put(job.id, failed(RequestExpired(
-                "The request was cancelled or expired before it started.")))
-            return True
-        return False
+            pass  # the web sweeps stale entries
+
+    def _fail(self, job_id: str, err: FerryError) -> None:
+        self._finish(job_id, "failed", error=err.to_dict())
+        self.publisher.put(job_id, failed(err))
+
+    def _finish(self, job_id: str, status: JobStatus, **outcome) -> None:
+        try:
+            self.jobs.finish(job_id, status, **outcome)
+        except redis_lib.RedisError as e:
+            # The job's watchers still get its events, if Redis comes back for the publisher.
+            log.error("could not record the end of job %s: %s", job_id, e)

@@ -1,4 +1,5 @@
-"""A model worker: ``python -m tasks.worker <model>`` serves one model from the registry.
+"""A model worker: ``python -m tasks.worker <model>`` serves one model from the registry;
+``python -m tasks.worker --webhooks`` delivers webhooks (see ``tasks/webhooks.py``).
 
 One model per process, loaded once when the worker starts (not before: never load a model
 and then fork). The pool is the backend's: solo (one job at a time in the main thread) for
@@ -19,6 +20,7 @@ from celery.signals import worker_ready, worker_shutdown
 from config import Registry, load_settings
 from models import backend_class
 from tasks.app import make_celery
+from tasks.protocol import WEBHOOK_QUEUE
 from tasks.runtime import Runtime
 
 settings = load_settings()
@@ -28,8 +30,10 @@ log = logging.getLogger("ferry.worker")
 
 @worker_ready.connect
 def _start(sender, **_):
+    if "FERRY_WORKER_MODEL" not in os.environ:
+        return  # the webhook worker runs no model
     entry = Registry(settings.models).resolve(os.environ["FERRY_WORKER_MODEL"])
-    app.ferry_runtime = Runtime(settings, entry, sender.hostname)
+    app.ferry_runtime = Runtime(settings, entry, sender.hostname, app)
     app.ferry_runtime.start()
     log.info("worker %s serving %s on queue %s", sender.hostname, entry.name, entry.queue)
 
@@ -43,9 +47,23 @@ def _stop(**_):
         runtime.stop()
 
 
+def webhooks_main(extra: list[str]) -> None:
+    """The webhook sender: deliveries wait on the network, so threads, several at a time."""
+    os.environ.pop("FERRY_WORKER_MODEL", None)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.worker_main([
+        "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
+        "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
+        "--without-mingle", "--loglevel", "INFO", *extra,
+    ])
+
+
 def main(argv: list[str]) -> None:
     if not argv:
-        sys.exit("usage: python -m tasks.worker <model> [celery worker options]")
+        sys.exit("usage: python -m tasks.worker <model> | --webhooks  [celery worker options]")
+    if argv[0] == "--webhooks":
+        return webhooks_main(argv[1:])
     name, extra = argv[0], argv[1:]
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name

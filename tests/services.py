@@ -112,6 +112,20 @@ class Worker(Service):
         return self
 
 
+class Webhooks(Service):
+    """The webhook sender (``python -m tasks.worker --webhooks``)."""
+
+    def __init__(self, redis_url: str, log_dir: Path, **env: str):
+        super().__init__([sys.executable, "-m", "tasks.worker", "--webhooks"],
+                         ferry_env(redis_url, **env), log_dir / "webhooks.log")
+
+    def start(self, timeout: float = 30) -> "Webhooks":
+        super().start()
+        wait_for(lambda: b" ready." in self.log.read_bytes(), timeout, "webhook worker",
+                 self.proc)
+        return self
+
+
 class Web(Service):
     def __init__(self, redis_url: str, log_dir: Path, **env: str):
         self.port = free_port()

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis as redis_lib
 from celery import Celery
 from flask import Flask
 
 from config import Registry, Settings, load_settings
+from tasks.jobs.store import JobStore
+from tasks import webhooks
 from tasks.app import make_celery
-from web import auth, errors, logs, metrics
+from web import auth, errors, janitor, logs, metrics
 from web.relay import Relay
 
 
@@ -24,6 +27,11 @@ class Ferry:
     registry: Registry
     celery: Celery
     relay: Relay
+    jobs: JobStore
+
+    @property
+    def redis(self) -> redis_lib.Redis:
+        return self.relay.redis
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -31,14 +39,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    app.extensions["ferry"] = Ferry(settings, Registry(settings.models), make_celery(settings),
-                                    Relay(settings))
+    redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=10,
+                                     socket_connect_timeout=5)
+    celery = make_celery(settings)
+    jobs = JobStore(redis, settings, on_end=webhooks.notifier(celery))
+    ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs)
+    app.extensions["ferry"] = ferry
     errors.register(app)
     auth.register(app)
     metrics.register(app)
     logs.register(app)
-    from web import chat, completions, health, models, openapi
+    from web import chat, completions, health, jobs as jobs_api, models, openapi
 
-    for module in (chat, completions, models, health, metrics, openapi):
+    for module in (chat, completions, jobs_api, models, health, metrics, openapi):
         app.register_blueprint(module.bp)
+    janitor.start(ferry)
     return app

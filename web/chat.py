@@ -7,7 +7,7 @@ import uuid
 from flask import Blueprint, current_app
 
 from config.errors import InvalidRequest
-from models import events
+from tasks.jobs.shapes import ResponseSpec
 from models.job import GenerationJob
 from web import generation
 from web.schemas.chat import CreateChatCompletionRequest
@@ -15,32 +15,13 @@ from web.validation import parse_body
 
 bp = Blueprint("chat", __name__)
 
-
-class ChatShape(generation.ShapeBase):
-    object = "chat.completion.chunk"
-
-
-    def chunk(self, index: int, ev: events.Event | None) -> dict:
-        if ev is None:
-            delta, reason = {"role": "assistant", "content": ""}, None
-        elif isinstance(ev, events.Delta):
-            delta, reason = {"content": ev.text}, None
-        else:
-            delta, reason = {}, generation.public_reason(ev.finish_reason)
-        return self._chunk([{"index": index, "delta": delta, "logprobs": None,
-                             "finish_reason": reason}])
-
-    def response(self, texts: dict[int, str], finishes: dict[int, str], usage: dict) -> dict:
-        choices = [{"index": i,
-                    "message": {"role": "assistant", "content": texts.get(i, ""), "refusal": None},
-                    "logprobs": None, "finish_reason": finishes.get(i, "stop")}
-                   for i in sorted(finishes)]
-        return {**self.base, "object": "chat.completion", "choices": choices, "usage": usage}
+# For /v1/jobs: the request this endpoint takes.
+Request = CreateChatCompletionRequest
 
 
-@bp.post("/v1/chat/completions")
-def create_chat_completion():
-    req = parse_body(CreateChatCompletionRequest)
+def prepare(req: CreateChatCompletionRequest) -> generation.Prepared:
+    """The job a chat request asks for (the one place it is built, for this endpoint and
+    for /v1/jobs)."""
     entry = current_app.extensions["ferry"].registry.resolve(req.model)
     if entry.kind != "chat":
         raise InvalidRequest(f"The model '{req.model}' is an embedding model; it cannot chat.",
@@ -53,10 +34,11 @@ def create_chat_completion():
         id=f"chatcmpl-{uuid.uuid4().hex}", model=entry.name,
         messages=[m.for_template() for m in req.messages], max_tokens=req.token_limit,
         stop=req.stops, n=req.n, sampling=req.sampling(),
-        deadline=generation.now() + current_app.extensions["ferry"].settings.queue_timeout,
     )
-    sub = generation.start(entry, job)
-    shape = ChatShape(job.id, entry.name)
-    if req.stream:
-        return generation.stream(sub, shape, req.include_usage)
-    return generation.collect(sub, shape)
+    return generation.Prepared(entry, job, ResponseSpec(endpoint="/v1/chat/completions"))
+
+
+@bp.post("/v1/chat/completions")
+def create_chat_completion():
+    req = parse_body(CreateChatCompletionRequest)
+    return generation.respond(prepare(req), stream=req.stream, include_usage=req.include_usage)

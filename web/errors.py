@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 
+import redis as redis_lib
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from config.errors import FerryError, PayloadTooLarge, RateLimited
+from config.errors import FerryError, PayloadTooLarge, RateLimited, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ def register(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_):
         return error_response(PayloadTooLarge("The request body is too large."))
+
+    @app.errorhandler(redis_lib.RedisError)
+    def _redis(exc: redis_lib.RedisError):
+        log.warning("Redis error: %s", exc)
+        return error_response(ServiceUnavailable(f"Redis is unreachable: {exc}"))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

@@ -1,7 +1,8 @@
-"""Running a generation job from a request: enqueue, then stream or collect its events.
+"""Running a generation job from a request: record and enqueue it, then stream or collect.
 
-Shared by the chat and completions endpoints, which differ only in the JSON they build
-(see ``Shape`` implementations in ``web/chat.py`` and ``web/completions.py``).
+Shared by the chat and completions endpoints, which differ only in how they build the job
+(their ``prepare``) and the JSON they answer with (``jobs/shapes.py``). ``/v1/jobs`` uses the
+same ``prepare`` and ``submit`` and leaves the waiting to its client.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from dataclasses import dataclass
 
 import redis as redis_lib
 from flask import Response, current_app, g, request
 
 from config.errors import FerryError, ServiceUnavailable, rebuild
 from config.settings import ModelEntry
+from tasks.jobs.record import JobRecord
+from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
 from models import events
 from models.job import GenerationJob
 from tasks.protocol import GENERATE_TASK
@@ -30,6 +33,16 @@ log = logging.getLogger(__name__)
 
 # How often a waiting or streaming request checks that its client is still connected.
 WATCH_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready to run: what the endpoint's ``prepare`` builds, once, for
+    the synchronous endpoint and for ``/v1/jobs`` alike."""
+
+    entry: ModelEntry
+    job: GenerationJob
+    spec: ResponseSpec
 
 
 class ClientGone(Exception):
@@ -53,32 +66,54 @@ def client_watch() -> Callable[[], bool]:
     return gone
 
 
-def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
-    """Subscribe to the job's events, then enqueue it. Fails fast when no worker is live."""
+def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -> JobRecord:
+    """Record the job, then enqueue it. The record exists before any worker can start it."""
     ferry = current_app.extensions["ferry"]
-    g.model = entry.name
+    g.model = prepared.entry.name
+    job = prepared.job.model_copy(update={"deadline": deadline})
+    limits.admit(ferry.redis, ferry.settings, prepared.entry, job.id)
+    try:
+        record = ferry.jobs.create(job_id=job.id, endpoint=prepared.spec.endpoint,
+                                   model=prepared.entry.name, queue=prepared.entry.queue,
+                                   spec=prepared.spec, deadline=deadline, webhook=webhook)
+    except redis_lib.RedisError as e:
+        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+    try:
+        ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
+                               queue=prepared.entry.queue, task_id=job.id,
+                               expires=max(1.0, deadline - time.time()))
+    except Exception as e:
+        ferry.jobs.discard(job.id)
+        limits.release(ferry.redis, prepared.entry.queue, job.id)
+        raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
+    logs.enqueued(job.id, prepared.entry.name)
+    return record
+
+
+def respond(prepared: Prepared, *, stream: bool, include_usage: bool) -> Response:
+    """The synchronous endpoints: subscribe to the job's events, submit it, answer with its
+    stream or its body. Fails fast when no worker is live."""
+    ferry = current_app.extensions["ferry"]
+    entry = prepared.entry
     try:
         live = ferry.relay.live_workers(entry.queue)
     except redis_lib.RedisError as e:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     if not live:
         raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
-    limits.admit(ferry.relay.redis, ferry.settings, entry, job.id)
+    job_id = prepared.job.id
+    sub = ferry.relay.subscribe(job_id, entry.queue, entry.name)
+    # The worker releases the job's admission when it ends; this covers jobs it never runs.
+    sub.on_close(lambda: limits.release(ferry.redis, entry.queue, job_id))
     try:
-        sub = ferry.relay.subscribe(job.id, entry.queue, entry.name)
+        record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout)
     except BaseException:
-        limits.release(ferry.relay.redis, entry.queue, job.id)
-        raise
-    sub.on_close(lambda: limits.release(ferry.relay.redis, entry.queue, job.id))
-    logs.enqueued(job.id, entry.name)
-    try:
-        ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
-                               queue=entry.queue, task_id=job.id,
-                               expires=ferry.settings.queue_timeout)
-    except Exception as e:
         sub.close()
-        raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
-    return sub
+        raise
+    shape = prepared.spec.shape(record.id, entry.name, int(record.created))
+    if stream:
+        return _stream(sub, shape, include_usage)
+    return collect(sub, shape)
 
 
 def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event]:
@@ -106,60 +141,19 @@ def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event
             return
 
 
-class Shape(Protocol):
-    """How one endpoint spells its responses (see ``ShapeBase``)."""
-
-    def chunk(self, index: int, ev: events.Event | None) -> dict | None:
-        """A stream chunk for a Delta or Finish; with ``ev=None``, the choice's opening chunk
-        (None if the endpoint has none)."""
-
-    def usage_chunk(self, usage: dict) -> dict: ...
-    def response(self, texts: dict[int, str], finishes: dict[int, str], usage: dict) -> dict: ...
-
-
-class ShapeBase:
-    """What every response of one request shares: id, object, created, model."""
-
-    object = ""
-
-    def __init__(self, job_id: str, model: str):
-        self.base = {"id": job_id, "object": self.object, "created": now(), "model": model,
-                     "system_fingerprint": None}
-
-    def _chunk(self, choices: list[dict]) -> dict:
-        return {**self.base, "choices": choices}
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return {**self._chunk([]), "usage": usage}
-
-
-def usage_of(done: events.Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
-
-
-def public_reason(reason: str) -> str:
-    return "stop" if reason == "cancelled" else reason
-
-
 def collect(sub: Subscription, shape: Shape) -> Response:
-    texts: dict[int, str] = {}
-    finishes: dict[int, str] = {}
+    outcome = Outcome()
     try:
         for ev in follow(sub, client_watch()):
-            if isinstance(ev, events.Delta):
-                texts[ev.index] = texts.get(ev.index, "") + ev.text
-            elif isinstance(ev, events.Finish):
-                finishes[ev.index] = public_reason(ev.finish_reason)
-            elif isinstance(ev, events.Done):
-                body = shape.response(texts, finishes, usage_of(ev))
-                return _json(body, sub.job_id)
+            outcome.add(ev)
+            if isinstance(ev, events.Done):
+                return _json(outcome.body(shape), sub.job_id)
     finally:
         sub.close()
     raise ServiceUnavailable("The response ended early.")
 
 
-def stream(sub: Subscription, shape: Shape, include_usage: bool) -> Response:
+def _stream(sub: Subscription, shape: Shape, include_usage: bool) -> Response:
     # Wait for the worker to start the job before answering, so that errors found while
     # preparing it (context length, template) get their own status instead of a 200.
     gone = client_watch()
@@ -224,7 +218,3 @@ def _encode(obj: dict) -> bytes:
 def _json(body: dict, job_id: str) -> Response:
     return Response(json.dumps(body), status=200, mimetype="application/json",
                     headers={"X-Request-Id": job_id})
-
-
-def now() -> int:
-    return int(time.time())

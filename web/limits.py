@@ -16,12 +16,9 @@ import redis as redis_lib
 
 from config.errors import RateLimited, ServiceUnavailable
 from config.settings import ModelEntry, Settings
+from tasks.protocol import pending_key
 
 STALE_AFTER = 3600.0
-
-
-def pending_key(queue: str) -> str:
-    return f"ferry:pending:{queue}"
 
 
 def pending(redis, queue: str) -> int:

@@ -2,12 +2,17 @@
 
 One pub/sub connection per web process, read by one greenlet, dispatches to per-request
 queues: the number of Redis connections does not grow with the number of open streams.
+Several listeners may follow one job (its synchronous client and watchers of
+``/v1/jobs/{id}/events``); the channel is subscribed while any of them is open.
 
 Guarantees to a ``Subscription`` reader: the subscription is confirmed by Redis before
 ``subscribe`` returns (so the job may be enqueued safely: pub/sub drops what is published
 before SUBSCRIBE); events arrive in order; a gap in sequence numbers, a lost Redis
 connection, a dead worker or a job nobody picks up ends the stream with a ``Failed`` event.
 Every subscription therefore ends with ``Done`` or ``Failed``.
+
+A ``Tap`` promises less: the numbered messages published after it was confirmed, as they
+come; its reader fills gaps from the job's replay buffer (see ``web/job_events.py``).
 """
 
 from __future__ import annotations
@@ -22,29 +27,82 @@ import redis as redis_lib
 
 from config.errors import FerryError, ServiceUnavailable, WorkerLost
 from config.settings import Settings
+from tasks.jobs.store import JobStore
 from models import events
-from tasks.protocol import events_channel, request_cancel, workers_key
+from tasks.protocol import events_channel, workers_key
 from web.metrics import Timing
 
 log = logging.getLogger(__name__)
 
 
-class Subscription:
-    def __init__(self, relay: "Relay", job_id: str, queue: str, model: str = ""):
-        self.relay, self.job_id, self.queue = relay, job_id, queue
-        self.timing = Timing(model or queue)
+class _Listener:
+    # Whether the watchdog fails it when its worker dies or it waits too long.
+    watched = False
+
+    def __init__(self, relay: "Relay", job_id: str):
+        self.relay, self.job_id = relay, job_id
         self.channel = events_channel(job_id)
-        self.created = time.monotonic()
-        self.worker: str | None = None
         self.confirmed = gevent.event.Event()
         self.finished = False
         self._q: gevent.queue.Queue = gevent.queue.Queue()
+
+    def _deliver(self, first_seq: int, evs: list[events.Event]) -> None:
+        raise NotImplementedError
+
+    def _fail(self, err: FerryError) -> None:
+        raise NotImplementedError
+
+    def next(self, timeout: float | None = None):
+        """The next item, or None if none arrived within ``timeout``."""
+        try:
+            return self._q.get(timeout=timeout)
+        except gevent.queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.relay._remove(self)
+
+
+class Tap(_Listener):
+    """Items are ``(first_seq, events)`` as published, or ``(None, [Failed])`` if the relay
+    lost Redis; nothing is judged or reordered."""
+
+    def _deliver(self, first_seq: int, evs: list[events.Event]) -> None:
+        if not self.finished:
+            self._q.put((first_seq, evs))
+
+    def _fail(self, err: FerryError) -> None:
+        if not self.finished:
+            self.finished = True
+            self._q.put((None, [events.failed(err)]))
+
+
+class Subscription(_Listener):
+    """The synchronous client's view of its job: ``next`` returns events in order."""
+
+    watched = True
+
+    def __init__(self, relay: "Relay", job_id: str, queue: str, model: str = ""):
+        super().__init__(relay, job_id)
+        self.queue = queue
+        self.created = time.monotonic()
+        self.worker: str | None = None
+        self.timing = Timing(model or queue)
         self._next_seq = 0
-        self._on_close: list = []
+        self._on_close: list | None = []
 
     def on_close(self, callback) -> None:
         """Run ``callback()`` when the subscription closes (e.g. to release admission)."""
         self._on_close.append(callback)
+
+    def close(self) -> None:
+        if self._on_close is None:
+            return
+        super().close()
+        self.timing.close()
+        callbacks, self._on_close = self._on_close, None
+        for callback in callbacks:
+            callback()
 
     def _deliver(self, first_seq: int, evs: list[events.Event]) -> None:
         if self.finished:
@@ -71,36 +129,18 @@ class Subscription:
             self.finished = True
             self._q.put(events.failed(err))
 
-    def next(self, timeout: float | None = None) -> events.Event | None:
-        """The next event, or None if none arrived within ``timeout``."""
-        try:
-            return self._q.get(timeout=timeout)
-        except gevent.queue.Empty:
-            return None
-
     def cancel(self) -> None:
         """Ask the worker to stop (or never start) this job."""
         try:
-            request_cancel(self.relay.redis, self.job_id)
+            self.relay.jobs.cancel(self.job_id)
         except redis_lib.RedisError as e:
             log.warning("could not cancel %s: %s", self.job_id, e)
 
-    def close(self) -> None:
-        if self._on_close is None:
-            return
-        self.relay._unsubscribe(self)
-        self.timing.close()
-        callbacks, self._on_close = self._on_close, None
-        for callback in callbacks:
-            callback()
-
 
 class Relay:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=10,
-                                              socket_connect_timeout=5)
-        self._subs: dict[str, Subscription] = {}
+    def __init__(self, settings: Settings, redis: redis_lib.Redis, jobs: JobStore):
+        self.settings, self.redis, self.jobs = settings, redis, jobs
+        self._subs: dict[str, list[_Listener]] = {}
         self._pubsub = None
         self._reader = None
         self._watchdog = None
@@ -112,22 +152,14 @@ class Relay:
         return [w.decode() for w in self.redis.zrangebyscore(workers_key(queue), now_ms, "+inf")]
 
     def subscribe(self, job_id: str, queue: str, model: str = "") -> Subscription:
-        sub = Subscription(self, job_id, queue, model)
-        self._subs[sub.channel] = sub
-        try:
-            self._ensure_running()
-            self._pubsub.subscribe(sub.channel)
-        except redis_lib.RedisError as e:
-            sub.close()
-            raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
-        if not sub.confirmed.wait(5):
-            sub.close()
-            raise ServiceUnavailable("Redis did not confirm the subscription in time.")
-        return sub
+        return self._add(Subscription(self, job_id, queue, model))
+
+    def tap(self, job_id: str) -> Tap:
+        return self._add(Tap(self, job_id))
 
     @property
     def open_streams(self) -> int:
-        return len(self._subs)
+        return sum(len(subs) for subs in self._subs.values())
 
     # -- internals ------------------------------------------------------------------------
 
@@ -141,10 +173,34 @@ class Relay:
         if self._watchdog is None or self._watchdog.dead:
             self._watchdog = gevent.spawn(self._watch_loop)
 
-    def _unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.channel, None) is not None and self._pubsub is not None:
+    def _add(self, listener):
+        subs = self._subs.setdefault(listener.channel, [])
+        subs.append(listener)
+        try:
+            self._ensure_running()
+            if len(subs) == 1:
+                self._pubsub.subscribe(listener.channel)
+            elif any(s.confirmed.is_set() for s in subs):
+                listener.confirmed.set()  # the channel is subscribed already
+        except redis_lib.RedisError as e:
+            listener.close()
+            raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+        if not listener.confirmed.wait(5):
+            listener.close()
+            raise ServiceUnavailable("Redis did not confirm the subscription in time.")
+        return listener
+
+    def _remove(self, listener: _Listener) -> None:
+        subs = self._subs.get(listener.channel)
+        if subs is None or listener not in subs:
+            return
+        subs.remove(listener)
+        if subs:
+            return
+        del self._subs[listener.channel]
+        if self._pubsub is not None:
             try:
-                self._pubsub.unsubscribe(sub.channel)
+                self._pubsub.unsubscribe(listener.channel)
             except redis_lib.RedisError:
                 pass
 
@@ -155,28 +211,34 @@ class Relay:
                 msg = pubsub.get_message(timeout=1.0)
                 if msg is None:
                     continue
-                channel = msg["channel"].decode()
-                sub = self._subs.get(channel)
-                if sub is None:
+                subs = self._subs.get(msg["channel"].decode())
+                if not subs:
                     continue
                 if msg["type"] == "subscribe":
-                    sub.confirmed.set()
+                    for sub in subs:
+                        sub.confirmed.set()
                 elif msg["type"] == "message":
-                    try:
-                        first, evs = events.decode(msg["data"])
-                    except (ValueError, KeyError, TypeError):
-                        sub._fail(ServiceUnavailable("A worker sent an unreadable event."))
-                        continue
-                    sub._deliver(first, evs)
+                    self._dispatch(subs, msg["data"])
         except (redis_lib.RedisError, OSError) as e:
             log.warning("relay lost Redis (%s); failing %d open streams", e, len(self._subs))
             self._pubsub = None
-            for sub in list(self._subs.values()):
+            for sub in [s for subs in self._subs.values() for s in subs]:
                 sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
             try:
                 pubsub.close()
             except Exception:
                 pass
+
+    @staticmethod
+    def _dispatch(subs: list[_Listener], data: bytes) -> None:
+        try:
+            first, evs = events.decode(data)
+        except (ValueError, KeyError, TypeError):
+            for sub in list(subs):
+                sub._fail(ServiceUnavailable("A worker sent an unreadable event."))
+            return
+        for sub in list(subs):
+            sub._deliver(first, evs)
 
     def _watch_loop(self) -> None:
         """Fail requests whose worker died, and queued requests no live worker can take."""
@@ -187,8 +249,8 @@ class Relay:
                 continue
             now = time.monotonic()
             by_queue: dict[str, list[Subscription]] = {}
-            for sub in list(self._subs.values()):
-                if not sub.finished:
+            for sub in [s for subs in self._subs.values() for s in subs]:
+                if sub.watched and not sub.finished:
                     by_queue.setdefault(sub.queue, []).append(sub)
             for queue, subs in by_queue.items():
                 try:
@@ -205,7 +267,14 @@ class Relay:
                 sub._fail(WorkerLost(f"The worker running this request ({sub.worker}) stopped "
                                      "responding."))
         elif not live and waited > self.settings.worker_timeout:
-            sub._fail(ServiceUnavailable("No worker is serving this model any more."))
+            self._give_up(sub, ServiceUnavailable("No worker is serving this model any more."))
         elif waited > self.settings.queue_timeout:
-            sub.cancel()
-            sub._fail(ServiceUnavailable("The request waited too long in the queue."))
+            self._give_up(sub, ServiceUnavailable("The request waited too long in the queue."))
+
+    def _give_up(self, sub: Subscription, err: FerryError) -> None:
+        """Fail a request that never started, and expire its job: nobody waits for it now."""
+        try:
+            self.jobs.expire(sub.job_id)
+        except redis_lib.RedisError:
+            pass
+        sub._fail(err)

@@ -1,0 +1,242 @@
+"""Job state in Redis: one hash per job, changed only by atomic transitions.
+
+    queued ──start──> in_progress ──finish──> completed | failed | cancelled
+       │                   └──(its worker died; the web's janitor)──> failed
+       └──cancel──> cancelled,  └──(not started by its deadline)──> expired
+
+Each transition is one Lua script that checks the status it leaves, so a cancel racing a
+worker's start, or two janitors racing each other, change a job exactly once; whoever ended
+it calls ``on_end`` (which queues the webhook). A transition that ends a job its worker will
+never report on (cancelled or expired before starting, worker dead) also writes the job's
+terminal ``Failed`` event to the replay buffer and the channel, numbered after the last event
+there, so every job's event stream still ends with Done or Failed.
+
+The record expires ``job_ttl`` after creation (later writes keep that expiry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+
+from config.errors import FerryError, JobCancelled, JobExpired, WorkerLost
+from config.settings import Settings
+from tasks.jobs.record import JobRecord, JobStatus
+from tasks.jobs.shapes import ResponseSpec
+from models import events
+from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, events_channel, events_log, job_key,
+                            request_cancel)
+
+# KEYS: job, pending, running. ARGV: worker, now, job id. Returns the status found.
+_START = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'queued' then return st or '' end
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started', ARGV[2], 'worker', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return 'in_progress'
+"""
+
+# KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
+redis.call('ZREM', KEYS[2], ARGV[5])
+return 1
+"""
+
+# Ends a job nobody else will report on. KEYS: job, index (pending or running), events log,
+# channel. ARGV: from status, to status, now, error json or '', terminal event json, stream
+# max length, stream ttl (ms), job id, worker ('' = any).
+_END = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
+redis.call('ZREM', KEYS[2], ARGV[8])
+local seq = 0
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local msg = cjson.decode(last[1][2][2])
+  seq = msg['s'] + #msg['e']
+end
+local out = '{"s":' .. seq .. ',"e":[' .. ARGV[5] .. ']}'
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'm', out)
+redis.call('PEXPIRE', KEYS[3], ARGV[7])
+redis.call('PUBLISH', KEYS[4], out)
+return 1
+"""
+
+# How many messages are ahead of a task in a Celery queue. Kombu's Redis transport LPUSHes
+# messages and workers BRPOP them, so the next one out is at the tail. A message is found by
+# its header ``"id": "<task id>"`` (user text sits in the body, base64-encoded, and in
+# ``argsrepr``, where JSON escapes its quotes). KEYS: queue. ARGV: needle. -1: not in the list.
+_POSITION = """
+local i = redis.call('LLEN', KEYS[1]) - 1
+local ahead = 0
+while i >= 0 do
+  local lo = math.max(0, i - 499)
+  local items = redis.call('LRANGE', KEYS[1], lo, i)
+  for j = #items, 1, -1 do
+    if string.find(items[j], ARGV[1], 1, true) then return ahead end
+    ahead = ahead + 1
+  end
+  i = lo - 1
+end
+return -1
+"""
+
+
+class JobStore:
+    def __init__(self, redis, settings: Settings,
+                 on_end: Callable[[JobRecord], None] | None = None):
+        self.redis, self.settings, self.on_end = redis, settings, on_end
+        self._start = redis.register_script(_START)
+        self._finish = redis.register_script(_FINISH)
+        self._end = redis.register_script(_END)
+        self._position = redis.register_script(_POSITION)
+        self._ttl_ms = int(settings.job_ttl * 1000)
+        self.events_ttl_ms = int(min(settings.job_events_ttl, settings.job_ttl) * 1000)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(job_key(job_id))
+        return JobRecord.from_hash(raw) if raw else None
+
+    def position(self, record: JobRecord) -> int | None:
+        """Jobs ahead of a queued one in its Celery queue. 0 also when a worker has already
+        taken the message (prefetched it) but not started it; messages other workers took
+        are not counted as ahead. None unless queued."""
+        if record.status != "queued":
+            return None
+        ahead = self._position(keys=[record.queue], args=[f'"id": "{record.id}"'])
+        return max(int(ahead), 0)
+
+    def replay(self, job_id: str, after: int = -1) -> Iterator[tuple[int, events.Event]]:
+        """The job's events kept in its replay buffer with a sequence number above ``after``."""
+        key, start, page = events_log(job_id), "-", 500
+        while True:
+            entries = self.redis.xrange(key, start, "+", count=page)
+            for entry_id, fields in entries:
+                first, evs = events.decode(fields[b"m"])
+                for i, ev in enumerate(evs):
+                    if first + i > after:
+                        yield first + i, ev
+            if len(entries) < page:
+                return
+            start = "(" + entry_id.decode()
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def create(self, *, job_id: str, endpoint: str, model: str, queue: str, spec: ResponseSpec,
+               deadline: float, webhook: str | None = None) -> JobRecord:
+        now = time.time()
+        record = JobRecord(id=job_id, endpoint=endpoint, model=model, queue=queue,
+                           status="queued", spec=spec, created=now, deadline=deadline,
+                           retained_until=now + self.settings.job_ttl, webhook=webhook)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(job_key(job_id), mapping=record.to_hash())
+        pipe.pexpire(job_key(job_id), self._ttl_ms)
+        pipe.zadd(PENDING_JOBS, {job_id: deadline})
+        pipe.execute()
+        return record
+
+    def discard(self, job_id: str) -> None:
+        """Forget a job that could not be enqueued (its submitter got an error instead)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(job_key(job_id))
+        pipe.zrem(PENDING_JOBS, job_id)
+        pipe.execute()
+
+    def start(self, job_id: str, worker: str) -> JobRecord | None:
+        """A worker takes the job: the record, or None if it must not run (cancelled,
+        expired — now or before — or unknown)."""
+        record = self.get(job_id)
+        if record is None or record.status != "queued":
+            return None
+        if time.time() > record.deadline:
+            self.expire(job_id)
+            return None
+        found = self._start(keys=[job_key(job_id), PENDING_JOBS, RUNNING_JOBS],
+                            args=[worker, time.time(), job_id])
+        return self.get(job_id) if found == b"in_progress" else None
+
+    def finish(self, job_id: str, status: JobStatus, *, result: dict | None = None,
+               error: dict | None = None) -> bool:
+        """The worker ends a job it ran (the only way out of ``in_progress`` but a dead worker)."""
+        done = self._finish(keys=[job_key(job_id), RUNNING_JOBS], args=[
+            status, time.time(), _json(result), _json(error), job_id])
+        return self._ended(job_id, done)
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        """A queued job is cancelled at once and never runs; a running one is asked to stop
+        (its worker ends it, within one decode step, as ``cancelled`` with its partial
+        output). None if there is no such job."""
+        record = self.get(job_id)
+        if record is None or record.done:
+            return record
+        # Tell the workers in any case: the job may start between the read and the script.
+        request_cancel(self.redis, job_id)
+        if record.status == "queued":
+            self._end_unreported(job_id, "queued", "cancelled", PENDING_JOBS,
+                                 JobCancelled("The job was cancelled before it started."),
+                                 keep_error=False)
+        return self.get(job_id)
+
+    def expire(self, job_id: str) -> bool:
+        return self._end_unreported(
+            job_id, "queued", "expired", PENDING_JOBS,
+            JobExpired("The job was not started before its deadline."), keep_error=True)
+
+    def fail_lost(self, record: JobRecord) -> bool:
+        err = WorkerLost(f"The worker running this job ({record.worker}) stopped responding.")
+        return self._end_unreported(record.id, "in_progress", "failed", RUNNING_JOBS, err,
+                                    keep_error=True, worker=record.worker or "")
+
+    def sweep(self, live_workers: Callable[[str], set[str]]) -> None:
+        """Expire queued jobs past their deadline; fail running jobs whose worker died.
+        Called periodically by every web process (the transitions make that safe)."""
+        now = time.time()
+        for raw in self.redis.zrangebyscore(PENDING_JOBS, "-inf", now, start=0, num=100):
+            if not self.expire(raw.decode()):
+                self.redis.zrem(PENDING_JOBS, raw)  # started, cancelled, or deleted by TTL
+        live: dict[str, set[str]] = {}
+        for raw in self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
+                                            now - self.settings.worker_timeout):
+            record = self.get(raw.decode())
+            if record is None or record.status != "in_progress":
+                self.redis.zrem(RUNNING_JOBS, raw)
+                continue
+            if record.queue not in live:
+                live[record.queue] = live_workers(record.queue)
+            if record.worker not in live[record.queue]:
+                self.fail_lost(record)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _end_unreported(self, job_id: str, frm: str, to: str, index: str, err: FerryError, *,
+                        keep_error: bool, worker: str = "") -> bool:
+        event = json.dumps(dataclasses.asdict(events.failed(err)), separators=(",", ":"))
+        done = self._end(
+            keys=[job_key(job_id), index, events_log(job_id), events_channel(job_id)],
+            args=[frm, to, time.time(), _json(err.to_dict()) if keep_error else "", event,
+                  self.settings.job_events_max, self.events_ttl_ms, job_id, worker])
+        return self._ended(job_id, done)
+
+    def _ended(self, job_id: str, done) -> bool:
+        if not done:
+            return False
+        if self.on_end is not None:
+            record = self.get(job_id)
+            if record is not None:
+                self.on_end(record)
+        return True
+
+
+def _json(value) -> str:
+    return "" if value is None else json.dumps(value, separators=(",", ":"))

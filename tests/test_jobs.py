@@ -1,0 +1,313 @@
+"""/v1/jobs end to end: submit, poll, replay, cancel, expiry. Real Redis, real workers, the
+web under gunicorn's gevent worker; the scripted backend sets the timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+import requests
+
+from tests.jobclient import (CHAT, cancel, events, get, script, scripted, submit, submitted,
+                             text_of, wait_status)
+from tests.services import Web, Worker
+
+
+def hang_until_cancelled(web, tokens=("x", "y")) -> dict:
+    """A job that occupies the synthetic worker until it is cancelled."""
+    job = submitted(web, scripted(tokens=list(tokens), hang=True))
+    wait_status(web, job["id"], "in_progress")
+    return job
+
+
+def test_submit_poll_result(web, synthetic_worker):
+    r = submit(web, scripted(tokens=["a", "b"], prompt_tokens=3))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["id"].startswith("chatcmpl-") and job["object"] == "job"
+    assert job["status"] == "queued" and job["endpoint"] == CHAT and job["model"] == "synthetic"
+    assert abs(job["created_at"] - time.time()) < 5
+    assert job["result"] is None and job["error"] is None
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
+    done = wait_status(web, job["id"], "completed")
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    assert done["queue_position"] is None and done["error"] is None
+    body = done["result"]
+    assert body["id"] == job["id"] and body["object"] == "chat.completion"
+    assert body["created"] == job["created_at"]
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "ab",
+                                                        "refusal": None},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_synchronous_requests_are_jobs(web, synthetic_worker):
+    r = requests.post(web.url + "/v1/chat/completions", json=scripted(tokens=["s", "y"]),
+                      timeout=30)
+    assert r.status_code == 200
+    job = get(web, r.headers["X-Request-Id"]).json()
+    assert job["status"] == "completed" and job["result"] == r.json()
+    # A streamed request too: its job holds the body the non-streaming request would get.
+    body = {**scripted(tokens=["p", "q"]), "stream": True}
+    with requests.post(web.url + "/v1/chat/completions", json=body, stream=True,
+                       timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+        job_id = r.headers["X-Request-Id"]
+    assert lines[-1] == b"data: [DONE]"
+    job = wait_status(web, job_id, "completed")
+    assert job["result"]["choices"][0]["message"]["content"] == "pq"
+    assert job["result"]["object"] == "chat.completion"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("endpoint,body", [
+    (CHAT, {"model": "smollm2", "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write one sentence about the sea."}]}),
+    ("/v1/completions", {"model": "smollm2", "prompt": "The sky is", "max_tokens": 12,
+                         "temperature": 0, "echo": True}),
+])
+def test_job_result_equals_the_synchronous_reply(web, smollm2_worker, endpoint, body):
+    sync = requests.post(web.url + endpoint, json=body, timeout=60)
+    assert sync.status_code == 200, sync.text
+    job = submitted(web, body, endpoint)
+    result = wait_status(web, job["id"], "completed", timeout=60)["result"]
+    assert result["id"] == job["id"] != sync.json()["id"]
+    assert {k: v for k, v in result.items() if k not in ("id", "created")} == \
+        {k: v for k, v in sync.json().items() if k not in ("id", "created")}
+    assert result["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("envelope,status,param", [
+    ({"endpoint": CHAT, "body": {"model": "synthetic"}}, 400, "body.messages"),
+    ({"endpoint": CHAT, "body": {**scripted(tokens=["a"]), "temperature": 3}}, 400,
+     "body.temperature"),
+    ({"endpoint": CHAT, "body": {**scripted(tokens=["a"]), "stream": True}}, 400, "body.stream"),
+    ({"endpoint": CHAT, "body": {**scripted(tokens=["a"]), "n": 0}}, 400, "body.n"),
+    ({"endpoint": "/v1/completions", "body": {"model": "synthetic", "prompt": ["a", "b"]}}, 400,
+     "body.prompt"),
+    ({"endpoint": CHAT, "body": {"model": "gpt-4o", "messages": script()}}, 404, "body.model"),
+    ({"endpoint": "/v1/images", "body": {}}, 400, "endpoint"),
+    ({"body": scripted(tokens=["a"])}, 400, "endpoint"),
+    ({"endpoint": CHAT, "body": "hello"}, 400, "body"),
+    ({"endpoint": CHAT, "body": scripted(tokens=["a"]), "priority": 1}, 400, "priority"),
+    ({"endpoint": CHAT, "body": scripted(tokens=["a"]), "webhook": "ftp://example.com/x"}, 400,
+     "webhook"),
+])
+def test_invalid_submission_is_an_error_now(web, redis_server, envelope, status, param):
+    r = redis.Redis.from_url(redis_server.url)
+    before = r.zcard("ferry:jobs:pending")
+    resp = requests.post(web.url + "/v1/jobs", json=envelope, timeout=10)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == param
+    assert r.zcard("ferry:jobs:pending") == before, "no job may be created"
+
+
+def test_embeddings_jobs_are_not_available_yet(web):
+    r = submit(web, {"model": "synthetic", "input": "hi"}, endpoint="/v1/embeddings")
+    assert r.status_code == 400 and "not available yet" in r.json()["error"]["message"]
+
+
+def test_malformed_submission(web):
+    r = requests.post(web.url + "/v1/jobs", data="{nope", timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_job_is_404(web):
+    for r in (get(web, "chatcmpl-nope"), cancel(web, "chatcmpl-nope"),
+              requests.get(web.url + "/v1/jobs/chatcmpl-nope/events", timeout=10)):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_events_replay_and_resume(web, synthetic_worker):
+    tokens = [f"<{i}>" for i in range(40)]
+    job = submitted(web, scripted(tokens=tokens, delay=0.02, prompt_tokens=2))
+    # A watcher that leaves after 10 events, then comes back with Last-Event-ID.
+    first = events(web, job["id"], limit=10)
+    assert [e.id for e in first] == list(range(10))
+    assert first[0].event == "started" and first[0].data["prompt_tokens"] == 2
+    rest = events(web, job["id"], last_event_id=first[-1].id)
+    seen = first + rest
+    assert [e.id for e in seen] == list(range(len(seen))), "no event lost, none twice"
+    assert text_of(seen) == "".join(tokens)
+    assert [e.event for e in seen[-2:]] == ["finish", "done"]
+    # After the end, the whole job replays from the start, the same events again.
+    again = events(web, job["id"])
+    assert [(e.id, e.event, e.data) for e in again] == [(e.id, e.event, e.data) for e in seen]
+    assert events(web, job["id"], last_event_id=seen[-2].id)[0].event == "done"
+    assert wait_status(web, job["id"], "completed")["result"]["choices"][0]["message"][
+        "content"] == "".join(tokens)
+
+
+def test_watching_a_queued_job_then_following_it_live(web, synthetic_worker):
+    blocker = hang_until_cancelled(web)
+    job = submitted(web, scripted(tokens=["q", "r"]))
+    import threading
+
+    got = {}
+    watcher = threading.Thread(target=lambda: got.update(evs=events(web, job["id"])))
+    watcher.start()
+    time.sleep(0.5)
+    assert get(web, job["id"]).json()["status"] == "queued"
+    assert cancel(web, blocker["id"]).json()["status"] == "cancelled"
+    watcher.join(20)
+    assert [e.id for e in got["evs"]] == list(range(len(got["evs"])))
+    assert text_of(got["evs"]) == "qr" and got["evs"][-1].event == "done"
+
+
+def test_cancel_queued_job_never_runs(web, synthetic_worker):
+    blocker = hang_until_cancelled(web, tokens=["x", "y"])
+    queued = [submitted(web, scripted(tokens=["never"]))["id"] for _ in range(2)]
+    cancelled = cancel(web, queued[-1]).json()
+    assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+    assert cancelled["finished_at"] is not None and cancelled["result"] is None
+    evs = events(web, queued[-1])
+    assert [(e.id, e.event, e.data["error"]["code"]) for e in evs] == [(0, "failed", "cancelled")]
+    # The running job stops, keeping what it had produced; the next queued one runs.
+    stopped = cancel(web, blocker["id"]).json()
+    assert stopped["status"] == "cancelled"
+    assert stopped["result"]["choices"][0]["message"]["content"] == "xy"
+    assert stopped["result"]["usage"]["completion_tokens"] == 2
+    assert wait_status(web, queued[0], "completed")["result"]["choices"][0]["message"][
+        "content"] == "never"
+    deadline = time.monotonic() + 5
+    while f"job {queued[-1]} skipped: cancelled" not in synthetic_worker.log.read_text():
+        assert time.monotonic() < deadline, "the worker ran (or never saw) the cancelled job"
+        time.sleep(0.1)
+    assert get(web, queued[-1]).json()["started_at"] is None
+    # Cancelling a job that ended changes nothing.
+    assert cancel(web, queued[0]).json()["status"] == "completed"
+
+
+def test_cancel_running_job_stops_it_at_once(web, synthetic_worker):
+    job = submitted(web, scripted(count=100000, delay=0.005))
+    seen = events(web, job["id"], limit=6)
+    assert [e.event for e in seen[1:]] == ["delta"] * 5
+    started = time.monotonic()
+    stopped = cancel(web, job["id"]).json()
+    assert stopped["status"] == "cancelled", stopped
+    assert time.monotonic() - started < 2
+    text = stopped["result"]["choices"][0]["message"]["content"]
+    full = "".join(f"t{i} " for i in range(100000))
+    n = stopped["result"]["usage"]["completion_tokens"]
+    assert 5 <= n < 100000 and text == full[: len(text)] and text.count(" ") == n
+    # The replay holds exactly the kept output, and ends cleanly.
+    evs = events(web, job["id"])
+    assert text_of(evs) == text and evs[-1].event == "done"
+    # The worker is free again.
+    quick = submitted(web, scripted(tokens=["ok"]))
+    assert wait_status(web, quick["id"], "completed", timeout=3)
+
+
+def test_queue_position(web, synthetic_worker):
+    blocker = hang_until_cancelled(web)
+    ids = [submitted(web, scripted(tokens=[str(i)]))["id"] for i in range(4)]
+    positions = [get(web, i).json()["queue_position"] for i in ids]
+    try:
+        # The busy worker (a solo pool) takes nothing more until it is done: all four wait
+        # in the queue's list, in order.
+        assert positions == [0, 1, 2, 3]
+    finally:
+        cancel(web, blocker["id"])
+    for i in ids:
+        assert wait_status(web, i, "completed")["queue_position"] is None
+
+
+def test_dead_worker_fails_its_job(web, redis_server, logs):
+    doomed = Worker("doomed", redis_server.url, logs).start()
+    try:
+        job = submitted(web, scripted(model="doomed", tokens=["a", "b"], delay=0.05, crash=True))
+        failed = wait_status(web, job["id"], "failed", timeout=20)
+        assert failed["error"]["code"] == "worker_lost"
+        evs = events(web, job["id"])
+        assert [e.id for e in evs] == list(range(len(evs)))
+        assert evs[-1].event == "failed" and evs[-1].data["error"]["code"] == "worker_lost"
+        # The worker is killed right after its last token, maybe before publishing it.
+        assert text_of(evs) in ("a", "ab")
+    finally:
+        doomed.kill()
+
+
+@pytest.fixture(scope="module")
+def strict(redis_server, tmp_path_factory):
+    """A web process and a ``scratch`` worker with short limits: jobs expire unless started
+    within 1.5 s, are kept 6 s, and replay at most about a hundred messages."""
+    logs = tmp_path_factory.mktemp("strict")
+    env = dict(FERRY_JOB_DEADLINE="1.5", FERRY_JOB_TTL="6", FERRY_JOB_EVENTS_MAX="16")
+    web = Web(redis_server.url, logs, **env).start()
+    worker = Worker("scratch", redis_server.url, logs, **env).start()
+    yield web, worker
+    worker.stop()
+    web.stop()
+
+
+def test_expiry(strict):
+    """Jobs not started by their deadline expire; every job is gone after its TTL."""
+    web, worker = strict
+    blocker = submitted(web, scripted(model="scratch", tokens=["x"], hang=True))
+    wait_status(web, blocker["id"], "in_progress")
+    late = submitted(web, scripted(model="scratch", tokens=["late"]))
+    nobody = submitted(web, scripted(model="unserved", tokens=["late"]))
+    for job in (late, nobody):
+        expired = wait_status(web, job["id"], "expired", timeout=5)
+        assert expired["error"]["code"] == "expired" and expired["started_at"] is None
+        evs = events(web, job["id"])
+        assert [(e.id, e.event) for e in evs] == [(0, "failed")]
+        assert evs[0].data["error"]["code"] == "expired"
+    assert cancel(web, blocker["id"]).json()["status"] == "cancelled"
+    # The worker drops the message: Celery discards it as expired, or the runtime skips it.
+    dropped = (f"job {late['id']} skipped: expired",
+               f"Discarding revoked task: ferry.generate[{late['id']}]")
+    deadline = time.monotonic() + 5
+    while not any(line in worker.log.read_text() for line in dropped):
+        assert time.monotonic() < deadline, "the worker ran (or never saw) the expired job"
+        time.sleep(0.1)
+    assert get(web, late["id"]).json()["status"] == "expired"
+    # After the TTL every trace of the jobs is gone.
+    time.sleep(max(0.0, blocker["retained_until"] - time.time()) + 1)
+    for job in (blocker, late, nobody):
+        assert get(web, job["id"]).status_code == 404
+        assert cancel(web, job["id"]).status_code == 404
+        assert requests.get(f"{web.url}/v1/jobs/{job['id']}/events",
+                            timeout=5).status_code == 404
+
+
+def test_replay_buffer_is_capped_and_says_so(strict):
+    web, _ = strict
+    job = submitted(web, scripted(model="scratch", count=1500, delay=0.001))
+    done = wait_status(web, job["id"], "completed")
+    assert done["result"]["usage"]["completion_tokens"] == 1500, "the result is whole"
+    # The earliest events were trimmed: replaying from the start reports it, skips nothing.
+    evs = events(web, job["id"])
+    assert [(e.id, e.event) for e in evs] == [(None, "error")]
+    assert evs[0].data["error"]["code"] == "events_lost"
+    # The latest ones are still there: 1500 deltas, finish, done after "started" (id 0).
+    tail = events(web, job["id"], last_event_id=1495)
+    assert [e.id for e in tail] == list(range(1496, 1503))
+    assert tail[-1].event == "done" and tail[-2].event == "finish"
+
+
+def test_cli_submits_follows_and_prints_the_result(web, synthetic_worker, tmp_path):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(scripted(tokens=["he", "llo"], delay=0.01)))
+    cli = [sys.executable, "-m", "web.cli", "--url", web.url]
+    out = subprocess.run([*cli, "submit", str(request)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == "hello"
+    assert "hello" in out.stderr  # the tokens, as they came
+    # Leave a job, come back to it, cancel another.
+    request.write_text(json.dumps({"endpoint": CHAT, "body": scripted(tokens=["x"], hang=True)}))
+    out = subprocess.run([*cli, "submit", "--detach", str(request)], capture_output=True,
+                         text=True, timeout=60)
+    job = json.loads(out.stdout)
+    assert out.returncode == 0 and job["status"] == "queued"
+    out = subprocess.run([*cli, "cancel", job["id"]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and json.loads(out.stdout)["status"] == "cancelled"
+    out = subprocess.run([*cli, "status", "chatcmpl-nope"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "404" in out.stderr

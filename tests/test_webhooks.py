@@ -1,0 +1,123 @@
+"""Webhooks: the final job object, POSTed when a job ends, retried; private addresses refused
+unless the operator allows them (the receiver here is on loopback, so its web and webhook
+sender are started with FERRY_WEBHOOK_ALLOW_PRIVATE)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from config.errors import InvalidRequest
+from tasks.webhooks import check_url
+from tests.jobclient import cancel, get, scripted, submit, submitted
+from tests.services import Web, Webhooks
+
+
+class Receiver:
+    """An HTTP server on loopback that records POSTs and answers with ``statuses`` in turn
+    (200 once they run out)."""
+
+    def __init__(self):
+        self.posts: list[tuple[str, dict, dict]] = []
+        self.statuses: list[int] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append((self.path, dict(self.headers), json.loads(body)))
+                self.send_response(receiver.statuses.pop(0) if receiver.statuses else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 15) -> list[tuple[str, dict, dict]]:
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count:
+            assert time.monotonic() < deadline, f"{len(self.posts)} of {count} webhooks arrived"
+            time.sleep(0.05)
+        return self.posts
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def open_web(redis_server, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("webhooks")
+    web = Web(redis_server.url, logs, FERRY_WEBHOOK_ALLOW_PRIVATE="1").start()
+    sender = Webhooks(redis_server.url, logs, FERRY_WEBHOOK_ALLOW_PRIVATE="1").start()
+    yield web
+    sender.stop()
+    web.stop()
+
+
+def test_webhook_delivered_with_retries(open_web, synthetic_worker, receiver):
+    receiver.statuses = [503]
+    job = submitted(open_web, scripted(tokens=["w"]), webhook=receiver.url + "/hook")
+    assert job["webhook"] == receiver.url + "/hook"
+    posts = receiver.wait(2)
+    final = get(open_web, job["id"]).json()
+    assert final["status"] == "completed"
+    for path, headers, payload in posts:
+        assert path == "/hook" and headers["X-Ferry-Job-Id"] == job["id"]
+        assert payload == final
+    assert final["result"]["choices"][0]["message"]["content"] == "w"
+    time.sleep(1.5)
+    assert len(receiver.posts) == 2, "delivered once it succeeded, and not again"
+
+
+def test_webhook_of_a_job_cancelled_before_it_started(open_web, receiver):
+    job = submitted(open_web, scripted(model="unserved", tokens=["x"]),
+                    webhook=receiver.url + "/cancelled")
+    assert cancel(open_web, job["id"]).json()["status"] == "cancelled"
+    (path, _, payload), = receiver.wait(1)
+    assert path == "/cancelled" and payload["status"] == "cancelled"
+    assert payload["id"] == job["id"] and payload["result"] is None
+
+
+def test_webhook_refused_by_the_receiver_is_not_retried(open_web, synthetic_worker, receiver):
+    receiver.statuses = [404]
+    submitted(open_web, scripted(tokens=["w"]), webhook=receiver.url + "/gone")
+    receiver.wait(1)
+    time.sleep(2.5)  # a retry would come after 1 s
+    assert len(receiver.posts) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/hook",
+    "http://192.168.0.1/hook", "http://169.254.169.254/latest/meta-data", "http://[::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook", "http://0.0.0.0/hook", "http://100.64.0.1/hook",
+])
+def test_private_webhooks_are_refused(web, url):
+    r = submit(web, scripted(tokens=["a"]), webhook=url)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "webhook"
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "example.com/hook", "http:///x",
+                                 "http://host.invalid/x", "http://example.com:99999/x"])
+def test_malformed_webhooks_are_refused(url):
+    with pytest.raises(InvalidRequest) as e:
+        check_url(url, allow_private=True)
+    assert e.value.param == "webhook"
+
+
+def test_public_and_allowed_addresses_pass():
+    check_url("https://93.184.216.34/hook", allow_private=False)
+    check_url("http://[2606:4700::1111]:8080/hook", allow_private=False)
+    check_url("http://127.0.0.1:9/hook", allow_private=True)

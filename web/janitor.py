@@ -1,0 +1,31 @@
+"""Ends jobs that nobody else will: queued past their deadline (``expired``), or running on
+a worker that died (``failed``, ``worker_lost``). Their webhooks fire from here, so they
+fire with no client connected. Every web process runs one; the transitions in
+``jobs.store`` are atomic, so a job is ended once however many sweep."""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+import redis as redis_lib
+
+log = logging.getLogger(__name__)
+
+# Seconds between sweeps: expiry is reported within about this much of the deadline.
+INTERVAL = 1.0
+
+
+def start(ferry) -> gevent.Greenlet:
+    return gevent.spawn(_run, ferry)
+
+
+def _run(ferry) -> None:
+    while True:
+        gevent.sleep(INTERVAL)
+        try:
+            ferry.jobs.sweep(lambda queue: set(ferry.relay.live_workers(queue)))
+        except redis_lib.RedisError as e:
+            log.warning("job sweep skipped: %s", e)
+        except Exception:
+            log.exception("job sweep failed")
