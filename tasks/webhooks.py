@@ -13,16 +13,14 @@ the connect: operators who need that closed route webhooks through an egress pro
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import requests
 from celery import Celery, shared_task
 
 from config.errors import InvalidRequest
+from config.network import public_addresses
 from tasks.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
@@ -31,28 +29,7 @@ log = logging.getLogger(__name__)
 def check_url(url: str, *, allow_private: bool) -> None:
     """Raise ``InvalidRequest`` (param ``webhook``) unless ``url`` is http(s) and every
     address its host resolves to is public (or ``allow_private``)."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise InvalidRequest("The webhook must be an http:// or https:// URL.", param="webhook")
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise InvalidRequest(f"The webhook's host '{parts.hostname}' does not resolve.",
-                             param="webhook") from None
-    if allow_private:
-        return
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if not ip.is_global or ip.is_multicast:
-            raise InvalidRequest(
-                f"The webhook's host resolves to {ip}, a private, loopback or link-local "
-                "address; webhooks only go to public addresses.", param="webhook")
+    public_addresses(url, allow_private=allow_private, param="webhook", what="webhook")
 
 
 def notifier(celery: Celery) -> Callable:
