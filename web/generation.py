@@ -23,7 +23,9 @@ from models import events
 from models.job import GenerationJob
 from tasks.protocol import GENERATE_TASK
 from web import limits, logs
+from web.merge import MergedSubscription
 from web.relay import Subscription
+from web.results import ChoiceResult
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,23 @@ def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
     return sub
 
 
+def start_all(request_id: str, entry: ModelEntry, jobs: list[GenerationJob], per_prompt: int
+              ) -> Subscription | MergedSubscription:
+    """``start`` for one job per prompt (see ``web.merge``)."""
+    if len(jobs) == 1:
+        return start(entry, jobs[0])
+    subs: list[Subscription] = []
+    try:
+        for job in jobs:
+            subs.append(start(entry, job))
+    except BaseException:
+        for sub in subs:
+            sub.cancel()
+            sub.close()
+        raise
+    return MergedSubscription(request_id, subs, per_prompt)
+
+
 def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event]:
     """Events until the terminal one. A ``Failed`` event is raised as its ``FerryError``.
 
@@ -110,11 +129,11 @@ class Shape(Protocol):
     """How one endpoint spells its responses (see ``ShapeBase``)."""
 
     def chunk(self, index: int, ev: events.Event | None) -> dict | None:
-        """A stream chunk for a Delta or Finish; with ``ev=None``, the choice's opening chunk
-        (None if the endpoint has none)."""
+        """A stream chunk for a Delta, ToolCallDelta or Finish (None: nothing to send);
+        with ``ev=None``, the choice's opening chunk (None if the endpoint has none)."""
 
     def usage_chunk(self, usage: dict) -> dict: ...
-    def response(self, texts: dict[int, str], finishes: dict[int, str], usage: dict) -> dict: ...
+    def response(self, choices: dict[int, ChoiceResult], usage: dict) -> dict: ...
 
 
 class ShapeBase:
@@ -143,17 +162,13 @@ def public_reason(reason: str) -> str:
 
 
 def collect(sub: Subscription, shape: Shape) -> Response:
-    texts: dict[int, str] = {}
-    finishes: dict[int, str] = {}
+    choices: dict[int, ChoiceResult] = {}
     try:
         for ev in follow(sub, client_watch()):
-            if isinstance(ev, events.Delta):
-                texts[ev.index] = texts.get(ev.index, "") + ev.text
-            elif isinstance(ev, events.Finish):
-                finishes[ev.index] = public_reason(ev.finish_reason)
+            if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
+                choices.setdefault(ev.index, ChoiceResult()).add(ev)
             elif isinstance(ev, events.Done):
-                body = shape.response(texts, finishes, usage_of(ev))
-                return _json(body, sub.job_id)
+                return _json(shape.response(choices, usage_of(ev)), sub.job_id)
     finally:
         sub.close()
     raise ServiceUnavailable("The response ended early.")
@@ -181,15 +196,17 @@ def _sse(sub: Subscription, shape: Shape, include_usage: bool, first,
     try:
         evs = [first] if isinstance(first, events.Done) else _chain(first, follow(sub, gone))
         for ev in evs:
-            if isinstance(ev, (events.Delta, events.Finish)):
+            if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
                 if ev.index not in opened:
                     opened.add(ev.index)
                     opening = shape.chunk(ev.index, None)
                     if opening is not None:
                         yield _data(opening, include_usage)
-                if isinstance(ev, events.Delta) and not ev.text:
+                if isinstance(ev, events.Delta) and not ev.text and not ev.logprobs:
                     continue
-                yield _data(shape.chunk(ev.index, ev), include_usage)
+                chunk = shape.chunk(ev.index, ev)
+                if chunk is not None:
+                    yield _data(chunk, include_usage)
             elif isinstance(ev, events.Done):
                 if include_usage:
                     yield _encode(shape.usage_chunk(usage_of(ev)))
