@@ -1,8 +1,11 @@
 """Constraints (``models.constraints``) as llama.cpp GBNF grammars.
 
-JSON schemas are converted by llama-cpp-python's port of llama.cpp's converter, which keeps
-whitespace to at most one space between tokens (a small model cannot run away in blank
-space). A tool call's ``name`` is generated before its ``arguments``, so the name can be
+JSON schemas are converted by llama-cpp-python's port of llama.cpp's converter, with
+whitespace between tokens widened from its "at most one space" to llama.cpp's current rule
+(nothing, a space, or a newline and up to 20 spaces or tabs): models write JSON indented, and
+squeezed onto one line SmolLM2 lost track and listed friends forever, where indented it closed
+the list after the two it was told of. Blank space stays bounded, so none can run away. A
+tool call's ``name`` is generated before its ``arguments``, so the name can be
 streamed before the arguments are complete.
 """
 
@@ -13,8 +16,12 @@ import copy
 from config.errors import InvalidRequest
 from models.constraints import Constraint
 
+_SPACE = r'| " " | "\n" [ \t]{0,20}'
+# JSON strings may not hold raw control characters (the port's rule lets them through, and
+# json.loads then rejects the output).
+_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 # auto tool choice: a reply that does not open with "{" is plain text, to its end.
-_TEXT_RULES = 'free-text ::= [^{ \\t\\r\\n] [^\\x00]*'
+_TEXT_RULES = r'free-text ::= [^{ \t\r\n] [^\x00]*'
 
 
 def compile_gbnf(constraint: Constraint, param: str) -> str:
@@ -31,6 +38,9 @@ def compile_gbnf(constraint: Constraint, param: str) -> str:
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {e}",
                              param=param) from None
+    converter._rules["space"] = _SPACE
+    if "char" in converter._rules:
+        converter._rules["char"] = _CHAR
     grammar = converter.format_grammar()
     if constraint.text_allowed:
         grammar += f"\nroot ::= call | free-text\n{_TEXT_RULES}"

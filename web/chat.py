@@ -11,6 +11,7 @@ from config.errors import InvalidRequest
 from models import events
 from models.job import GenerationJob
 from web import generation
+from web.content import check_image_parts
 from web.results import ChoiceResult
 from web.schemas.chat import CreateChatCompletionRequest
 from web.validation import parse_body
@@ -72,13 +73,15 @@ def create_chat_completion():
         raise InvalidRequest(f"The model '{req.model}' is an embedding model; it cannot chat.",
                              param="model")
     req.check()
+    settings = current_app.extensions["ferry"].settings
+    check_image_parts(req.messages, settings)
     job = GenerationJob(
         id=f"chatcmpl-{uuid.uuid4().hex}", model=entry.name,
         messages=[m.for_template(i) for i, m in enumerate(req.messages)],
         max_tokens=req.token_limit, stop=req.stops, n=req.n, sampling=req.sampling(),
         top_logprobs=req.top_logprobs_wanted, response_format=req.job_response_format(),
         tools=req.job_tools(), tool_choice=req.job_tool_choice(),
-        deadline=generation.now() + current_app.extensions["ferry"].settings.queue_timeout,
+        deadline=generation.now() + settings.queue_timeout,
     )
     if req.user is not None:
         log.info("request %s from user %r", job.id, req.user)

@@ -11,7 +11,6 @@ from config.errors import InvalidRequest
 from models.constraints import check_schema
 from models.job import FunctionTool, NamedToolChoice, ResponseFormat, ToolChoice
 from web.schemas.common import GenerationFields
-from web.schemas.images import normalize_image_url
 
 # OpenAI's rule for function and schema names.
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -23,13 +22,9 @@ class TextPart(BaseModel):
 
 
 class ImageURL(BaseModel):
+    # Checked by ``web.content`` (it needs the server's image size limit).
     url: str
     detail: Literal["auto", "low", "high"] = "auto"
-
-    @field_validator("url")
-    @classmethod
-    def _valid(cls, url: str) -> str:
-        return normalize_image_url(url)
 
 
 class ImagePart(BaseModel):
