@@ -39,6 +39,8 @@ class ChoiceWriter:
 
     def finish(self, reason: FinishReason) -> list[Event]:
         out = self._release(self._decoder.decode(b"", final=True), final=True)
+        if self._calls is not None and self._calls.called:
+            self._logprobs = []  # log probabilities are reported for text, not for calls
         if self._pending:
             out.append(self._delta(""))
         if self._calls is not None and self._calls.called and reason == "stop":
