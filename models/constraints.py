@@ -17,6 +17,7 @@ import jsonschema
 from config.errors import InvalidRequest
 from models import tools as tool_format
 from models.job import GenerationJob
+from models.tools import ToolFormat
 
 # Enforced by grammar-constrained decoding.
 ASSERTIONS = {
@@ -38,18 +39,22 @@ _SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
 
 @dataclass(frozen=True)
 class Constraint:
-    """The output is JSON that validates against ``schema``; or, when ``text_allowed``
-    (tool_choice auto), either that or plain text that does not start with ``{``."""
+    """The output is ``open``, then JSON that validates against ``schema``, then ``close``;
+    or, when ``text_allowed`` (tool_choice auto), plain text that does not start with the
+    first character of that (``{`` when ``open`` is empty)."""
 
     schema: dict[str, Any]
     text_allowed: bool = False
     is_tool_call: bool = False
+    open: str = ""
+    close: str = ""
 
 
-def for_job(job: GenerationJob) -> Constraint | None:
+def for_job(job: GenerationJob, fmt: ToolFormat = tool_format.FERRY) -> Constraint | None:
+    """``fmt``: how the model's chat template writes tool calls."""
     if job.calls_tools:
         return Constraint(_call_schema(job), text_allowed=job.tool_choice == "auto",
-                          is_tool_call=True)
+                          is_tool_call=True, open=fmt.open, close=fmt.close)
     rf = job.response_format
     if rf is None:
         return None

@@ -12,6 +12,7 @@ streamed before the arguments are complete.
 from __future__ import annotations
 
 import copy
+import json
 
 from config.errors import InvalidRequest
 from models.constraints import Constraint
@@ -20,8 +21,10 @@ _SPACE = r'| " " | "\n" [ \t]{0,20}'
 # JSON strings may not hold raw control characters (the port's rule lets them through, and
 # json.loads then rejects the output).
 _CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
-# auto tool choice: a reply that does not open with "{" is plain text, to its end.
-_TEXT_RULES = r'free-text ::= [^{ \t\r\n] [^\x00]*'
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid GBNF literal
 
 
 def compile_gbnf(constraint: Constraint, param: str) -> str:
@@ -31,17 +34,19 @@ def compile_gbnf(constraint: Constraint, param: str) -> str:
                                 dotall=False, raw_pattern=False)
     try:
         schema = converter.resolve_refs(copy.deepcopy(constraint.schema), "")
-        if constraint.text_allowed:
-            converter.visit(schema, "call")
-        else:
-            converter.visit(schema, "")
+        converter.visit(schema, "call")
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {e}",
                              param=param) from None
     converter._rules["space"] = _SPACE
     if "char" in converter._rules:
         converter._rules["char"] = _CHAR
-    grammar = converter.format_grammar()
-    if constraint.text_allowed:
-        grammar += f"\nroot ::= call | free-text\n{_TEXT_RULES}"
-    return grammar
+    c = constraint
+    call = " ".join(x for x in (c.open and _literal(c.open), "call",
+                                 c.close and _literal(c.close)) if x)
+    root = f"root ::= {call}"
+    if c.text_allowed:
+        # auto tool choice: a reply that does not open like a call is plain text, to its end.
+        first = json.dumps((c.open or "{")[0])[1:-1]
+        root += f" | free-text\nfree-text ::= [^{first} \\t\\r\\n] [^\\x00]*"
+    return f"{converter.format_grammar()}\n{root}"

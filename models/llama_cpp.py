@@ -98,9 +98,11 @@ class LlamaCppBackend(Backend):
         if not self.template:
             raise InvalidRequest(f"The model '{job.model}' has no chat template; use "
                                  "/v1/completions.", param="messages")
+        t = self.template
         messages = tools.prepare_messages(job.messages, job.tools, job.tool_choice,
-                                          self.template.renders_tool_calls)
-        text = self.template.render(messages)
+                                          t.renders_tool_calls, t.tool_format)
+        native = t.tool_format.native and job.calls_tools
+        text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
         add_bos = not (self._bos and text.startswith(self._bos))
         return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
 
@@ -142,7 +144,8 @@ class LlamaCppBackend(Backend):
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
         prompt = self.prompt_tokens(job)
         max_tokens = self._budget(job, len(prompt))
-        constraint = constraints.for_job(job)
+        fmt = self.template.tool_format if self.template else tools.FERRY
+        constraint = constraints.for_job(job, fmt)
         grammar = self._grammar(constraint)
         yield Started(worker="", prompt_tokens=len(prompt))
         base_seed = job.sampling.seed if job.sampling.seed is not None else random.getrandbits(31)
@@ -155,7 +158,7 @@ class LlamaCppBackend(Backend):
                 yield Finish(index, "cancelled", 0)
                 continue
             chain = ChainSpec(job.sampling, base_seed + index, grammar, self.entry.num_ctx)
-            calls = tools.CallParser(constraint.text_allowed) \
+            calls = tools.CallParser(constraint.text_allowed, fmt) \
                 if constraint is not None and constraint.is_tool_call else None
             writer = ChoiceWriter(index, job.stop, calls)
             fresh = echo is not None and echo[1] is not None and index == 0

@@ -18,6 +18,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from config.errors import InvalidRequest
+from models.tools import format_for as tool_format_for
 
 
 class _TemplateRaised(Exception):
@@ -47,6 +48,7 @@ class ChatTemplate:
         # Templates written for tool use render assistant ``tool_calls`` themselves; for the
         # others, earlier calls are written into the message content (``models.tools``).
         self.renders_tool_calls = "tool_calls" in source
+        self.tool_format = tool_format_for(source)
         self.bos_token = bos_token
         self.eos_token = eos_token
 

@@ -1,12 +1,14 @@
-"""Tool calls in Ferry's JSON tool format, for chat templates that have no tool format.
+"""Tool calls: the template's own format where it has one, else Ferry's JSON tool format.
 
-The format: the tools are described to the model in a system message, and a reply that
-calls a tool is exactly one JSON object ``{"name": <tool>, "arguments": {...}}`` and
-nothing else. Decoding is grammar-constrained (``models.constraints``): with
+Ferry's format, for templates with none: the tools are described to the model in a system
+message, and a reply that calls a tool is exactly one JSON object ``{"name": <tool>,
+"arguments": {...}}`` and nothing else. Templates written for ``<tool_call>`` tags (Hermes,
+Qwen 2.5 and their kin) render the tools and earlier calls themselves, and a call is the same
+JSON object between the tags. Decoding is grammar-constrained (``models.constraints``): with
 ``tool_choice`` ``required`` or a named tool the reply must be such an object whose
 arguments validate against the tool's schema; with ``auto`` the first character decides:
-``{`` starts a (then constrained) call, anything else a plain text reply. One call per
-reply (``parallel_tool_calls`` allows, but never requires, more).
+``{`` starts a (then constrained) call, anything else a plain text reply. One call per reply (``parallel_tool_calls``
+allows, but never requires, more).
 
 Earlier turns are shown to the model in the same format: an assistant message's
 ``tool_calls`` become that JSON as its content (unless the template renders ``tool_calls``
@@ -22,6 +24,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.job import FunctionTool, NamedToolChoice, ToolChoice
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a call is written: the JSON call object between ``open`` and ``close``.
+    ``native``: the template renders the tools and earlier calls itself."""
+
+    open: str = ""
+    close: str = ""
+    native: bool = False
+
+    @property
+    def first(self) -> str:
+        """The character that opens a call (and so may not open a text reply)."""
+        return (self.open or "{")[0]
+
+
+FERRY = ToolFormat()
+TAGGED = ToolFormat(open="<tool_call>\n", close="\n</tool_call>", native=True)
+
+
+def format_for(template_source: str) -> ToolFormat:
+    return TAGGED if "<tool_call>" in template_source and "tools" in template_source else FERRY
+
+
+def template_tools(tools: list[FunctionTool]) -> list[dict[str, Any]]:
+    """Tools as templates expect them (the Hugging Face convention)."""
+    return [{"type": "function", "function": t.model_dump(exclude_none=True)} for t in tools]
 
 
 def new_call_id() -> str:
@@ -67,9 +97,11 @@ def call_text(call: dict[str, Any]) -> str:
 
 
 def prepare_messages(messages: list[dict[str, Any]], tools: list[FunctionTool],
-                     choice: ToolChoice, template_renders_calls: bool) -> list[dict[str, Any]]:
+                     choice: ToolChoice, template_renders_calls: bool,
+                     fmt: ToolFormat = FERRY) -> list[dict[str, Any]]:
     """The messages to render: tool instructions in the system message (when a call may be
-    made), and earlier calls in Ferry's format unless the template renders them."""
+    made and the template does not describe tools itself), and earlier calls in Ferry's
+    format unless the template renders them."""
     out = []
     for m in messages:
         if m.get("tool_calls") and not template_renders_calls:
@@ -78,7 +110,7 @@ def prepare_messages(messages: list[dict[str, Any]], tools: list[FunctionTool],
             m = {k: v for k, v in m.items() if k != "tool_calls"}
             m["content"] = f"{content}\n{text}" if content else text
         out.append(m)
-    if not tools or choice == "none":
+    if not tools or choice == "none" or fmt.native:
         return out
     note = instructions(tools, choice)
     if out and out[0].get("role") == "system":
@@ -97,7 +129,7 @@ class CallPiece:
     name: str | None = None
 
 
-_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_HEAD = r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*'
 
 
 class CallParser:
@@ -108,8 +140,10 @@ class CallParser:
     the envelope's closing brace is not part of the arguments and is dropped.
     """
 
-    def __init__(self, text_allowed: bool):
+    def __init__(self, text_allowed: bool, fmt: ToolFormat = FERRY):
         self.text_allowed = text_allowed
+        self._first = fmt.first
+        self._head_re = re.compile(re.escape(fmt.open) + _HEAD)
         self.state = "start"
         self._buf = ""
         self._depth = 0
@@ -122,7 +156,7 @@ class CallParser:
             self._buf += text
             if not self._buf:
                 return []
-            if self.text_allowed and not self._buf.startswith("{"):
+            if self.text_allowed and not self._buf.startswith(self._first):
                 self.state = "text"
             else:
                 self.state = "head"
@@ -144,7 +178,7 @@ class CallParser:
 
     def _head(self, text: str) -> list[str | CallPiece]:
         self._buf += text
-        m = _HEAD.match(self._buf)
+        m = self._head_re.match(self._buf)
         if m is None:
             return []
         rest, self._buf = self._buf[m.end():], ""

@@ -142,3 +142,24 @@ def test_check_refuses_what_the_backend_cannot_do(backend, kw, param):
     with pytest.raises(InvalidRequest) as e:
         backend.check(job)
     assert e.value.param == param
+
+
+def test_template_with_its_own_tool_format(backend):
+    """A template that writes calls between <tool_call> tags: the model is constrained to
+    that format, and the call is parsed out of it."""
+    from models.templates import ChatTemplate
+    from tests.test_surface_units import TAGGED_TEMPLATE
+
+    if not hasattr(backend, "template"):
+        pytest.skip(f"{backend.entry.name}: its template cannot be swapped in this test")
+    own, backend.template = backend.template, ChatTemplate(TAGGED_TEMPLATE)
+    try:
+        evs = run(backend, max_tokens=60, tools=[WEATHER], tool_choice="required",
+                  messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                  sampling=Sampling(temperature=0))
+    finally:
+        backend.template = own
+    calls = [e for e in evs if isinstance(e, ToolCallDelta)]
+    assert calls and calls[0].name == "get_weather"
+    jsonschema.validate(json.loads("".join(c.arguments for c in calls)), WEATHER.parameters)
+    assert evs[-2].finish_reason == "tool_calls"

@@ -247,3 +247,43 @@ def test_new_events_roundtrip():
           "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]}]}
     evs = [Delta(0, "a", 1, [lp], prompt=True), ToolCallDelta(1, 0, "", "call_x", "f", 3)]
     assert events.decode(events.encode(0, evs))[1] == evs
+
+
+# A template in the style of Hermes / Qwen 2.5: tools listed in the system turn, calls
+# written between <tool_call> tags (our own minimal rendering of that convention).
+TAGGED_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n"
+    "{% endfor %}Call one as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call>"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{{ {'name': c.function.name, "
+    "'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n")
+
+
+def test_tagged_tool_format_is_the_templates_own():
+    from models.templates import ChatTemplate
+
+    t = ChatTemplate(TAGGED_TEMPLATE)
+    assert t.tool_format == tools.TAGGED and t.renders_tool_calls
+    assert ChatTemplate("{{ messages }}").tool_format == tools.FERRY
+    history = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}]
+    msgs = tools.prepare_messages(history, [FunctionTool(name="f")], "auto", True, t.tool_format)
+    assert msgs == history  # no instructions of ours: the template describes the tools
+    text = t.render(msgs, tools=tools.template_tools([FunctionTool(name="f")]))
+    assert '"name": "f"' in text and '<tool_call>\n{"name": "f", "arguments": {"x": 1}}' in text
+    parts = feed(tools.CallParser(True, tools.TAGGED),
+                 '<tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call>', [3] * 30)
+    assert parts[0].name == "f" and "".join(p.arguments for p in parts[1:]) == '{"x": 2}'
+
+
+def test_tagged_grammar():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from models.gbnf import compile_gbnf
+
+    c = constraints.for_job(job(tools=[FunctionTool(name="f")]), tools.TAGGED)
+    gbnf = compile_gbnf(c, "tools")
+    assert 'root ::= "<tool_call>\\n" call "\\n</tool_call>" | free-text' in gbnf
+    assert "free-text ::= [^< " in gbnf
+    assert llama_cpp.llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
