@@ -36,6 +36,8 @@ class Backend(ABC):
     supports_constraints: ClassVar[bool] = False
     # ``sampling.logit_bias``.
     supports_logit_bias: ClassVar[bool] = False
+    # ``job.echo``: each choice opens with the prompt (a ``Delta`` with ``prompt=True``).
+    supports_echo: ClassVar[bool] = False
     # Fill-in-the-middle (``job.suffix``). Depends on the model's vocabulary, so a backend
     # may set it per instance once the model is loaded.
     supports_fim: bool = False
@@ -65,6 +67,8 @@ class Backend(ABC):
                                   param="response_format")
             if job.calls_tools:
                 raise Unsupported(f"The model '{name}' cannot call tools.", param="tools")
+        if job.echo and not self.supports_echo:
+            raise Unsupported(f"The model '{name}' cannot echo its prompt.", param="echo")
         if job.suffix is not None and not self.supports_fim:
             raise Unsupported(f"The model '{name}' has no fill-in-the-middle tokens; "
                               "suffix is not supported for it.", param="suffix")

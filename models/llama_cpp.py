@@ -41,6 +41,7 @@ class LlamaCppBackend(Backend):
     supports_logprobs = True
     supports_constraints = True
     supports_logit_bias = True
+    supports_echo = True
 
     def __init__(self, entry: ModelEntry):
         super().__init__(entry)

@@ -26,6 +26,8 @@ from models.templates import flatten_content
 
 
 class SyntheticBackend(Backend):
+    supports_echo = True
+
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
         threads = int(entry.options.get("threads", 1))
