@@ -1,7 +1,7 @@
 """Events a backend yields and a worker publishes; the web process turns them into HTTP.
 
-Per request the order is: ``Started`` (once), then ``Delta``s and one ``Finish`` per choice,
-then exactly one terminal event: ``Done`` (with usage) or ``Failed``. A reader may rely on
+Per request the order is: ``Started`` (once), then ``Delta``s / ``ToolCallDelta``s and one
+``Finish`` per choice, then exactly one terminal event: ``Done`` (with usage) or ``Failed``. A reader may rely on
 that: every request ends with Done or Failed, and nothing follows it.
 
 On the wire a message is a batch: ``{"s": <seq of the first event>, "e": [event, ...]}``;
@@ -12,9 +12,31 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypedDict, Union
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TypedDict):
+    """One token's log probability, in OpenAI's chat shape (plain JSON floats).
+
+    ``token`` is the token's text (bytes that are not valid UTF-8 on their own are written
+    as ``\\xNN``); ``bytes`` are its exact UTF-8 bytes. ``logprob`` is the log-softmax of
+    the model's raw logits (before penalties, bias, grammar or temperature), and None only
+    for the first token of an echoed prompt, which nothing predicts. ``top_logprobs`` holds
+    the job's ``top_logprobs`` most likely alternatives, most likely first.
+    """
+
+    token: str
+    logprob: float | None
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
 
 
 @dataclass(frozen=True)
@@ -26,11 +48,36 @@ class Started:
 
 @dataclass(frozen=True)
 class Delta:
+    """Text of choice ``index``. ``tokens`` is how many completion tokens it holds;
+    ``logprobs`` (when the job asks for them) has one entry per token whose text is released
+    here, so joining the entries' ``token`` gives the choice's text up to a stop string.
+    ``prompt`` marks the echo of the prompt (completions' ``echo``): its tokens are not
+    completion tokens."""
+
     index: int
     text: str
     tokens: int = 1
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt: bool = False
     t: Literal["delta"] = "delta"
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """Part of tool call ``call`` (0, 1, ...) of choice ``index``.
+
+    The first delta of a call carries its ``id`` and ``name``; later ones carry only
+    fragments of ``arguments``, whose concatenation is the arguments' JSON text. A choice
+    with tool calls finishes with ``finish_reason="tool_calls"`` (or ``"length"`` if it was
+    cut off, in which case the arguments may be incomplete JSON)."""
+
+    index: int
+    call: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+    tokens: int = 0
+    t: Literal["tool_call"] = "tool_call"
 
 
 @dataclass(frozen=True)
@@ -55,8 +102,8 @@ class Failed:
     t: Literal["failed"] = "failed"
 
 
-Event = Union[Started, Delta, Finish, Done, Failed]
-_TYPES = {cls.t: cls for cls in (Started, Delta, Finish, Done, Failed)}
+Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Failed]
+_TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Failed)}
 TERMINAL = (Done, Failed)
 
 

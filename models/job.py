@@ -1,8 +1,13 @@
-"""What a backend is asked to do: one generation job, independent of HTTP and Celery."""
+"""What a backend is asked to do: one generation job, independent of HTTP and Celery.
+
+Every field is something any backend can be asked for; a backend that cannot do one says so
+through its capability flags (``models.base.Backend``), and ``Backend.check`` turns the ask
+into a 400 before anything is generated.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,9 +18,45 @@ class Sampling(BaseModel):
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # OpenAI's penalties: over the tokens generated so far (not the prompt), subtracted from
+    # the logits once per occurrence (frequency) or once per distinct token (presence).
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # Token id -> bias added to its logit; -100 bans the token, +100 all but forces it.
     logit_bias: dict[int, float] = {}
+
+
+class ResponseFormat(BaseModel):
+    """A constraint on the reply. ``json_object``: any JSON object. ``json_schema``: JSON that
+    validates against ``json_schema`` (already unwrapped from OpenAI's ``{name, schema,
+    strict}``); the schema uses only keywords ``models.constraints`` can enforce."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+    name: str | None = None
+
+
+class FunctionTool(BaseModel):
+    """A function the model may call; ``parameters`` is the JSON schema of its arguments."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+
+
+# none: never call a tool. auto: the model chooses between a reply and one call.
+# required: exactly one call, to any tool. NamedToolChoice: exactly one call to that tool.
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class GenerationJob(BaseModel):
@@ -25,14 +66,30 @@ class GenerationJob(BaseModel):
 
     id: str
     model: str
+    # As chat templates expect them: ``content`` a string, or a list of OpenAI content parts
+    # when it holds images; assistant ``tool_calls`` with ``function.arguments`` already
+    # parsed into objects; ``tool`` messages with ``tool_call_id``.
     messages: list[dict[str, Any]] | None = None
     prompt: str | list[int] | None = None
+    # Fill-in-the-middle: the text after the completion (completions' ``suffix``).
+    suffix: str | None = None
     # None: as many as fit in the context.
     max_tokens: int | None = None
     stop: list[str] = []
     n: int = Field(default=1, ge=1)
     sampling: Sampling = Sampling()
     # Top alternatives per token when log probabilities are asked for, else None.
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Each choice starts with the prompt (a ``Delta`` with ``prompt=True``, carrying the
+    # prompt tokens' log probabilities when ``top_logprobs`` is set).
+    echo: bool = False
+    response_format: ResponseFormat | None = None
+    tools: list[FunctionTool] = []
+    tool_choice: ToolChoice = "auto"
     # Unix time after which nobody waits for this job any more.
     deadline: float | None = None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may (or must) be a tool call."""
+        return bool(self.tools) and self.tool_choice != "none"

@@ -26,6 +26,8 @@ from models.templates import flatten_content
 
 
 class SyntheticBackend(Backend):
+    supports_echo = True
+
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
         threads = int(entry.options.get("threads", 1))
@@ -55,6 +57,9 @@ class SyntheticBackend(Backend):
         yield Started(worker="", prompt_tokens=int(script.get("prompt_tokens", 1)))
         total = 0
         for index in range(job.n):
+            if job.echo:
+                yield Delta(index, job.prompt if isinstance(job.prompt, str) else "", tokens=0,
+                            prompt=True)
             stops, n, reason = StopMatcher(job.stop), 0, "length"
             for piece in tokens:
                 if n >= limit:

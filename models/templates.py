@@ -18,6 +18,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from config.errors import InvalidRequest
+from models.tools import format_for as tool_format_for
 
 
 class _TemplateRaised(Exception):
@@ -44,6 +45,10 @@ class ChatTemplate:
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         env.filters["tojson"] = _tojson
         self._template = env.from_string(source)
+        # Templates written for tool use render assistant ``tool_calls`` themselves; for the
+        # others, earlier calls are written into the message content (``models.tools``).
+        self.renders_tool_calls = "tool_calls" in source
+        self.tool_format = tool_format_for(source)
         self.bos_token = bos_token
         self.eos_token = eos_token
 

@@ -115,6 +115,7 @@ class Runtime:
             # A cancel may have landed between the start and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
                 self._mark_cancelled(job.id)
+            self.backend.check(job)
             for event in self.backend.generate(job, lambda: job.id in self._cancelled):
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)

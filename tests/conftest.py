@@ -53,6 +53,24 @@ def chat(client, smollm2_worker):
     return client
 
 
+@pytest.fixture(scope="session")
+def tokenize():
+    """SmolLM2's tokenizer in the test process (vocabulary only, no weights evaluated):
+    text -> token ids, to build token prompts and logit_bias maps."""
+    import tomllib
+
+    import llama_cpp
+
+    from config import Registry, load_settings
+    from tests.services import TEST_CONFIG
+
+    models = tomllib.loads(TEST_CONFIG.read_text())["models"]
+    entry = Registry(load_settings(models=models).models).resolve("smollm2")
+    vocab = llama_cpp.Llama(model_path=str(entry.weights_path()), vocab_only=True, verbose=False)
+    yield lambda text: vocab.tokenize(text.encode(), add_bos=False, special=True)
+    vocab.close()
+
+
 @pytest.fixture
 def scripted(client, synthetic_worker):
     """The official client, with the synthetic (scripted) worker running."""

@@ -6,7 +6,9 @@ runs only on a host with CUDA and ``FERRY_TEST_EXL2_MODEL`` set to an EXL2 model
 Optional: ``FERRY_TEST_EXL2_CTX`` (num_ctx, default 4096) and ``FERRY_TEST_EXL2_OPTIONS``
 (the registry options as JSON).
 
-Not covered yet: logprobs, JSON schema and tool calls (the request surface is adding them).
+The request surface (logprobs, echo, JSON schema, tool calls, what ``check`` refuses) runs
+where the backend's capability flags say it is supported, and is skipped with the reason
+where they say it is not.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import json
 import os
 import threading
 
+import jsonschema
 import pytest
 
 from config import Registry, load_settings
-from config.errors import ContextLengthExceeded
+from config.errors import ContextLengthExceeded, InvalidRequest
 from config.settings import ModelEntry
 from models import load_backend
-from models.events import Delta, Done, Finish, Started
-from models.job import GenerationJob, Sampling
+from models.events import Delta, Done, Finish, Started, ToolCallDelta
+from models.job import FunctionTool, GenerationJob, ResponseFormat, Sampling
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 
@@ -148,3 +151,114 @@ def test_context_length_exceeded_before_any_event(backend):
     with pytest.raises(ContextLengthExceeded) as e:
         next(gen)
     assert e.value.status == 400 and e.value.param == "messages"
+
+
+# -- the request surface ---------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+          "properties": {"a": {"type": "string", "maxLength": 12},
+                         "b": {"type": "array", "maxItems": 3,
+                               "items": {"enum": [1, 2, "three", None]}}}}
+WEATHER = FunctionTool(name="get_weather", parameters={
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+    "required": ["city"]})
+HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+def needs(backend, flag: str) -> None:
+    if not getattr(backend, flag):
+        pytest.skip(f"{backend.entry.name}: {flag} is False for this backend")
+
+
+def checked_run(backend, **fields):
+    """``run`` after ``check``, as the worker does."""
+    fields.setdefault("messages", HELLO)
+    fields.setdefault("sampling", Sampling(temperature=0))
+    backend.check(GenerationJob(id="conformance", model=backend.entry.name, **fields))
+    return run(backend, **fields)
+
+
+def test_logprobs_match_the_greedy_tokens(backend):
+    needs(backend, "supports_logprobs")
+    events = checked_run(backend, max_tokens=8, top_logprobs=2)
+    entries = [x for e in events if isinstance(e, Delta) for x in e.logprobs or ()]
+    assert len(entries) == events[-1].completion_tokens
+    assert "".join(x["token"] for x in entries) == text(events)
+    for x in entries:
+        assert isinstance(x["logprob"], float) and x["logprob"] <= 0
+        assert len(x["top_logprobs"]) == 2 and x["top_logprobs"][0]["token"] == x["token"]
+
+
+def test_echo_with_logprobs_covers_every_prompt_token(backend):
+    needs(backend, "supports_logprobs")
+    events = checked_run(backend, messages=None, prompt="The sky is blue", echo=True,
+                         top_logprobs=1, max_tokens=2)
+    echo = next(e for e in events if isinstance(e, Delta))
+    assert echo.prompt and echo.tokens == 0 and echo.text == "The sky is blue"
+    assert len(echo.logprobs) == events[0].prompt_tokens
+    assert echo.logprobs[0]["logprob"] is None
+
+
+def test_schema_output_validates_when_sampling_hot(backend):
+    needs(backend, "supports_constraints")
+    rf = ResponseFormat(type="json_schema", json_schema=SCHEMA)
+    events = checked_run(backend, n=4, max_tokens=200, response_format=rf,
+                         sampling=Sampling(temperature=1.5, seed=2))
+    for i in range(4):
+        jsonschema.validate(json.loads(text(events, i)), SCHEMA)
+    assert {f.finish_reason for f in finishes(events).values()} == {"stop"}
+
+
+def test_required_tool_call_validates_when_sampling_hot(backend):
+    needs(backend, "supports_constraints")
+    events = checked_run(backend, n=3, max_tokens=100, tools=[WEATHER], tool_choice="required",
+                         messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                         sampling=Sampling(temperature=1.5, seed=3))
+    for i in range(3):
+        calls = [e for e in events if isinstance(e, ToolCallDelta) and e.index == i]
+        assert calls[0].name == "get_weather" and calls[0].id
+        jsonschema.validate(json.loads("".join(c.arguments for c in calls)),
+                            WEATHER.parameters)
+    assert {f.finish_reason for f in finishes(events).values()} == {"tool_calls"}
+
+
+def test_template_with_its_own_tool_format(backend):
+    """A template that writes calls between <tool_call> tags: the model is constrained to
+    that format, and the call is parsed out of it."""
+    from models.templates import ChatTemplate
+    from tests.test_surface_units import TAGGED_TEMPLATE
+
+    needs(backend, "supports_constraints")
+    if not isinstance(getattr(backend, "template", None), ChatTemplate):
+        pytest.skip(f"{backend.entry.name}: no ChatTemplate attribute to swap in this test")
+    own, backend.template = backend.template, ChatTemplate(TAGGED_TEMPLATE)
+    try:
+        events = checked_run(backend, max_tokens=60, tools=[WEATHER], tool_choice="required",
+                             messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    finally:
+        backend.template = own
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert calls and calls[0].name == "get_weather"
+    jsonschema.validate(json.loads("".join(c.arguments for c in calls)), WEATHER.parameters)
+    assert finishes(events)[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("fields,param", [
+    (dict(sampling=Sampling(logit_bias={10 ** 7: 1.0})), "logit_bias"),
+    (dict(messages=None, prompt="x", suffix="y"), "suffix"),
+    (dict(messages=None, prompt="x", echo=True), "echo"),
+    (dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]),
+     "messages[0].content"),
+])
+def test_check_refuses_what_the_backend_cannot_do(backend, fields, param):
+    fields.setdefault("messages", HELLO)
+    if param == "suffix" and backend.supports_fim:
+        pytest.skip(f"{backend.entry.name} supports fill-in-the-middle")
+    if param == "echo" and backend.supports_echo:
+        pytest.skip(f"{backend.entry.name} echoes prompts")
+    if param.startswith("messages") and backend.supports_vision:
+        pytest.skip(f"{backend.entry.name} has image input")
+    with pytest.raises(InvalidRequest) as e:
+        backend.check(GenerationJob(id="conformance", model=backend.entry.name, **fields))
+    assert e.value.param == param

@@ -83,7 +83,7 @@ def test_an_ended_job_without_its_last_event_is_reported():
 
 def test_record_roundtrip_and_public_object():
     rec = JobRecord(id="cmpl-1", endpoint="/v1/completions", model="m", queue="ferry.m",
-                    status="completed", spec=ResponseSpec(endpoint="/v1/completions", echo="Hi"),
+                    status="completed", spec=ResponseSpec(endpoint="/v1/completions", logprobs=True),
                     created=100.5, deadline=200.0, retained_until=300.0, started=101.2,
                     finished=102.9, result={"choices": []})
     raw = {k.encode(): v.encode() for k, v in rec.to_hash().items()}
@@ -96,11 +96,11 @@ def test_record_roundtrip_and_public_object():
 
 def test_outcome_spells_the_endpoint_body():
     outcome = Outcome()
-    for ev in (events.Started("w", 2), events.Delta(0, " there"), events.Finish(0, "cancelled", 1),
-               events.Done(2, 1)):
+    for ev in (events.Started("w", 2), events.Delta(0, "Hi", prompt=True),
+               events.Delta(0, " there"), events.Finish(0, "cancelled", 1), events.Done(2, 1)):
         outcome.add(ev)
     assert outcome.cancelled
-    spec = ResponseSpec(endpoint="/v1/completions", echo="Hi")
+    spec = ResponseSpec(endpoint="/v1/completions")
     body = outcome.body(spec.shape("cmpl-1", "m", 100))
     assert body["choices"] == [{"text": "Hi there", "index": 0, "logprobs": None,
                                 "finish_reason": "stop"}]

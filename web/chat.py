@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from flask import Blueprint, current_app
 
 from config.errors import InvalidRequest
-from tasks.jobs.shapes import ResponseSpec
 from models.job import GenerationJob
+from tasks.jobs.shapes import ResponseSpec
 from web import generation
+from web.content import check_image_parts
 from web.schemas.chat import CreateChatCompletionRequest
 from web.validation import parse_body
 
 bp = Blueprint("chat", __name__)
+log = logging.getLogger(__name__)
 
 # For /v1/jobs: the request this endpoint takes.
 Request = CreateChatCompletionRequest
@@ -22,20 +25,24 @@ Request = CreateChatCompletionRequest
 def prepare(req: CreateChatCompletionRequest) -> generation.Prepared:
     """The job a chat request asks for (the one place it is built, for this endpoint and
     for /v1/jobs)."""
-    entry = current_app.extensions["ferry"].registry.resolve(req.model)
+    ferry = current_app.extensions["ferry"]
+    entry = ferry.registry.resolve(req.model)
     if entry.kind != "chat":
         raise InvalidRequest(f"The model '{req.model}' is an embedding model; it cannot chat.",
                              param="model")
-    for i, m in enumerate(req.messages):
-        if m.has_images():
-            raise InvalidRequest(f"The model '{req.model}' has no image input; send text only.",
-                                 param=f"messages[{i}].content")
+    req.check()
+    check_image_parts(req.messages, ferry.settings)
     job = GenerationJob(
         id=f"chatcmpl-{uuid.uuid4().hex}", model=entry.name,
-        messages=[m.for_template() for m in req.messages], max_tokens=req.token_limit,
-        stop=req.stops, n=req.n, sampling=req.sampling(),
+        messages=[m.for_template(i) for i, m in enumerate(req.messages)],
+        max_tokens=req.token_limit, stop=req.stops, n=req.n, sampling=req.sampling(),
+        top_logprobs=req.top_logprobs_wanted, response_format=req.job_response_format(),
+        tools=req.job_tools(), tool_choice=req.job_tool_choice(),
     )
-    return generation.Prepared(entry, job, ResponseSpec(endpoint="/v1/chat/completions"))
+    if req.user is not None:
+        log.info("request %s from user %r", job.id, req.user)
+    spec = ResponseSpec(endpoint="/v1/chat/completions", logprobs=bool(req.logprobs))
+    return generation.Prepared(entry, job, spec)
 
 
 @bp.post("/v1/chat/completions")

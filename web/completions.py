@@ -2,46 +2,59 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from flask import Blueprint, current_app
 
 from config.errors import InvalidRequest
-from tasks.jobs.shapes import ResponseSpec
 from models.job import GenerationJob
+from tasks.jobs.shapes import ResponseSpec
 from web import generation
 from web.schemas.completions import CreateCompletionRequest
 from web.validation import parse_body
 
 bp = Blueprint("completions", __name__)
+log = logging.getLogger(__name__)
 
 # For /v1/jobs: the request this endpoint takes.
 Request = CreateCompletionRequest
 
 
-def prepare(req: CreateCompletionRequest) -> generation.Prepared:
-    """The job a completion request asks for (the one place it is built, for this endpoint
-    and for /v1/jobs)."""
+def prepare_all(req: CreateCompletionRequest) -> list[generation.Prepared]:
+    """One job per prompt (so prompts run in parallel on free workers), ids
+    ``<request id>-<p>`` when there are several."""
     entry = current_app.extensions["ferry"].registry.resolve(req.model)
     if entry.kind != "chat":
         raise InvalidRequest(f"The model '{req.model}' is an embedding model; it cannot "
                              "complete text.", param="model")
+    req.check()
+    request_id = f"cmpl-{uuid.uuid4().hex}"
     prompts = req.prompts()
-    if len(prompts) != 1:
-        raise InvalidRequest("Send one prompt per request; use n for several completions.",
+    # best_of ranks candidates by their log probabilities, so it asks for them.
+    top = req.logprobs if req.logprobs is not None else (0 if req.candidates > req.n else None)
+    spec = ResponseSpec(endpoint="/v1/completions", logprobs=req.logprobs is not None,
+                        n=req.n, candidates=req.candidates)
+    if req.user is not None:
+        log.info("request %s from user %r", request_id, req.user)
+    return [generation.Prepared(entry, GenerationJob(
+        id=request_id if len(prompts) == 1 else f"{request_id}-{p}", model=entry.name,
+        prompt=prompt, suffix=req.suffix, echo=req.echo, max_tokens=req.max_tokens,
+        stop=req.stops, n=req.candidates, sampling=req.sampling(), top_logprobs=top,
+    ), spec) for p, prompt in enumerate(prompts)]
+
+
+def prepare(req: CreateCompletionRequest) -> generation.Prepared:
+    """For /v1/jobs: a job holds one prompt."""
+    prepared = prepare_all(req)
+    if len(prepared) != 1:
+        raise InvalidRequest("A job takes one prompt; submit one job per prompt.",
                              param="prompt")
-    prompt = prompts[0]
-    if req.echo and not isinstance(prompt, str):
-        raise InvalidRequest("echo needs a text prompt.", param="echo")
-    job = GenerationJob(
-        id=f"cmpl-{uuid.uuid4().hex}", model=entry.name, prompt=prompt,
-        max_tokens=req.max_tokens, stop=req.stops, n=req.n, sampling=req.sampling(),
-    )
-    spec = ResponseSpec(endpoint="/v1/completions", echo=prompt if req.echo else None)
-    return generation.Prepared(entry, job, spec)
+    return prepared[0]
 
 
 @bp.post("/v1/completions")
 def create_completion():
     req = parse_body(CreateCompletionRequest)
-    return generation.respond(prepare(req), stream=req.stream, include_usage=req.include_usage)
+    return generation.respond_all(prepare_all(req), stream=req.stream,
+                                  include_usage=req.include_usage)

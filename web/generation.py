@@ -26,9 +26,17 @@ from models import events
 from models.job import GenerationJob
 from tasks.protocol import GENERATE_TASK
 from web import limits, logs
+from web.merge import MergedSubscription
 from web.relay import Subscription
 
 log = logging.getLogger(__name__)
+
+try:
+    from gevent.monkey import get_original
+
+    _poll = get_original("select", "poll")
+except ImportError:  # pragma: no cover - gevent is a dependency
+    _poll = select.poll
 
 
 # How often a waiting or streaming request checks that its client is still connected.
@@ -51,15 +59,25 @@ class ClientGone(Exception):
 
 def client_watch() -> Callable[[], bool]:
     """For the current request: a check, usable after the handler returned (while a stream
-    is sent), that is True once the client has closed its connection. Never blocks."""
+    is sent), that is True once the client has closed its connection. Never blocks.
+
+    poll, not select: select fails for descriptors >= 1024, i.e. past ~1000 open streams.
+    The original (unpatched) poll is used: with a zero timeout it never blocks the hub.
+    """
     sock = request.environ.get("gunicorn.socket")
 
     def gone() -> bool:
         if sock is None:
             return False
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            poller = _poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            ready = poller.poll(0)
+            if not ready:
+                return False
+            if ready[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+            return sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
@@ -93,27 +111,53 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -
 def respond(prepared: Prepared, *, stream: bool, include_usage: bool) -> Response:
     """The synchronous endpoints: subscribe to the job's events, submit it, answer with its
     stream or its body. Fails fast when no worker is live."""
+    return respond_all([prepared], stream=stream, include_usage=include_usage)
+
+
+def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) -> Response:
+    """``respond`` for one job per prompt (completions with several prompts): the jobs run in
+    parallel and are read as one response (``web.merge``), under the request id their ids
+    share."""
     ferry = current_app.extensions["ferry"]
-    entry = prepared.entry
+    entry = prepared[0].entry
     try:
         live = ferry.relay.live_workers(entry.queue)
     except redis_lib.RedisError as e:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     if not live:
         raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
-    job_id = prepared.job.id
+    subs: list[Subscription] = []
+    deadline = time.time() + ferry.settings.queue_timeout
+    try:
+        for p in prepared:
+            subs.append(_subscribe(p))
+            record = submit(p, deadline=deadline)
+    except BaseException:
+        for sub in subs:
+            sub.cancel()
+            sub.close()
+        raise
+    if len(subs) == 1:
+        sub, job_id = subs[0], record.id
+    else:
+        job_id = record.id.rsplit("-", 1)[0]
+        sub = MergedSubscription(job_id, subs, prepared[0].spec.candidates)
+    shape = prepared[0].spec.shape(job_id, entry.name, int(record.created))
+    try:
+        if stream:
+            return _stream(sub, shape, include_usage)
+        return collect(sub, shape)
+    except ClientGone:
+        # Nobody to answer; 499 (nginx's "client closed request") keeps it out of the 5xx.
+        return Response(status=499)
+
+
+def _subscribe(prepared: Prepared) -> Subscription:
+    ferry, entry, job_id = current_app.extensions["ferry"], prepared.entry, prepared.job.id
     sub = ferry.relay.subscribe(job_id, entry.queue, entry.name)
     # The worker releases the job's admission when it ends; this covers jobs it never runs.
     sub.on_close(lambda: limits.release(ferry.redis, entry.queue, job_id))
-    try:
-        record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout)
-    except BaseException:
-        sub.close()
-        raise
-    shape = prepared.spec.shape(record.id, entry.name, int(record.created))
-    if stream:
-        return _stream(sub, shape, include_usage)
-    return collect(sub, shape)
+    return sub
 
 
 def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event]:
@@ -175,15 +219,17 @@ def _sse(sub: Subscription, shape: Shape, include_usage: bool, first,
     try:
         evs = [first] if isinstance(first, events.Done) else _chain(first, follow(sub, gone))
         for ev in evs:
-            if isinstance(ev, (events.Delta, events.Finish)):
+            if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
                 if ev.index not in opened:
                     opened.add(ev.index)
                     opening = shape.chunk(ev.index, None)
                     if opening is not None:
                         yield _data(opening, include_usage)
-                if isinstance(ev, events.Delta) and not ev.text:
+                if isinstance(ev, events.Delta) and not ev.text and not ev.logprobs:
                     continue
-                yield _data(shape.chunk(ev.index, ev), include_usage)
+                chunk = shape.chunk(ev.index, ev)
+                if chunk is not None:
+                    yield _data(chunk, include_usage)
             elif isinstance(ev, events.Done):
                 if include_usage:
                     yield _encode(shape.usage_chunk(usage_of(ev)))

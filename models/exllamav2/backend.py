@@ -33,6 +33,8 @@ POLL = 0.05
 
 class ExLlamaV2Backend(Backend):
     supports_logprobs = True
+    # Through ExLlamaV2's dense token_bias (models/exllamav2/sampling.py).
+    supports_logit_bias = True
 
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:

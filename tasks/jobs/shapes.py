@@ -8,11 +8,13 @@ endpoint returned or would have returned.
 from __future__ import annotations
 
 import time
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from models import events
+from models.events import TokenLogprob
 
 Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
@@ -31,42 +33,73 @@ def public_reason(reason: str) -> str:
     return "stop" if reason == "cancelled" else reason
 
 
-class Outcome:
-    """A job's events folded into what its final body needs: text and finish per choice."""
+@dataclass
+class ChoiceResult:
+    """One choice's whole result, gathered from its events."""
 
-    def __init__(self):
-        self.texts: dict[int, str] = {}
-        self.finishes: dict[int, str] = {}
-        self.usage: dict | None = None
+    text: str = ""
+    # Every token's entry, the echoed prompt's first.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Log probabilities of the generated tokens only (to rank best_of candidates).
+    completion_logprobs: list[float] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
 
     def add(self, ev: events.Event) -> None:
         if isinstance(ev, events.Delta):
-            self.texts[ev.index] = self.texts.get(ev.index, "") + ev.text
+            self.text += ev.text
+            self.logprobs.extend(ev.logprobs or ())
+            if not ev.prompt:
+                self.completion_logprobs.extend(
+                    e["logprob"] for e in ev.logprobs or () if e["logprob"] is not None)
+        elif isinstance(ev, events.ToolCallDelta):
+            if ev.call == len(self.tool_calls):
+                self.tool_calls.append({"id": ev.id, "type": "function",
+                                        "function": {"name": ev.name, "arguments": ""}})
+            self.tool_calls[ev.call]["function"]["arguments"] += ev.arguments
         elif isinstance(ev, events.Finish):
-            self.finishes[ev.index] = ev.finish_reason
+            self.cancelled = ev.finish_reason == "cancelled"
+            self.finish_reason = public_reason(ev.finish_reason)
+
+    @property
+    def mean_logprob(self) -> float:
+        lps = self.completion_logprobs
+        return sum(lps) / len(lps) if lps else float("-inf")
+
+
+class Outcome:
+    """A job's events folded into what its final body needs."""
+
+    def __init__(self):
+        self.choices: dict[int, ChoiceResult] = {}
+        self.usage: dict | None = None
+
+    def add(self, ev: events.Event) -> None:
+        if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
+            self.choices.setdefault(ev.index, ChoiceResult()).add(ev)
         elif isinstance(ev, events.Done):
             self.usage = usage_of(ev)
 
     @property
     def cancelled(self) -> bool:
-        return "cancelled" in self.finishes.values()
+        return any(c.cancelled for c in self.choices.values())
 
     def body(self, shape: "Shape") -> dict:
         """The final body; only once ``Done`` was added (backends end every job with it)."""
         assert self.usage is not None, "body() before Done"
-        finishes = {i: public_reason(r) for i, r in self.finishes.items()}
-        return shape.response(self.texts, finishes, self.usage)
+        return shape.response(self.choices, self.usage)
 
 
 class Shape(Protocol):
     """How one endpoint spells its responses (see ``ShapeBase``)."""
 
     def chunk(self, index: int, ev: events.Event | None) -> dict | None:
-        """A stream chunk for a Delta or Finish; with ``ev=None``, the choice's opening chunk
-        (None if the endpoint has none)."""
+        """A stream chunk for a Delta, ToolCallDelta or Finish (None: nothing to send);
+        with ``ev=None``, the choice's opening chunk (None if the endpoint has none)."""
 
     def usage_chunk(self, usage: dict) -> dict: ...
-    def response(self, texts: dict[int, str], finishes: dict[int, str], usage: dict) -> dict: ...
+    def response(self, choices: dict[int, ChoiceResult], usage: dict) -> dict: ...
 
 
 class ShapeBase:
@@ -86,51 +119,108 @@ class ShapeBase:
         return {**self._chunk([]), "usage": usage}
 
 
+def tool_call_delta(ev: events.ToolCallDelta) -> dict:
+    """OpenAI's streaming shape: id, type and name first, then argument fragments."""
+    if ev.id is not None:
+        return {"index": ev.call, "id": ev.id, "type": "function",
+                "function": {"name": ev.name, "arguments": ev.arguments}}
+    return {"index": ev.call, "function": {"arguments": ev.arguments}}
+
+
 class ChatShape(ShapeBase):
     object = "chat.completion.chunk"
 
+    def __init__(self, job_id: str, model: str, created: int | None = None,
+                 logprobs: bool = False):
+        super().__init__(job_id, model, created)
+        self.logprobs = logprobs
+
     def chunk(self, index: int, ev: events.Event | None) -> dict:
+        logprobs = None
         if ev is None:
             delta, reason = {"role": "assistant", "content": ""}, None
         elif isinstance(ev, events.Delta):
             delta, reason = {"content": ev.text}, None
+            logprobs = self._logprobs(ev.logprobs or [])
+        elif isinstance(ev, events.ToolCallDelta):
+            delta, reason = {"tool_calls": [tool_call_delta(ev)]}, None
         else:
             delta, reason = {}, public_reason(ev.finish_reason)
-        return self._chunk([{"index": index, "delta": delta, "logprobs": None,
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
                              "finish_reason": reason}])
 
-    def response(self, texts: dict[int, str], finishes: dict[int, str], usage: dict) -> dict:
-        choices = [{"index": i,
-                    "message": {"role": "assistant", "content": texts.get(i, ""), "refusal": None},
-                    "logprobs": None, "finish_reason": finishes.get(i, "stop")}
-                   for i in sorted(finishes)]
-        return {**self.base, "object": "chat.completion", "choices": choices, "usage": usage}
+    def _logprobs(self, entries: list) -> dict | None:
+        return {"content": entries, "refusal": None} if self.logprobs else None
+
+    def response(self, choices: dict[int, ChoiceResult], usage: dict) -> dict:
+        out = []
+        for i in sorted(choices):
+            c = choices[i]
+            message = {"role": "assistant", "content": c.text or (None if c.tool_calls else ""),
+                       "refusal": None}
+            if c.tool_calls:
+                message["tool_calls"] = c.tool_calls
+            out.append({"index": i, "message": message, "logprobs": self._logprobs(c.logprobs),
+                        "finish_reason": c.finish_reason or "stop"})
+        return {**self.base, "object": "chat.completion", "choices": out, "usage": usage}
+
+
+def legacy_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    """OpenAI's completions shape; ``offset``: where the first token starts in the text."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append(
+            None if e["logprob"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]})
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out
 
 
 class CompletionShape(ShapeBase):
     object = "text_completion"
 
     def __init__(self, job_id: str, model: str, created: int | None = None,
-                 echo: str | None = None):
+                 logprobs: bool = False, n: int = 1, candidates: int = 1):
         super().__init__(job_id, model, created)
-        self.echo = echo
+        self.logprobs, self.n, self.candidates = logprobs, n, candidates
+        self._offsets: dict[int, int] = {}
 
     def chunk(self, index: int, ev: events.Event | None) -> dict | None:
         if ev is None:
-            if not self.echo:
-                return None
-            text, reason = self.echo, None
-        elif isinstance(ev, events.Delta):
+            return None
+        logprobs = None
+        if isinstance(ev, events.Delta):
             text, reason = ev.text, None
-        else:
+            if self.logprobs:
+                logprobs = legacy_logprobs(ev.logprobs or [], self._offsets.get(index, 0))
+                self._offsets[index] = self._offsets.get(index, 0) + \
+                    sum(len(t) for t in logprobs["tokens"])
+        elif isinstance(ev, events.Finish):
             text, reason = "", public_reason(ev.finish_reason)
-        return self._chunk([{"text": text, "index": index, "logprobs": None,
+        else:
+            return None
+        return self._chunk([{"text": text, "index": index, "logprobs": logprobs,
                              "finish_reason": reason}])
 
-    def response(self, texts: dict[int, str], finishes: dict[int, str], usage: dict) -> dict:
-        choices = [{"text": (self.echo or "") + texts.get(i, ""), "index": i, "logprobs": None,
-                    "finish_reason": finishes.get(i, "stop")} for i in sorted(finishes)]
-        return {**self.base, "choices": choices, "usage": usage}
+    def response(self, choices: dict[int, ChoiceResult], usage: dict) -> dict:
+        out = [{"text": c.text, "index": i,
+                "logprobs": legacy_logprobs(c.logprobs, 0) if self.logprobs else None,
+                "finish_reason": c.finish_reason or "stop"}
+               for i, c in enumerate(self._best(choices))]
+        return {**self.base, "choices": out, "usage": usage}
+
+    def _best(self, choices: dict[int, ChoiceResult]) -> list[ChoiceResult]:
+        """Per prompt, the ``n`` candidates of highest mean log probability (best_of), in
+        that order; without best_of, every choice in index order."""
+        if self.candidates == self.n:
+            return [choices[i] for i in sorted(choices)]
+        best = []
+        for first in range(0, len(choices), self.candidates):
+            group = [choices[i] for i in range(first, first + self.candidates) if i in choices]
+            best.extend(sorted(group, key=lambda c: c.mean_logprob, reverse=True)[:self.n])
+        return best
 
 
 class ResponseSpec(BaseModel):
@@ -140,12 +230,16 @@ class ResponseSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     endpoint: Endpoint
-    # /v1/completions with ``echo``: the prompt, repeated before the completion.
-    echo: str | None = None
+    # Chat: logprobs asked for; completions: the legacy ``logprobs`` was given.
+    logprobs: bool = False
+    # Completions: choices returned per prompt, and candidates generated (best_of).
+    n: int = 1
+    candidates: int = 1
 
-    def shape(self, job_id: str, model: str, created: int) -> Shape:
+    def shape(self, job_id: str, model: str, created: int | None = None) -> Shape:
         if self.endpoint == "/v1/chat/completions":
-            return ChatShape(job_id, model, created)
+            return ChatShape(job_id, model, created, self.logprobs)
         if self.endpoint == "/v1/completions":
-            return CompletionShape(job_id, model, created, self.echo)
+            return CompletionShape(job_id, model, created, self.logprobs, self.n,
+                                   self.candidates)
         raise ValueError(f"no response shape for {self.endpoint}")

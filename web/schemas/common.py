@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.job import Sampling
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class GenerationFields(BaseModel):
@@ -31,7 +34,18 @@ class GenerationFields(BaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    # Token ids (as JSON object keys, so strings) to a bias in -100..100.
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=1024)] | None = None
+    # Accepted and logged with the request id, as an end-user identifier for abuse tracing.
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
+        return bias
 
     @property
     def stops(self) -> list[str]:
@@ -46,6 +60,7 @@ class GenerationFields(BaseModel):
             seed=self.seed,
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
         )
 
     @property

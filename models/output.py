@@ -1,0 +1,74 @@
+"""From sampled tokens to one choice's events; shared by every backend.
+
+A backend feeds each sampled token's bytes (and its log probability entry, when asked for);
+``ChoiceWriter`` decodes UTF-8 across token boundaries, holds back text that may be the start
+of a stop string, splits tool calls from text (``models.tools``), and releases each token's
+log probability with the text it produced.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from models.events import Delta, Event, Finish, FinishReason, TokenLogprob, ToolCallDelta
+from models.stops import StopMatcher
+from models.tools import CallParser, CallPiece
+
+
+class ChoiceWriter:
+    def __init__(self, index: int, stops: list[str], calls: CallParser | None = None):
+        self.index = index
+        self.tokens = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stops = StopMatcher(stops)
+        self._calls = calls
+        self._pending = 0
+        self._logprobs: list[TokenLogprob] = []
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was generated: the choice is over."""
+        return self._stops.stopped
+
+    def add(self, piece: bytes, logprob: TokenLogprob | None = None) -> list[Event]:
+        self.tokens += 1
+        self._pending += 1
+        if logprob is not None:
+            self._logprobs.append(logprob)
+        return self._release(self._decoder.decode(piece), final=False)
+
+    def finish(self, reason: FinishReason) -> list[Event]:
+        out = self._release(self._decoder.decode(b"", final=True), final=True)
+        if self._calls is not None and self._calls.called:
+            self._logprobs = []  # log probabilities are reported for text, not for calls
+        if self._pending:
+            out.append(self._delta(""))
+        if self._calls is not None and self._calls.called and reason == "stop":
+            reason = "tool_calls"
+        out.append(Finish(self.index, reason, self.tokens))
+        return out
+
+    def _release(self, text: str, final: bool) -> list[Event]:
+        if self._calls is None:
+            parts: list[str | CallPiece] = [text]
+        else:
+            parts = self._calls.feed(text) + (self._calls.finish() if final else [])
+        out: list[Event] = []
+        released = ""
+        for part in parts:
+            if isinstance(part, CallPiece):
+                out.append(ToolCallDelta(self.index, 0, part.arguments, part.id, part.name,
+                                         tokens=self._pending))
+                self._pending, self._logprobs = 0, []
+            else:
+                released += self._stops.feed(part)
+        if final:
+            released += self._stops.flush()
+        if released:
+            out.append(self._delta(released))
+        return out
+
+    def _delta(self, text: str) -> Delta:
+        d = Delta(self.index, text, tokens=self._pending, logprobs=self._logprobs or None)
+        self._pending, self._logprobs = 0, []
+        return d

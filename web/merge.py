@@ -1,0 +1,53 @@
+"""Several jobs read as one subscription: a completions request with several prompts.
+
+One job per prompt, so the prompts run in parallel on whatever workers are free. Their
+events are read prompt after prompt, which keeps choices in OpenAI's prompt-major order:
+choice ``i`` of prompt ``p`` becomes index ``p * per_prompt + i``. The first ``Started`` and
+one final ``Done`` (usage summed over the prompts) are passed on; a ``Failed`` from any job
+ends the whole response, and the jobs not yet finished are then cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models import events
+from web.relay import Subscription
+
+
+class MergedSubscription:
+    def __init__(self, request_id: str, subs: list[Subscription], per_prompt: int):
+        self.subs, self.per_prompt = subs, per_prompt
+        self.job_id = request_id
+        self._current = 0
+        self._started = False
+        self._prompt_tokens = self._completion_tokens = 0
+
+    def next(self, timeout: float | None = None) -> events.Event | None:
+        while True:
+            ev = self.subs[self._current].next(timeout)
+            if ev is None or isinstance(ev, events.Failed):
+                return ev
+            if isinstance(ev, events.Started):
+                if self._started:
+                    continue
+                self._started = True
+                return ev
+            if isinstance(ev, events.Done):
+                self._prompt_tokens += ev.prompt_tokens
+                self._completion_tokens += ev.completion_tokens
+                self._current += 1
+                if self._current == len(self.subs):
+                    return events.Done(self._prompt_tokens, self._completion_tokens)
+                continue
+            return dataclasses.replace(ev, index=self._current * self.per_prompt + ev.index)
+
+    def cancel(self) -> None:
+        for sub in self.subs:
+            sub.cancel()
+
+    def close(self) -> None:
+        for sub in self.subs:
+            if not sub.finished:
+                sub.cancel()
+            sub.close()
