@@ -29,6 +29,12 @@ ENV = {"FERRY_CONFIG": str(BENCH_CONFIG), "FERRY_WORKER_TIMEOUT": "5",
        "FERRY_HEARTBEAT_INTERVAL": "1"}
 
 
+# ``python -m tasks.worker`` with the gevent monkey patches applied before anything imports.
+_GEVENT_WORKER = ("from gevent import monkey; monkey.patch_all(); import runpy, sys; "
+                  "sys.argv[0] = 'tasks.worker'; "
+                  "runpy.run_module('tasks.worker', run_name='__main__', alter_sys=True)")
+
+
 def bench_entry(name: str) -> ModelEntry:
     """A model entry of the bench registry, as the workers will see it."""
     models = tomllib.loads(BENCH_CONFIG.read_text())["models"]
@@ -81,12 +87,17 @@ class Stack:
         self.redis_url = server.url
         return server.url
 
-    def workers(self, model: str, count: int, *celery_args: str) -> list[Worker]:
+    def workers(self, model: str, count: int, *celery_args: str,
+                gevent: bool = False) -> list[Worker]:
         """``count`` worker processes for ``model``, started together, ready when each has
-        sent its first heartbeat (i.e. has loaded its model)."""
+        sent its first heartbeat (i.e. has loaded its model). ``gevent``: patch the process
+        for Celery's gevent pool first, as the ``celery`` command does for ``-P gevent``
+        (``python -m tasks.worker`` does not: its backends compute, they do not wait)."""
         started = []
         for _ in range(count):
             w = self._add(Worker(model, self.redis_url, self.log_dir, **ENV))
+            if gevent:
+                w.argv = [sys.executable, "-c", _GEVENT_WORKER, *w.argv[3:], "-P", "gevent"]
             w.argv = [*w.argv, *celery_args]
             Service.start(w)
             started.append(w)
