@@ -22,7 +22,7 @@ FULL = {
     "overhead": lambda: overhead.run(runs=30),
     "single_stream": lambda: single_stream.run(runs=3, tokens=256),
     "concurrency": lambda: concurrency.run([1, 8, 32], tokens=64, workers=2, oversubscribe=8),
-    "relay": lambda: relay.run([100, 500, 1000], count=200, rate=20.0),
+    "relay": lambda: relay.run([100, 500, 1000], count=300, rate=20.0, open_rate=100.0),
 }
 QUICK = {
     "overhead": lambda: overhead.run(runs=3),

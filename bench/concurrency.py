@@ -90,6 +90,7 @@ class Level:
     def empty(self) -> int:
         return sum(not r.text for r in self.results)
 
+    @property
     def short(self) -> int:
         """Complete streams that stopped early without the model choosing to (by usage)."""
         return sum(r.error is None and r.usage_tokens is not None
@@ -100,7 +101,7 @@ class Level:
         return {"side": self.side, "streams": self.n, "aggregate_tok_s": self.aggregate,
                 "tokens": self.tokens, "wall_s": self.wall, "ttft_p50_ms": self.ttft(50),
                 "ttft_p99_ms": self.ttft(99), "failed": self.failed, "empty": self.empty,
-                "short": self.short(), "cut": self.cut, "differs": self.differs}
+                "short": self.short, "cut": self.cut, "differs": self.differs}
 
 
 async def measure(target: Target, prompts: list[int], tokens: int, quiet: bool = False) -> Level:
@@ -220,7 +221,7 @@ def report(out: list[Level], levels: list[int], tokens: int, workers: int, overs
             "goal": {"aggregate_ratio": GOAL_AGG, "ttft_p50_ratio": GOAL_TTFT, "empty": 0}}
     save("concurrency", data)
     bad = [lv.row() for lv in out if lv.side.startswith("Ferry")
-           and (lv.failed or lv.empty or lv.short())]
+           and (lv.failed or lv.empty or lv.short)]
     if bad:
         raise CheckFailed(f"Ferry streams failed, came back empty or short: {bad}")
     return data

@@ -16,7 +16,7 @@ The client (asyncio + aiohttp, this process, not the web's) measures its own eve
 and CPU, so a client that cannot keep up shows as such. Goal at 500 streams: p99 added
 <= 50 ms, no errors, RSS <= 400 MB.
 
-    python -m bench.relay [--levels 100,500,1000] [--count 200] [--rate 20]
+    python -m bench.relay [--levels 100,500,1000] [--count 300] [--rate 20] [--open-rate 100]
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
     }
 
 
-def run(levels: list[int], count: int = 200, rate: float = 20.0, workers: int = 2,
-        open_rate: float = 200.0) -> dict:
+def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 2,
+        open_rate: float = 100.0) -> dict:
     per_worker = math.ceil(max(levels) / workers) + 10
     rows = []
     with Stack("relay") as stack:
@@ -207,10 +207,10 @@ def run(levels: list[int], count: int = 200, rate: float = 20.0, workers: int = 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", default="100,500,1000")
-    p.add_argument("--count", type=int, default=200, help="tokens per stream")
+    p.add_argument("--count", type=int, default=300, help="tokens per stream")
     p.add_argument("--rate", type=float, default=20.0, help="tokens per second per stream")
     p.add_argument("--workers", type=int, default=2, help="synthetic worker processes")
-    p.add_argument("--open-rate", type=float, default=200.0, help="new streams per second")
+    p.add_argument("--open-rate", type=float, default=100.0, help="new streams per second")
     a = p.parse_args()
     run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate)
 
