@@ -42,8 +42,10 @@ class StreamResult:
         return self.error is None and self.done and bool(self.text)
 
 
-def connector(limit: int) -> aiohttp.TCPConnector:
-    return aiohttp.TCPConnector(limit=limit, force_close=False, ttl_dns_cache=None)
+def connector(limit: int, fresh: bool = False) -> aiohttp.TCPConnector:
+    """``fresh``: a new connection per request, for requests spaced out further than a
+    server's keep-alive timeout (gunicorn: 5 s), where reusing one races with its close."""
+    return aiohttp.TCPConnector(limit=limit, force_close=fresh, ttl_dns_cache=None)
 
 
 async def stream(session: aiohttp.ClientSession, url: str, body: dict,

@@ -58,7 +58,7 @@ class Paired:
 
     async def run(self, runs: int, warmup: int = 2) -> tuple[list[StreamResult], list[StreamResult]]:
         local, ferry = [], []
-        async with aiohttp.ClientSession(connector=connector(1)) as session:
+        async with aiohttp.ClientSession(connector=connector(1, fresh=True)) as session:
             for i in range(warmup + runs):
                 pair = []
                 for side in ((0, 1) if i % 2 == 0 else (1, 0)):

@@ -2,7 +2,8 @@
 backend in process, at the same thread count, greedy sampling. Goal: at least 0.95x.
 
 Decode rate = (tokens - 1) / (last chunk - first chunk): the prompt is left out, so this is
-the rate a reader sees once text flows. Runs alternate sides; the median run counts.
+the rate a reader sees once text flows. Runs alternate sides; the median run counts (the best
+run is shown too: on a shared machine noise only ever slows a run down).
 
     python -m bench.single_stream [--runs 3] [--tokens 256]
 """
@@ -47,10 +48,11 @@ def run(runs: int = 3, tokens: int = 256) -> dict:
                 f"{entry.options['n_threads']} thread, {n} tokens, temperature 0)",
                 ["", "in-process", "Ferry", "ratio", "goal"],
                 [["median tok/s", base, ours, times(ours / base), times(GOAL)],
-                 ["min tok/s", min(a), min(b), times(min(b) / min(a)), None]])
+                 ["best tok/s", max(a), max(b), times(max(b) / max(a)), None]])
     data = {"runs": runs, "threads": entry.options["n_threads"], "tokens": n,
             "tok_s": {"inprocess": a, "ferry": b},
             "median": {"inprocess": base, "ferry": ours, "ratio": ours / base},
+            "best": {"inprocess": max(a), "ferry": max(b), "ratio": max(b) / max(a)},
             "ttft_p50_ms": {"inprocess": pct([r.ttft for r in inproc], 50) * 1000,
                             "ferry": pct([r.ttft for r in ferry], 50) * 1000},
             "goal": GOAL, "met": ours / base >= GOAL}
