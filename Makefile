@@ -54,8 +54,16 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5), treated as success"; exit 0; fi; exit $$rc
 
-bench: install
-	$(BIN)/python -m bench
+# The bench extra only adds client and peer-server packages; it never touches the
+# llama-cpp-python build installed above.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: install $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # On a GPU host with exllamav2 installed (README, "Deploying on a GPU host") and
 # FERRY_TEST_EXL2_MODEL set to an EXL2 model directory: the backend conformance suite and the

@@ -1,0 +1,219 @@
+"""Benchmark 4, relay capacity: how many concurrent SSE streams one web process carries.
+
+One gunicorn (gevent) web process; the tokens come from the synthetic token source
+(models/synthetic.py, a benchmark instrument, never a served model) in ``--workers`` worker
+processes running Celery's gevent pool (hundreds of concurrent jobs each: the default solo
+pool runs one job per process, and a thread pool spent more CPU on the GIL than the web
+process spent relaying). Every stream asks for ``count`` tokens at ``rate`` per second;
+streams open at ``open_rate`` per second.
+
+Reported per level: the inter-token gaps the clients see, over all streams from first token to
+last, and their p99 in excess of the nominal 1/rate (the "added" delay; an upper bound on what
+the relay adds, as it also holds the token source's and the client's own scheduling), the same
+while all streams are open at once ("steady"), streams that failed or came back incomplete
+(every stream must carry exactly the scripted tokens), and the web process's peak RSS and CPU.
+The client (asyncio + aiohttp, this process, not the web's) measures its own event-loop lag
+and CPU, so a client that cannot keep up shows as such. Goal at 500 streams: p99 added
+<= 50 ms, no errors, RSS <= 400 MB.
+
+    python -m bench.relay [--levels 100,500,1000] [--count 300] [--rate 20] [--open-rate 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from bench.client import StreamResult, connector, stream
+from bench.common import CheckFailed, ms, pct, print_table, save
+from bench.stack import Stack, web_worker_pid
+
+GOAL_STREAMS, GOAL_ADDED_MS, GOAL_RSS_MB = 500, 50.0, 400.0
+TICK = 0.01  # the client's lag probe interval (s)
+
+
+class ProcWatch:
+    """Peak RSS of some processes, sampled from /proc, and CPU time of the first one."""
+
+    def __init__(self, pids: list[int], interval: float = 0.2):
+        self.pids, self.interval = pids, interval
+        self.peak_rss = {p: 0 for p in pids}
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._cpu0 = self.cpu_seconds(pids[0])
+        self._t0 = time.monotonic()
+
+    @staticmethod
+    def rss_mb(pid: int) -> float:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    @staticmethod
+    def cpu_seconds(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sample = {p: self.rss_mb(p) for p in self.pids}
+            for p, v in sample.items():
+                self.peak_rss[p] = max(self.peak_rss[p], v)
+            self.peak_total = max(self.peak_total, sum(sample.values()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "ProcWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_share = (self.cpu_seconds(self.pids[0]) - self._cpu0) / (
+            time.monotonic() - self._t0)
+
+
+def expected_text(count: int) -> str:
+    return "".join(f"t{i} " for i in range(count))  # what models/synthetic.py emits
+
+
+async def _lag_probe(lags: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        t = time.monotonic()
+        await asyncio.sleep(TICK)
+        lags.append(time.monotonic() - t - TICK)
+
+
+async def clients(url: str, n: int, count: int, rate: float,
+                  ramp: float) -> tuple[list[StreamResult], list[float], float, float]:
+    """n streams opened evenly over ``ramp`` seconds; results, client lags, wall, client CPU
+    (a share of one core)."""
+    body = {"model": "synthetic", "stream": True,
+            "messages": [{"role": "user", "content": json.dumps({"count": count,
+                                                                 "rate": rate})}]}
+    timeout = ramp + count / rate + 60
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def one(session, i: int) -> StreamResult:
+        await asyncio.sleep(i * ramp / n)
+        return await stream(session, url, body, timeout)
+
+    async with aiohttp.ClientSession(connector=connector(n),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        probe = asyncio.create_task(_lag_probe(lags, stop))
+        cpu0, t0 = time.process_time(), time.monotonic()
+        results = await asyncio.gather(*(one(session, i) for i in range(n)))
+        wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        stop.set()
+        await probe
+    return list(results), lags, wall, cpu / wall
+
+
+def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: float,
+                client_cpu: float, watch: ProcWatch, web_pid: int, count: int,
+                rate: float) -> dict:
+    want = expected_text(count)
+    errors = [r for r in results if r.error is not None]
+    incomplete = [r for r in results if r.error is None and (r.text != want or r.chunks != count)]
+    good = [r for r in results if r.error is None and r.text == want]
+    gaps = np.concatenate([np.diff(r.times) for r in good]) if good else np.array([])
+    nominal = 1.0 / rate
+    # The window in which every stream was open: from the last first token to the first
+    # last token (empty if the first streams ended before the last began).
+    steady = np.array([])
+    if good:
+        lo, hi = max(r.times[0] for r in good), min(r.times[-1] for r in good)
+        if hi > lo:
+            steady = np.concatenate([np.diff(t)[(t[1:] > lo) & (t[1:] <= hi)]
+                                     for t in (np.array(r.times) for r in good)])
+    return {
+        "streams": n, "ok": len(good), "errors": len(errors), "incomplete": len(incomplete),
+        "error_samples": sorted({r.error for r in errors})[:5],
+        "gap_p50_ms": ms(pct(gaps, 50)), "gap_p99_ms": ms(pct(gaps, 99)),
+        "gap_max_ms": ms(float(gaps.max())) if gaps.size else None,
+        "added_p99_ms": ms(pct(gaps, 99) - nominal) if gaps.size else None,
+        "steady_gaps": int(steady.size),
+        "steady_added_p99_ms": ms(pct(steady, 99) - nominal) if steady.size else None,
+        "ttft_p50_ms": ms(pct([r.ttft for r in good], 50)),
+        "ttft_p99_ms": ms(pct([r.ttft for r in good], 99)),
+        "tokens_per_s": sum(r.chunks for r in results) / wall, "wall_s": wall,
+        "web_rss_peak_mb": watch.peak_rss[web_pid], "web_rss_total_peak_mb": watch.peak_total,
+        "web_cpu_share": watch.cpu_share,
+        "client_lag_p99_ms": ms(pct(lags, 99)), "client_lag_max_ms": ms(max(lags, default=0)),
+        "client_cpu_share": client_cpu,
+    }
+
+
+def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 2,
+        open_rate: float = 100.0) -> dict:
+    per_worker = math.ceil(max(levels) / workers) + 10
+    rows = []
+    with Stack("relay") as stack:
+        stack.redis()
+        stack.workers("synthetic", workers, "-c", str(per_worker), gevent=True)
+        web = stack.web()
+        web_pid = web_worker_pid(web)
+        url = web.url + "/v1/chat/completions"
+        asyncio.run(clients(url, 10, 5, rate, 0.1))  # warm up: connections, imports, pools
+        for n in levels:
+            with ProcWatch([web_pid, web.proc.pid]) as watch:
+                results, lags, wall, client_cpu = asyncio.run(
+                    clients(url, n, count, rate, n / open_rate))
+            row = level_stats(n, results, lags, wall, client_cpu, watch, web_pid, count, rate)
+            rows.append(row)
+            print(f"  {n:>5} streams: p99 added {row['added_p99_ms'] or 0:.1f} ms, errors "
+                  f"{row['errors']}, incomplete {row['incomplete']}, web RSS "
+                  f"{row['web_rss_total_peak_mb']:.0f} MB, web CPU "
+                  f"{100 * row['web_cpu_share']:.0f}%", flush=True)
+    print_table(f"Relay capacity: one web process (gunicorn + gevent); {workers} synthetic worker "
+                f"processes (Celery gevent pool, up to {per_worker} jobs each); {count} tokens per "
+                f"stream at {rate:g} tok/s (nominal gap {1000 / rate:.0f} ms); streams opened at "
+                f"{open_rate:g}/s. CPU % is of one core; {os.cpu_count()} cores in all",
+                ["streams", "ok", "errors", "incomplete", "gap p50 ms", "gap p99 ms",
+                 "added p99 ms", "steady added p99", "TTFT p99 ms", "web RSS MB", "web CPU %",
+                 "client lag p99 ms", "client CPU %"],
+                [[r["streams"], r["ok"], r["errors"], r["incomplete"], r["gap_p50_ms"],
+                  r["gap_p99_ms"], r["added_p99_ms"], r["steady_added_p99_ms"], r["ttft_p99_ms"],
+                  r["web_rss_total_peak_mb"], 100 * r["web_cpu_share"],
+                  r["client_lag_p99_ms"], 100 * r["client_cpu_share"]] for r in rows])
+    at = next((r for r in rows if r["streams"] == GOAL_STREAMS), None)
+    met = at is not None and at["errors"] == 0 and at["incomplete"] == 0 and \
+        at["added_p99_ms"] is not None and at["added_p99_ms"] <= GOAL_ADDED_MS and \
+        at["web_rss_total_peak_mb"] <= GOAL_RSS_MB
+    data = {"count": count, "rate": rate, "open_rate": open_rate, "synthetic_workers": workers,
+            "synthetic_pool": f"gevent, {per_worker} jobs per process", "web_processes": 1,
+            "rows": rows,
+            "goal": {"streams": GOAL_STREAMS, "added_p99_ms": GOAL_ADDED_MS,
+                     "rss_mb": GOAL_RSS_MB, "errors": 0},
+            "met": met if at is not None else None}
+    save("relay", data)
+    if not any(r["ok"] for r in rows):
+        raise CheckFailed("no stream delivered the scripted tokens")
+    return data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", default="100,500,1000")
+    p.add_argument("--count", type=int, default=300, help="tokens per stream")
+    p.add_argument("--rate", type=float, default=20.0, help="tokens per second per stream")
+    p.add_argument("--workers", type=int, default=2, help="synthetic worker processes")
+    p.add_argument("--open-rate", type=float, default=100.0, help="new streams per second")
+    a = p.parse_args()
+    run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate)
+
+
+if __name__ == "__main__":
+    main()
