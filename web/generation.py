@@ -214,36 +214,52 @@ def _stream(sub: Subscription, shape: Shape, include_usage: bool) -> Response:
 
 def _sse(sub: Subscription, shape: Shape, include_usage: bool, first,
          gone: Callable[[], bool]) -> Iterator[bytes]:
-    opened: set[int] = set()
+    """The stream's bytes. Chunks of events already waiting are sent in one write: when the
+    web falls behind its workers, it catches up with fewer, larger sends instead of one
+    syscall per token."""
+    out: list[bytes] = []
     finished = False
     try:
         evs = [first] if isinstance(first, events.Done) else _chain(first, follow(sub, gone))
+        opened: set[int] = set()
         for ev in evs:
-            if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
-                if ev.index not in opened:
-                    opened.add(ev.index)
-                    opening = shape.chunk(ev.index, None)
-                    if opening is not None:
-                        yield _data(opening, include_usage)
-                if isinstance(ev, events.Delta) and not ev.text and not ev.logprobs:
-                    continue
-                chunk = shape.chunk(ev.index, ev)
-                if chunk is not None:
-                    yield _data(chunk, include_usage)
-            elif isinstance(ev, events.Done):
-                if include_usage:
-                    yield _encode(shape.usage_chunk(usage_of(ev)))
-                yield b"data: [DONE]\n\n"
+            out.extend(_sse_chunks(ev, shape, include_usage, opened))
+            if isinstance(ev, events.Done):
                 finished = True
+            if out and (finished or not sub.pending()):
+                yield b"".join(out)
+                out.clear()
     except ClientGone:
         pass
     except FerryError as e:
         finished = True
-        yield _encode({"error": e.to_dict()})
+        out.append(_encode({"error": e.to_dict()}))
+        yield b"".join(out)
     finally:
         if not finished:
             sub.cancel()  # the client went away mid-stream
         sub.close()
+
+
+def _sse_chunks(ev: events.Event, shape: Shape, include_usage: bool,
+                opened: set[int]) -> list[bytes]:
+    if isinstance(ev, events.Done):
+        usage = [_encode(shape.usage_chunk(usage_of(ev)))] if include_usage else []
+        return [*usage, b"data: [DONE]\n\n"]
+    if not isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
+        return []
+    chunks = []
+    if ev.index not in opened:
+        opened.add(ev.index)
+        opening = shape.chunk(ev.index, None)
+        if opening is not None:
+            chunks.append(_data(opening, include_usage))
+    if isinstance(ev, events.Delta) and not ev.text and not ev.logprobs:
+        return chunks
+    chunk = shape.chunk(ev.index, ev)
+    if chunk is not None:
+        chunks.append(_data(chunk, include_usage))
+    return chunks
 
 
 def _chain(first, rest):

@@ -42,6 +42,9 @@ class MergedSubscription:
                 continue
             return dataclasses.replace(ev, index=self._current * self.per_prompt + ev.index)
 
+    def pending(self) -> int:
+        return self.subs[min(self._current, len(self.subs) - 1)].pending()
+
     def cancel(self) -> None:
         for sub in self.subs:
             sub.cancel()

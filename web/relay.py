@@ -59,6 +59,10 @@ class _Listener:
         except gevent.queue.Empty:
             return None
 
+    def pending(self) -> int:
+        """Items waiting to be read (without blocking)."""
+        return self._q.qsize()
+
     def close(self) -> None:
         self.relay._remove(self)
 
