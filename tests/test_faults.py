@@ -132,3 +132,37 @@ def test_queue_limit_is_429_with_retry_after(stack):
     ok = requests.post(web.url + "/v1/chat/completions", timeout=30,
                        json={"model": "doomed", "messages": script(tokens=["x"])})
     assert ok.status_code == 200
+
+
+def test_overload_is_refused_with_flat_memory(stack):
+    """Far past the in-flight limit, requests are refused at once and the web process does
+    not grow: nothing is queued in memory for them."""
+    import concurrent.futures
+
+    import psutil
+
+    _, web, _ = stack
+    body = {"model": "doomed", "stream": True, "messages": script(count=400, delay=0.01)}
+    holders = [threading.Thread(target=lambda: requests.post(
+        web.url + "/v1/chat/completions", json=body, timeout=30)) for _ in range(2)]
+    for t in holders:
+        t.start()
+    time.sleep(0.3)
+    proc = psutil.Process(web.proc.pid)
+    rss = lambda: sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])  # noqa: E731
+
+    def burst(n: int) -> list[int]:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda _: requests.post(
+                web.url + "/v1/chat/completions", timeout=30,
+                json={"model": "doomed", "messages": script(tokens=["x"])}).status_code,
+                range(n)))
+
+    burst(200)  # warm up allocators
+    before = rss()
+    codes = burst(1500)
+    after = rss()
+    for t in holders:
+        t.join(30)
+    assert set(codes) == {429}
+    assert after - before < 20 * 1024 * 1024, (before, after)
