@@ -13,6 +13,7 @@ get their images' embeddings from the loop thread (``vision.py``), aliases in th
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from models.exllamav2.spec import JobSpec
 from models.exllamav2.stops import stop_conditions
 from models.exllamav2.vision import EmbeddingCache, decode_images, image_parts, with_aliases
 from models.job import GenerationJob
+
+log = logging.getLogger(__name__)
 
 # How often a waiting task thread looks at cancelled(): a cancel reaches the loop within
 # this time plus one generator step.
@@ -84,6 +87,9 @@ class ExLlamaV2Backend(Backend):
         the model has a tower exllamav2 knows; anything else is a configuration error."""
         arch = self.files.vision_architecture()
         if not entry.vision:
+            if arch is not None:
+                log.info("model %r is a vision model (%s); it serves text only until its "
+                         "registry entry says vision = true", entry.name, arch)
             return False
         if arch is None:
             raise ValueError(f"model {entry.name!r}: vision = true, but {self.files.path} is not "
@@ -146,6 +152,11 @@ class ExLlamaV2Backend(Backend):
         except TimeoutError:
             future.cancel()
             raise GenerationFailed("The model did not embed the images in time.") from None
+        except FerryError:
+            raise
+        except Exception:
+            log.exception("the vision tower failed")
+            raise GenerationFailed("The model could not read the images.") from None
 
     def budget(self, job: GenerationJob, n_prompt: int) -> int:
         """max_tokens for the job, after checking prompt + completion against the context
