@@ -25,7 +25,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("exllamav2") is None,
-    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host)")
+    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host; on a CPU, put "
+           "the unpacked 0.3.2 wheel on PYTHONPATH)")
 
 CHECK = r"""
 import dataclasses, inspect, json, sys, types
