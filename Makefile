@@ -78,6 +78,7 @@ gpu-check: install
 	fi; \
 	$(BIN)/python -m pytest tests/test_backend_conformance.py tests/test_exllamav2_api.py \
 		tests/test_exllamav2_loop.py tests/test_exllamav2_mapping.py tests/test_exllamav2_backend.py \
+		tests/test_exllamav2_grammar.py tests/test_exllamav2_constrained.py \
 		-k exllamav2 && \
 	$(BIN)/python -m bench.gpu
 

@@ -41,6 +41,10 @@ class ModelEntry(BaseModel):
     # Requests in flight (queued or running) beyond which new ones get 429: at ~100 tok/s
     # per CPU worker, 64 requests is minutes of waiting, and a client is better told to retry.
     max_pending: int = Field(default=64, ge=1)
+    # The model takes images (chat ``image_url`` parts). The web process must know this
+    # before it enqueues: it fetches and attaches the images of such models, and refuses
+    # images for the others with a 400. The worker checks the claim when it loads the model.
+    vision: bool = False
     options: dict[str, Any] = {}
 
     @model_validator(mode="after")

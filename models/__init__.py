@@ -37,4 +37,10 @@ def backend_class(entry: ModelEntry) -> type[Backend]:
 
 
 def load_backend(entry: ModelEntry) -> Backend:
-    return backend_class(entry)(entry)
+    backend = backend_class(entry)(entry)
+    if entry.vision and not backend.supports_vision:
+        # The web sends this model's images on because the registry says it takes them.
+        backend.close()
+        raise RuntimeError(f"model {entry.name!r}: the registry says vision = true, but its "
+                           f"{entry.backend} backend has no image input for it")
+    return backend

@@ -12,6 +12,8 @@ from models.events import Event
 from models.job import GenerationJob
 
 Cancelled = Callable[[], bool]
+# Content part types that hold an image: as OpenAI sends it, and as the web passes it on.
+IMAGE_PARTS = ("image_url", "image")
 
 
 class Backend(ABC):
@@ -30,8 +32,10 @@ class Backend(ABC):
 
     # Per-token log probabilities (``job.top_logprobs``), also of an echoed prompt.
     supports_logprobs: ClassVar[bool] = False
-    # ``image_url`` content parts.
-    supports_vision: ClassVar[bool] = False
+    # Image content parts (``job.images``). The registry entry's ``vision`` flag tells the
+    # web process which models take images; ``models.load_backend`` refuses an entry that
+    # claims vision its backend does not have.
+    supports_vision: bool = False
     # Grammar-constrained output: ``response_format`` json_object / json_schema and tool calls.
     supports_constraints: ClassVar[bool] = False
     # ``sampling.logit_bias``.
@@ -75,7 +79,7 @@ class Backend(ABC):
         if not self.supports_vision:
             for i, m in enumerate(job.messages or ()):
                 if isinstance(m.get("content"), list) and any(
-                        p.get("type") == "image_url" for p in m["content"]):
+                        p.get("type") in IMAGE_PARTS for p in m["content"]):
                     raise Unsupported(f"The model '{name}' has no image input; send text only.",
                                       param=f"messages[{i}].content")
 

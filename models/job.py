@@ -70,6 +70,11 @@ class GenerationJob(BaseModel):
     # when it holds images; assistant ``tool_calls`` with ``function.arguments`` already
     # parsed into objects; ``tool`` messages with ``tool_call_id``.
     messages: list[dict[str, Any]] | None = None
+    # The images of a vision model's messages, as base64 of the image files: the web process
+    # decodes data URLs and fetches http(s) URLs before enqueueing (workers never reach out
+    # to the network), and each image part of ``messages`` becomes ``{"type": "image",
+    # "image": k}``, standing for ``images[k]``.
+    images: list[str] = []
     prompt: str | list[int] | None = None
     # Fill-in-the-middle: the text after the completion (completions' ``suffix``).
     suffix: str | None = None

@@ -37,6 +37,15 @@ class ChoiceWriter:
             self._logprobs.append(logprob)
         return self._release(self._decoder.decode(piece), final=False)
 
+    def add_text(self, text: str, tokens: int,
+                 logprobs: list[TokenLogprob] | None = None) -> list[Event]:
+        """Text an engine has decoded itself (ExLlamaV2 releases several tokens' text at once,
+        and matches stop strings itself: give this writer no ``stops`` then)."""
+        self.tokens += tokens
+        self._pending += tokens
+        self._logprobs.extend(logprobs or ())
+        return self._release(text, final=False)
+
     def finish(self, reason: FinishReason) -> list[Event]:
         out = self._release(self._decoder.decode(b"", final=True), final=True)
         if self._calls is not None and self._calls.called:

@@ -6,10 +6,17 @@ The prompt (or the last message) is a JSON script, so tests can drive the whole 
 "count": 100, "rate": 50}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per second.
 Registry option ``threads`` (default 1): run that many jobs at once in a Celery threads
 pool, as batching GPU backends do, so the pool's plumbing is tested without a GPU.
+
+A test double of a vision model when its registry entry says ``vision = true``: it accepts
+image parts, and ``{"describe_images": true}`` makes it reply with what reached it — the
+number of images and the sha256 of each one's bytes — so tests can follow image bytes from
+the HTTP request into the worker's job. It looks at nothing else in them.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -27,6 +34,10 @@ from models.templates import flatten_content
 
 class SyntheticBackend(Backend):
     supports_echo = True
+
+    def __init__(self, entry: ModelEntry):
+        super().__init__(entry)
+        self.supports_vision = entry.vision
 
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
@@ -50,6 +61,9 @@ class SyntheticBackend(Backend):
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
         script = self._script(job)
         tokens = script.get("tokens")
+        if script.get("describe_images"):
+            tokens = [f"{len(job.images)} images"] + [
+                " " + hashlib.sha256(base64.b64decode(img)).hexdigest() for img in job.images]
         if tokens is None:
             tokens = [f"t{i} " for i in range(int(script.get("count", 8)))]
         delay = 1.0 / script["rate"] if script.get("rate") else float(script.get("delay", 0))

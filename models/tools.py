@@ -143,7 +143,9 @@ class CallParser:
     def __init__(self, text_allowed: bool, fmt: ToolFormat = FERRY):
         self.text_allowed = text_allowed
         self._first = fmt.first
-        self._head_re = re.compile(re.escape(fmt.open) + _HEAD)
+        # Blank space before the object: grammar engines other than llama.cpp's (formatron's
+        # JSON rules) allow it, and it is no reason to lose the call.
+        self._head_re = re.compile(re.escape(fmt.open) + r"\s*" + _HEAD)
         self.state = "start"
         self._buf = ""
         self._depth = 0

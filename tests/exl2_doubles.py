@@ -9,16 +9,28 @@ script, not a model: nothing here pretends to be ExLlamaV2 computing anything.
 
 ``JobDouble`` has ``ExLlamaV2DynamicJob``'s signature *without* its ``**kwargs``, so a
 misspelt keyword fails here instead of being silently ignored as the real class does.
+
+Filters are applied as 0.3.2's generator and sampler apply them (begin at the first token,
+the logit-mask path when every filter can mask, else the allowed-token path with
+``filter_prefer_eos``, then feed): the double "samples" the scripted token when the filters
+allow it, else the allowed token the script ranks next. ``FormatterFilterDouble`` restates
+formatron 0.5.0's ExLlamaV2 ``FormatterFilter`` (which imports exllamav2) over a real
+formatron ``Formatter``, so grammars built by models/exllamav2/grammar.py really constrain
+the double's output. ``EmbeddingDouble`` has the parts of ``ExLlamaV2MMEmbedding`` the
+backend uses (text alias, token ids from 10^9 upward, unique per object).
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 
+from models.exllamav2.grammar import FirstTokens, Grammar, GrammarFilterLogic, build_formatter
 from models.exllamav2.spec import JobSpec, job_kwargs
 
 PAGE = 256
@@ -40,6 +52,9 @@ class JobDouble:
         self.return_top_tokens = return_top_tokens
         self.return_probs = return_probs
         self.return_logits = return_logits
+        self.filters = filters or []
+        self.filter_prefer_eos = filter_prefer_eos
+        self.embeddings = embeddings or []
         self.stop_tokens, self.stop_strings = set(), set()
         for c in stop_conditions or ():
             if isinstance(c, int):
@@ -69,8 +84,9 @@ class GeneratorDouble:
 
     def __init__(self, vocab: list[str], script: Callable[[JobDouble], list[int]], *,
                  max_batch_size: int = 8, cache_tokens: int = 4096, chunk: int = 2048,
-                 step: float = 0.0):
+                 step: float = 0.0, eos_token_id: int | None = None):
         self.vocab, self.script, self.step = vocab, script, step
+        self.eos_token_id = eos_token_id
         self.max_batch_size, self.chunk = max_batch_size, chunk
         self.max_pages = cache_tokens // PAGE
         self.pending: list[JobDouble] = []
@@ -140,9 +156,44 @@ class GeneratorDouble:
             r["identifier"] = job.identifier
         return r
 
+    def _sample(self, job: JobDouble, planned: list[int]) -> int:
+        """The scripted token, unless the job's filters refuse it: then the allowed token
+        the script names next, else the allowed token with the lowest id."""
+        want = planned[job.new_tokens] if job.new_tokens < len(planned) else 0
+        if not job.filters:
+            return want
+        if job.new_tokens == 0:
+            for f in job.filters:
+                f.background_drop()
+                f.begin("")
+        n = len(self.vocab)
+        logits = -torch.arange(n, dtype=torch.float) / n   # lower ids first...
+        for rank, tok in enumerate(planned[job.new_tokens:job.new_tokens + 64]):
+            logits[tok] = max(float(logits[tok]), 100.0 - rank)   # ...after the script's
+        if all(f.can_mask_logits() for f in job.filters):
+            for f in job.filters:
+                assert f.get_next(mask=True) is True
+                logits = f.mask_logits(logits)
+        else:
+            allowed = None
+            for f in job.filters:
+                pt, _ = f.get_next()
+                if pt is not None:
+                    allowed = set(pt) if allowed is None else allowed & set(pt)
+            if allowed is not None:
+                assert allowed, "Filter excluded all tokens"
+                if job.filter_prefer_eos and self.eos_token_id in allowed:
+                    return self.eos_token_id
+                keep = torch.full((n,), float("-inf"))
+                keep[sorted(allowed)] = 0.0
+                logits = logits + keep
+        return int(torch.argmax(logits))
+
     def _decode(self, job: JobDouble, results: list[dict]) -> None:
         planned = self.script(job)
-        token = planned[job.new_tokens] if job.new_tokens < len(planned) else 0
+        token = self._sample(job, planned)
+        for f in job.filters:  # 0.3.2 feeds the sampled (1, 1) tensor
+            f.feed(torch.tensor([[token]], dtype=torch.long))
         job.new_tokens += 1
         # As exllamav2 does: the token joins the held text and ids before any stop check.
         job.held_text += self.vocab[token]
@@ -194,6 +245,82 @@ class GeneratorDouble:
             time_enqueued=0.0, time_prefill=0.0, time_generate=0.0))
 
 
+class FilterBaseDouble:
+    """What the generator uses of ``ExLlamaV2Filter``'s base class (0.3.2
+    generator/filters/base.py), without background threads."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.sequence_str = ""
+        self.background_result = None
+
+    def background_drop(self):
+        self.background_result = None
+
+    def get_next(self, mask: bool = False):
+        return self.prepare_logit_mask() if mask else self.next()
+
+
+class GrammarFilterDouble(GrammarFilterLogic, FilterBaseDouble):
+    """Ferry's grammar filter on the base-class double (engine.py uses ExLlamaV2Filter)."""
+
+
+class FormatterFilterDouble:
+    """formatron 0.5.0's ``integrations.exllamav2.FormatterFilter`` restated: it cannot be
+    imported without exllamav2. Same calls to the formatter, same EOS-only answer once the
+    grammar is complete."""
+
+    def __init__(self, tokenizer, formatter):
+        self.tokenizer, self._formatter = tokenizer, formatter
+
+    def is_completed(self) -> bool:
+        return self._formatter.is_completed()
+
+    def begin(self, prefix_str: str) -> None:
+        self._formatter.reset()
+
+    def feed(self, token) -> None:
+        if not self._formatter.is_completed():
+            self._formatter.accept_token(token)
+
+    def next(self):
+        eos = self.tokenizer.eos_token_id
+        if self._formatter.is_completed():
+            return [eos], [eos]
+        self._formatter.compute_allowed_tokens()
+        return self._formatter.get_allowed_tokens_since_last_computation(), []
+
+    def use_background_worker(self) -> bool:
+        return True
+
+    def can_mask_logits(self) -> bool:
+        return True
+
+    def prepare_logit_mask(self) -> bool:
+        self._formatter.compute_allowed_tokens()
+        return True
+
+    def mask_logits(self, logits):
+        if self._formatter.is_completed():
+            only_eos = torch.full_like(logits, float("-inf"))
+            only_eos[self.tokenizer.eos_token_id] = 0
+            return only_eos
+        return self._formatter.mask_logits(logits)
+
+
+_embedding_ids = itertools.count(1_000_000_000, 1000)
+
+
+class EmbeddingDouble:
+    def __init__(self, image, length: int = 4):
+        self.image, self.length = image, length
+        self.first_index = next(_embedding_ids)
+        self.text_alias = f"<$EMB_{self.first_index}$>"
+
+    def get_ids(self) -> list[int]:
+        return list(range(self.first_index, self.first_index + self.length))
+
+
 class EngineDouble:
     """Stands in for ``engine.Exl2Engine``: builds GeneratorDoubles and JobDoubles, and a
     character-level tokenizer over ``vocab`` (unknown characters are added on the fly)."""
@@ -208,7 +335,34 @@ class EngineDouble:
         self.generators: list[GeneratorDouble] = []
         self.jobs: list[JobDouble] = []
         self.encoded: list[tuple[str, bool]] = []  # (text, add_bos) of every encode()
+        self.encoded_embeddings: list[list | None] = []  # embeddings= of every encode()
+        self.grammars: list[tuple[Grammar, tuple[int, ...]]] = []  # of every new_filters()
+        self.filters: list[GrammarFilterDouble] = []
+        self.embedded: list[tuple[object, str]] = []  # (image, thread) of image_embedding()
         self.warmed = self.closed = False
+
+    def new_filters(self, grammar: Grammar, stop_ids) -> list:
+        """As engine.Exl2Engine.new_filters, with formatron's vocabulary made from this
+        tokenizer's pieces and its FormatterFilter restated."""
+        import kbnf
+
+        stops = tuple(sorted(set(stop_ids)))
+        self.grammars.append((grammar, stops))
+        pieces = list(self.vocab)
+        vocabulary = kbnf.Vocabulary({i: kbnf.Token(p.encode()) for i, p in enumerate(pieces)},
+                                     dict(enumerate(pieces)))
+        formatter = build_formatter(grammar, vocabulary, lambda ids: "".join(
+            pieces[int(i)] for i in ids))
+        tokenizer = SimpleNamespace(eos_token_id=self.eos_token_id)
+        first = FirstTokens.of(pieces, grammar.first, stops) if grammar.text_allowed else None
+        f = GrammarFilterDouble(None, tokenizer, FormatterFilterDouble(tokenizer, formatter),
+                                stops, first)
+        self.filters.append(f)
+        return [f]
+
+    def image_embedding(self, image) -> EmbeddingDouble:
+        self.embedded.append((image, threading.current_thread().name))
+        return EmbeddingDouble(image)
 
     @property
     def vocab_size(self) -> int:
@@ -216,6 +370,7 @@ class EngineDouble:
 
     def new_generator(self) -> GeneratorDouble:
         self.generators.append(GeneratorDouble(self.vocab, self.script, step=self.step,
+                                               eos_token_id=self.eos_token_id,
                                                **self.generator_kwargs))
         return self.generators[-1]
 
@@ -225,13 +380,23 @@ class EngineDouble:
         self.jobs.append(job)
         return job
 
-    def encode(self, text: str, add_bos: bool) -> list[int]:
+    def encode(self, text: str, add_bos: bool, embeddings: list | None = None) -> list[int]:
+        """Characters; as exllamav2's tokenizer does, each embedding's alias becomes its ids."""
         self.encoded.append((text, add_bos))
+        self.encoded_embeddings.append(embeddings)
         ids = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
-        for ch in text:
-            if ch not in self.vocab:
-                self.vocab.append(ch)
-            ids.append(self.vocab.index(ch))
+        aliases = {e.text_alias: e for e in embeddings or ()}
+        i = 0
+        while i < len(text):
+            alias = next((a for a in aliases if text.startswith(a, i)), None)
+            if alias is not None:
+                ids += aliases[alias].get_ids()
+                i += len(alias)
+                continue
+            if text[i] not in self.vocab:
+                self.vocab.append(text[i])
+            ids.append(self.vocab.index(text[i]))
+            i += 1
         return ids
 
     def piece(self, token: int) -> str:

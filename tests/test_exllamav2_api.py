@@ -1,9 +1,14 @@
 """The names the ExLlamaV2 backend passes to exllamav2 0.3.2, checked against the installed
 package itself: its Settings fields, the job's and generator's keyword arguments (both
-swallow unknown keywords silently) and the classes and attributes engine.py uses.
+swallow unknown keywords silently) and the classes and attributes engine.py uses, and
+formatron's: the builder, the schema converter and its ExLlamaV2 integration, composed with
+exllamav2's real filter base class into Ferry's grammar filter (driven through its
+allowed-token path, the one that needs no CUDA).
 
 Needs the exllamav2 package, so it is skipped in CI (which has no GPU and does not install
-it). Without CUDA, exllamav2 imports only with its compiled extension stubbed out, as its
+it). It runs on a CPU too with the 0.3.2 wheel unpacked on PYTHONPATH, not installed
+(``pip download --no-deps exllamav2==0.3.2``, unzip, ``PYTHONPATH=<dir> pytest
+tests/test_exllamav2_api.py``); formatron comes from the test extra. Without CUDA, exllamav2 imports only with its compiled extension stubbed out, as its
 own CPU-side tests do; the check then runs in a subprocess so the stub stays there. Nothing
 here loads a model or generates.
 """
@@ -20,7 +25,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("exllamav2") is None,
-    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host)")
+    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host; on a CPU, put "
+           "the unpacked 0.3.2 wheel on PYTHONPATH)")
 
 CHECK = r"""
 import dataclasses, inspect, json, sys, types
@@ -46,7 +52,50 @@ settings = ExLlamaV2Sampler.Settings(**settings_fields(
 spec = JobSpec(input_ids=(1, 2, 3), max_new_tokens=9, settings={}, seed=5,
                stop_conditions=(2, 7, "END"), top_logprobs=4)
 job = ExLlamaV2DynamicJob(**job_kwargs(spec, 77, torch.tensor([[1, 2, 3]]), settings))
+import kbnf
+from exllamav2 import ExLlamaV2VisionTower
+from exllamav2.generator import ExLlamaV2MMEmbedding
+from exllamav2.generator.filters import ExLlamaV2Filter
+from models.exllamav2.engine import Exl2Engine, _grammar_filter_class
+from models.exllamav2.grammar import Grammar, build_formatter, import_formatron
+FormatterBuilder, create_schema = import_formatron()
+from formatron.integrations.exllamav2 import FormatterFilter, create_engine_vocabulary
+
+pieces = ["<eos>", *map(chr, range(32, 127))]
+vocab = kbnf.Vocabulary({i: kbnf.Token(p.encode()) for i, p in enumerate(pieces)},
+                        dict(enumerate(pieces)))
+tok = types.SimpleNamespace(eos_token_id=0)
+grammar = Grammar(('{"$id": "https://x/s", "$schema": "https://json-schema.org/draft/2020-12/schema", '
+                   '"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}',))
+inner = FormatterFilter(None, tok, build_formatter(grammar, vocab, lambda ids: ""))
+f = _grammar_filter_class()(None, tok, inner, [0])
+f.background_drop(); f.begin("")
+walk = []
+for ch in '{"a":7}':
+    allowed, _ = f.get_next()
+    walk.append(pieces.index(ch) in allowed and 0 not in allowed)
+    f.feed(torch.tensor([[pieces.index(ch)]]))
+walk.append(f.get_next() == ([0], [0]))
+
 print(json.dumps({
+    "filter_walk": walk,
+    "filter_is_exllamav2_filter": isinstance(f, ExLlamaV2Filter),
+    "filter_methods": [getattr(type(f), m).__qualname__.split(".")[0] for m in
+                       ("begin", "feed", "next", "use_background_worker", "can_mask_logits",
+                        "prepare_logit_mask", "mask_logits", "get_next", "background_drop")],
+    "inner_methods": [hasattr(FormatterFilter, m) for m in
+                      ("begin", "feed", "next", "is_completed", "use_background_worker",
+                       "can_mask_logits", "prepare_logit_mask", "mask_logits")],
+    "builder_methods": [hasattr(FormatterBuilder, m) for m in ("json", "choose", "append_str", "build")],
+    "vocabulary_params": params(create_engine_vocabulary),
+    "formatter_filter_params": params(FormatterFilter.__init__),
+    "vision_params": params(ExLlamaV2VisionTower.get_image_embeddings),
+    "vision_load_params": params(ExLlamaV2VisionTower.load),
+    "embedding_alias": "text_alias" in ExLlamaV2MMEmbedding.__annotations__,
+    "tokenizer_methods": [hasattr(ExLlamaV2Tokenizer, m) for m in
+                          ("decode", "get_id_to_piece_list", "encode")],
+    "config_vision_attrs": [n in ExLlamaV2Config.__annotations__ for n in
+                            ("vision_model_type", "vision_max_size")],
     "version": exllamav2.__version__,
     "settings": sorted(f.name for f in dataclasses.fields(ExLlamaV2Sampler.Settings)),
     "settings_ok": [settings.temperature, settings.token_frequency_penalty,
@@ -105,4 +154,25 @@ def test_engine_names_exist(api):
     assert all(api["caches"]) and all(api["config_attrs"]) and api["paged_flag"]
     assert {"gpu_split"} <= set(api["load_params"])
     assert {"cache", "progress"} <= set(api["autosplit_params"])
-    assert {"add_bos", "encode_special_tokens"} <= set(api["encode_params"])
+    assert {"add_bos", "encode_special_tokens", "embeddings"} <= set(api["encode_params"])
+    assert all(api["tokenizer_methods"])
+
+
+def test_vision_names_exist(api):
+    assert {"model", "tokenizer", "image", "text_alias"} <= set(api["vision_params"])
+    assert "progress" in api["vision_load_params"]
+    assert api["embedding_alias"] and all(api["config_vision_attrs"])
+
+
+def test_formatron_names_exist(api):
+    assert all(api["builder_methods"]) and all(api["inner_methods"])
+    assert api["vocabulary_params"][0] == "tokenizer" or "tokenizer" in api["vocabulary_params"]
+    assert {"model", "tokenizer", "formatter"} <= set(api["formatter_filter_params"])
+
+
+def test_grammar_filter_composes_with_the_real_base_and_formatron_filter(api):
+    assert api["filter_is_exllamav2_filter"]
+    # Ferry's methods where it overrides the generator's calls, the base class's elsewhere.
+    assert api["filter_methods"] == ["GrammarFilterLogic"] * 7 + ["ExLlamaV2Filter"] * 2
+    # Each character of {"a":7} allowed in turn (the stop token never), then EOS only.
+    assert api["filter_walk"] == [True] * 7 + [True]

@@ -212,3 +212,24 @@ def test_close_fails_live_jobs(make_loop):
     loop.close()
     _, err = drain(t)
     assert isinstance(err, GenerationFailed)
+
+
+def test_calls_run_on_the_loop_thread_between_steps_and_keep_their_errors(make_loop):
+    import threading
+
+    engine = EngineDouble(VOCAB, by_seed({}), step=0.002)
+    loop = make_loop(engine)
+    running = ticket(1, max_new=LONG)
+    loop.submit(running)
+    first_delta(running)
+    assert loop.call(lambda: threading.current_thread().name).result(5) == "exl2-loop"
+
+    def broken():
+        raise AssertionError("Input image exceeds maximum size")
+
+    with pytest.raises(AssertionError, match="maximum size"):
+        loop.call(broken).result(5)
+    # The caller's error is not the generator's: the running job goes on, nothing rebuilt.
+    assert isinstance(first_delta(running), Delta) and len(engine.generators) == 1
+    loop.cancel(running)
+    assert drain(running)[1].finish_reason == "cancelled"

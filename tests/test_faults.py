@@ -142,12 +142,22 @@ def test_overload_is_refused_with_flat_memory(stack):
     import psutil
 
     _, web, _ = stack
-    body = {"model": "doomed", "stream": True, "messages": script(count=400, delay=0.01)}
-    holders = [threading.Thread(target=lambda: requests.post(
-        web.url + "/v1/chat/completions", json=body, timeout=30)) for _ in range(2)]
+    body = {"model": "doomed", "stream": True, "messages": script(count=100000, delay=0.01)}
+    release = threading.Event()
+
+    def hold():  # keeps one of the model's two places until released, then disconnects
+        with requests.post(web.url + "/v1/chat/completions", json=body, stream=True,
+                           timeout=60):
+            release.wait(60)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
     for t in holders:
         t.start()
-    time.sleep(0.3)
+    r = redis.Redis.from_url(stack[0].url)
+    deadline = time.monotonic() + 10
+    while r.zcard("ferry:pending:ferry.doomed") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     proc = psutil.Process(web.proc.pid)
     rss = lambda: sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])  # noqa: E731
 
@@ -162,6 +172,7 @@ def test_overload_is_refused_with_flat_memory(stack):
     before = rss()
     codes = burst(1500)
     after = rss()
+    release.set()
     for t in holders:
         t.join(30)
     assert set(codes) == {429}

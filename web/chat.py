@@ -11,7 +11,7 @@ from config.errors import InvalidRequest
 from models.job import GenerationJob
 from tasks.jobs.shapes import ResponseSpec
 from web import generation
-from web.content import check_image_parts
+from web.content import check_image_parts, job_images
 from web.schemas.chat import CreateChatCompletionRequest
 from web.validation import parse_body
 
@@ -32,9 +32,12 @@ def prepare(req: CreateChatCompletionRequest) -> generation.Prepared:
                              param="model")
     req.check()
     check_image_parts(req.messages, ferry.settings)
+    messages, images = job_images(entry, req.messages,
+                                  [m.for_template(i) for i, m in enumerate(req.messages)],
+                                  ferry.settings)
     job = GenerationJob(
         id=f"chatcmpl-{uuid.uuid4().hex}", model=entry.name,
-        messages=[m.for_template(i) for i, m in enumerate(req.messages)],
+        messages=messages, images=images,
         max_tokens=req.token_limit, stop=req.stops, n=req.n, sampling=req.sampling(),
         top_logprobs=req.top_logprobs_wanted, response_format=req.job_response_format(),
         tools=req.job_tools(), tool_choice=req.job_tool_choice(),

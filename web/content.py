@@ -2,8 +2,13 @@
 
 Accepted: ``data:image/<png|jpeg|gif|webp>;base64,...`` URLs whose bytes are an image of that
 type and within ``max_image_bytes`` (decoded by ``web.images``), ``http(s)://`` URLs (fetched
-only by a vision backend, under ``web.images``' limits), and — as Ollama accepts — bare base64
+only for a vision model, under ``web.images``' limits), and — as Ollama accepts — bare base64
 image bytes, which become a data URL. Anything else is a 400 naming the part.
+
+Which models take images is the registry's ``vision`` flag: images for any other model are a
+400 here, before anything is queued. For a vision model ``attach_images`` resolves every image
+part to bytes in this process (so workers never reach out to the network) and passes them in
+the job (``GenerationJob.images``).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import binascii
 import re
 from urllib.parse import urlsplit
 
-from config.errors import InvalidRequest
-from config.settings import Settings
+from typing import Any
+
+from config.errors import InvalidRequest, PayloadTooLarge, Unsupported
+from config.settings import ModelEntry, Settings
 from web.images import load_image
 from web.schemas.chat import ImagePart, Message
 
@@ -77,3 +84,49 @@ def _bare_base64(text: str, settings: Settings, param: str) -> str:
         raise InvalidRequest(f"The image is larger than {settings.max_image_bytes} bytes.",
                              param=param)
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def job_images(entry: ModelEntry, messages: list[Message], for_template: list[dict[str, Any]],
+               settings: Settings) -> tuple[list[dict[str, Any]], list[str]]:
+    """The job's messages and images: unchanged and none without image parts; a 400 if the
+    model takes no images; else every image part resolved (``attach_images``)."""
+    with_images = [i for i, m in enumerate(messages) if m.has_images()]
+    if not with_images:
+        return for_template, []
+    if not entry.vision:
+        raise Unsupported(f"The model '{entry.name}' has no image input; send text only.",
+                          param=f"messages[{with_images[0]}].content")
+    return attach_images(for_template, settings)
+
+
+def attach_images(messages: list[dict[str, Any]], settings: Settings
+                  ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each ``image_url`` part as ``{"type": "image", "image": k}``, and the images' bytes as
+    base64 (data URLs decoded, http(s) URLs fetched). Together they may not exceed the body
+    limit: fetched images would otherwise make a job of any size."""
+    images: list[str] = []
+    total = 0
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if part.get("type") != "image_url":
+                parts.append(part)
+                continue
+            param = f"messages[{i}].content[{j}].image_url.url"
+            data = load_image(part["image_url"]["url"], settings, param)
+            if sniff(data) is None:
+                raise InvalidRequest("The image is not a png, jpeg, gif or webp image.",
+                                     param=param)
+            total += len(data)
+            if total > settings.max_body_bytes:
+                raise PayloadTooLarge(f"The request's images add up to more than "
+                                      f"{settings.max_body_bytes} bytes.", param=param)
+            parts.append({"type": "image", "image": len(images)})
+            images.append(base64.b64encode(data).decode())
+        out.append({**m, "content": parts})
+    return out, images

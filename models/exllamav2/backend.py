@@ -4,19 +4,27 @@
 it renders and tokenizes the prompt, checks it against the context and the cache, submits
 one job per choice to the loop and yields the events the loop sends back. Several task
 threads do this at once; the loop decodes their jobs together.
+
+Constrained output (response_format, tool calls) goes through formatron grammars built from
+the same ``models.constraints`` as llama.cpp's (``grammar.py``), one fresh filter per job;
+tool calls come out as the same ToolCallDeltas. Vision models (registry ``vision = true``)
+get their images' embeddings from the loop thread (``vision.py``), aliases in the prompt.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 from collections.abc import Iterator
 from typing import Any
 
-from config.errors import ContextLengthExceeded, FerryError, InvalidRequest
+from config.errors import ContextLengthExceeded, FerryError, GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
+from models import constraints, tools
 from models.base import Backend, Cancelled
-from models.events import Delta, Done, Event, Finish, Started
+from models.events import Delta, Done, Event, Finish, Started, ToolCallDelta
+from models.exllamav2.grammar import Grammar, grammar_for
 from models.exllamav2.loop import BatchLoop, Ticket
 from models.exllamav2.model_dir import ModelDir
 from models.exllamav2.options import ExLlamaV2Options, Limits
@@ -24,17 +32,24 @@ from models.exllamav2.results import ChoiceStream
 from models.exllamav2.sampling import settings_fields, token_bias
 from models.exllamav2.spec import JobSpec
 from models.exllamav2.stops import stop_conditions
+from models.exllamav2.vision import EmbeddingCache, decode_images, image_parts, with_aliases
 from models.job import GenerationJob
+
+log = logging.getLogger(__name__)
 
 # How often a waiting task thread looks at cancelled(): a cancel reaches the loop within
 # this time plus one generator step.
 POLL = 0.05
+# How long a task thread waits for the loop thread to embed its images.
+EMBED_TIMEOUT = 120.0
 
 
 class ExLlamaV2Backend(Backend):
     supports_logprobs = True
     # Through ExLlamaV2's dense token_bias (models/exllamav2/sampling.py).
     supports_logit_bias = True
+    # formatron grammars (models/exllamav2/grammar.py).
+    supports_constraints = True
 
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
@@ -48,11 +63,14 @@ class ExLlamaV2Backend(Backend):
         self.files = ModelDir.read(entry.weights)
         self.template = self.files.chat_template(opts.chat_template)
         self.default_max_tokens = opts.default_max_tokens
+        self.supports_vision = self._check_vision(entry, opts)
         if engine is None:
             from models.exllamav2.engine import Exl2Engine
 
-            engine = Exl2Engine(self.files.path, self.limits, opts)
+            engine = Exl2Engine(self.files.path, self.limits, opts, vision=self.supports_vision)
         self.engine = engine
+        # Loop thread only: embeddings of recent images, reused for prefix-cache hits.
+        self.embeddings = EmbeddingCache(engine.image_embedding) if self.supports_vision else None
         end = self.files.eos_ids()
         if engine.eos_token_id is not None:
             end.add(engine.eos_token_id)
@@ -64,16 +82,52 @@ class ExLlamaV2Backend(Backend):
         engine.warmup(self.loop.generator)
         self.loop.start()
 
+    def _check_vision(self, entry: ModelEntry, opts: ExLlamaV2Options) -> bool:
+        """Vision only when the registry asks for it (the web decides by the registry) and
+        the model has a tower exllamav2 knows; anything else is a configuration error."""
+        arch = self.files.vision_architecture()
+        if not entry.vision:
+            if arch is not None:
+                log.info("model %r is a vision model (%s); it serves text only until its "
+                         "registry entry says vision = true", entry.name, arch)
+            return False
+        if arch is None:
+            raise ValueError(f"model {entry.name!r}: vision = true, but {self.files.path} is not "
+                             "a vision model exllamav2 supports (Pixtral, Mistral 3, Qwen2-VL, "
+                             "Qwen2.5-VL or Gemma 3, with preprocessor_config.json)")
+        if opts.draft is not None:
+            raise ValueError(f"model {entry.name!r}: exllamav2 cannot use a draft model with "
+                             "image input; remove options.draft or vision")
+        return True
+
+    @property
+    def tool_format(self) -> tools.ToolFormat:
+        return self.template.tool_format if self.template else tools.FERRY
+
     # --- preparing a request (task thread) ------------------------------------------------
 
     def prompt_ids(self, job: GenerationJob) -> list[int]:
+        ids, _ = self.prompt(job)
+        return ids
+
+    def prompt(self, job: GenerationJob) -> tuple[list[int], list[Any]]:
+        """The prompt's token ids, and the image embeddings whose ids are among them."""
+        embeddings: list[Any] = []
         if job.messages is not None:
             if self.template is None:
                 raise InvalidRequest(f"The model '{job.model}' has no chat template; use "
                                      "/v1/completions.", param="messages")
-            text = self.template.render(job.messages)
+            t = self.template
+            messages = tools.prepare_messages(job.messages, job.tools, job.tool_choice,
+                                              t.renders_tool_calls, t.tool_format)
+            if any(True for _ in image_parts(messages)):
+                embeddings = self._image_embeddings(messages, job.images)
+            messages = with_aliases(messages, [e.text_alias for e in embeddings])
+            native = t.tool_format.native and job.calls_tools
+            text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
             bos = self.files.bos_token
-            ids = self.engine.encode(text, add_bos=self.files.add_bos and not text.startswith(bos))
+            ids = self.engine.encode(text, add_bos=self.files.add_bos and not text.startswith(bos),
+                                     embeddings=embeddings or None)
         elif isinstance(job.prompt, list):
             ids = list(job.prompt)
             if any(not 0 <= t < self.engine.vocab_size for t in ids):
@@ -84,7 +138,25 @@ class ExLlamaV2Backend(Backend):
         if not ids:
             raise InvalidRequest("The prompt is empty.",
                                  param="messages" if job.messages is not None else "prompt")
-        return ids
+        return ids, embeddings
+
+    def _image_embeddings(self, messages: list[dict[str, Any]], images: list[str]) -> list[Any]:
+        """One embedding per image part, computed (or found) on the loop thread."""
+        decoded = decode_images(messages, images)
+        future = self.loop.call(lambda: self.embeddings.embeddings(decoded))
+        try:
+            return future.result(timeout=EMBED_TIMEOUT)
+        except AssertionError as e:  # exllamav2's own checks on the image
+            raise InvalidRequest(f"The model cannot take this image: {e}",
+                                 param=decoded[0].param) from None
+        except TimeoutError:
+            future.cancel()
+            raise GenerationFailed("The model did not embed the images in time.") from None
+        except FerryError:
+            raise
+        except Exception:
+            log.exception("the vision tower failed")
+            raise GenerationFailed("The model could not read the images.") from None
 
     def budget(self, job: GenerationJob, n_prompt: int) -> int:
         """max_tokens for the job, after checking prompt + completion against the context
@@ -108,28 +180,41 @@ class ExLlamaV2Backend(Backend):
             )
         return wanted
 
-    def specs(self, job: GenerationJob, prompt: list[int], max_tokens: int) -> list[JobSpec]:
+    def specs(self, job: GenerationJob, prompt: list[int], max_tokens: int,
+              grammar: Grammar | None = None, embeddings: list[Any] = ()) -> list[JobSpec]:
         s = job.sampling
         base_seed = s.seed if s.seed is not None else random.getrandbits(31)
+        # The tokenizer's EOS (what formatron forces when a grammar is complete) is among
+        # the end ids.
         stops = stop_conditions(self.end_ids, job.stop)
         # exllamav2 ends a job at new_tokens >= max_new_tokens - num_draft_tokens.
         max_new = max_tokens + self.limits.num_draft_tokens
         return [JobSpec(input_ids=tuple(prompt), max_new_tokens=max_new,
                         settings=settings_fields(s, token_bias(s.logit_bias, self.engine.vocab_size)),
-                        seed=base_seed + i, stop_conditions=stops, top_logprobs=job.top_logprobs)
+                        seed=base_seed + i, stop_conditions=stops, top_logprobs=job.top_logprobs,
+                        # Grammars hold parse state: every choice gets its own filter.
+                        filters=tuple(self.engine.new_filters(grammar, self.end_ids))
+                        if grammar is not None else (),
+                        embeddings=tuple(embeddings))
                 for i in range(job.n)]
+
+    def _calls(self, grammar: Grammar | None) -> tools.CallParser | None:
+        if grammar is None or not grammar.is_tool_call:
+            return None
+        return tools.CallParser(grammar.text_allowed, self.tool_format)
 
     # --- generating -------------------------------------------------------------------------
 
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
-        prompt = self.prompt_ids(job)
+        grammar = grammar_for(constraints.for_job(job, self.tool_format))
+        prompt, embeddings = self.prompt(job)
         max_tokens = self.budget(job, len(prompt))
-        specs = self.specs(job, prompt, max_tokens)
+        specs = self.specs(job, prompt, max_tokens, grammar, embeddings)
         yield Started(worker="", prompt_tokens=len(prompt))
         out: queue.Queue = queue.Queue()
         logprobs = job.top_logprobs is not None
-        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs), out=out,
-                          deadline=job.deadline)
+        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, self._calls(grammar)),
+                          out=out, deadline=job.deadline)
                    for i, spec in enumerate(specs)]
         for t in tickets:
             self.loop.submit(t)
@@ -152,7 +237,7 @@ class ExLlamaV2Backend(Backend):
                     continue
                 if isinstance(item, FerryError):
                     raise item
-                if isinstance(item, Delta):
+                if isinstance(item, (Delta, ToolCallDelta)):
                     if not cancelling:  # nothing more reaches the client once it has gone
                         yield item
                     continue

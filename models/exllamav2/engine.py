@@ -7,16 +7,23 @@ GPU host. Everything that can be decided without CUDA lives in the sibling modul
 Load order, as exllamav2 requires: config (sizes set before the model is built), draft model
 first so it lands on GPU 0, lazy cache with ``load_autosplit`` (or a manual split and then
 the cache), tokenizer; the generator is built by ``new_generator`` (again after a failure).
+A vision model's tower is loaded first, on GPU 0 (``ExLlamaV2VisionTower.load``; it has no
+autosplit), so that the model's autosplit sees the memory it took.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.exllamav2.grammar import (FirstTokens, Grammar, GrammarFilterLogic, build_formatter,
+                                      import_formatron)
 from models.exllamav2.options import CacheType, ExLlamaV2Options, Limits
 from models.exllamav2.spec import JobSpec, job_kwargs
 
@@ -56,8 +63,18 @@ def generator_kwargs(model: Any, cache: Any, tokenizer: Any, limits: Limits, max
     return kwargs
 
 
+@functools.cache
+def _grammar_filter_class() -> type:
+    """Ferry's grammar filter as the ExLlamaV2Filter subclass the generator needs (it calls
+    base-class methods such as ``background_drop`` and ``get_next``)."""
+    from exllamav2.generator.filters import ExLlamaV2Filter
+
+    return type("FerryGrammarFilter", (GrammarFilterLogic, ExLlamaV2Filter), {})
+
+
 class Exl2Engine:
-    def __init__(self, model_dir: Path, limits: Limits, opts: ExLlamaV2Options):
+    def __init__(self, model_dir: Path, limits: Limits, opts: ExLlamaV2Options,
+                 vision: bool = False):
         from exllamav2 import ExLlamaV2Tokenizer
         from exllamav2.generator import (ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob,
                                          ExLlamaV2Sampler)
@@ -68,11 +85,18 @@ class Exl2Engine:
         self._Settings = ExLlamaV2Sampler.Settings
         self.limits = limits
         self.draft_model = self.draft_cache = None
+        self.vision_tower = None
+        # formatron's vocabulary of this tokenizer (built once, on first use) and the
+        # first-token sets of tool_choice auto, by (first character, stop ids).
+        self._grammar_lock = threading.Lock()
+        self._engine_vocabulary: Any = None
+        self._first_tokens: dict[tuple, FirstTokens] = {}
         if opts.draft is not None:
             # The generator wants the draft's max_seq_len >= the model's and equal cache sizes.
             _, self.draft_model, self.draft_cache = self._load(
                 Path(opts.draft.weights).expanduser(), opts.draft.cache_type, "auto")
-        self.config, self.model, self.cache = self._load(model_dir, opts.cache_type, opts.gpu_split)
+        self.config, self.model, self.cache = self._load(model_dir, opts.cache_type, opts.gpu_split,
+                                                         with_vision=vision)
         self.tokenizer = ExLlamaV2Tokenizer(self.config)
         self._warm_tokenizer()
         self.paged = paged_attention_available(self.config.no_flash_attn)
@@ -93,7 +117,7 @@ class Exl2Engine:
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
-    def _load(self, model_dir: Path, cache_type: CacheType, gpu_split):
+    def _load(self, model_dir: Path, cache_type: CacheType, gpu_split, with_vision: bool = False):
         from exllamav2 import ExLlamaV2, ExLlamaV2Config
 
         cfg = ExLlamaV2Config(str(model_dir))
@@ -105,6 +129,8 @@ class Exl2Engine:
         cfg.max_seq_len = self.limits.max_seq_len
         cfg.max_input_len = self.limits.chunk
         cfg.max_attention_size = self.limits.chunk ** 2
+        if with_vision:
+            self.vision_tower = self._load_vision(cfg)
         model = ExLlamaV2(cfg)
         cache_cls = _cache_class(cache_type)
         if gpu_split == "auto":
@@ -114,6 +140,15 @@ class Exl2Engine:
             model.load(gpu_split=list(gpu_split))  # GB per device
             cache = cache_cls(model, max_seq_len=self.limits.cache_tokens)
         return cfg, model, cache
+
+    @staticmethod
+    def _load_vision(cfg: Any) -> Any:
+        from exllamav2 import ExLlamaV2VisionTower
+
+        tower = ExLlamaV2VisionTower(cfg)
+        tower.load(progress=False)
+        log.info("exllamav2: vision tower loaded (%s)", cfg.vision_model_type)
+        return tower
 
     def _warm_tokenizer(self) -> None:
         # The tokenizer builds lookup tables lazily; built here, task threads may then encode
@@ -125,9 +160,44 @@ class Exl2Engine:
 
     # --- for the backend (task threads) ---------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool) -> list[int]:
-        # Special tokens in the rendered template are control tokens and must encode as such.
-        return self.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)[0].tolist()
+    def encode(self, text: str, add_bos: bool, embeddings: list | None = None) -> list[int]:
+        # Special tokens in the rendered template are control tokens and must encode as such;
+        # the embeddings' text aliases become their token id ranges.
+        return self.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True,
+                                     embeddings=embeddings)[0].tolist()
+
+    def new_filters(self, grammar: Grammar, stop_ids: Iterable[int]) -> list:
+        """A fresh filter for one job: formatron's FormatterFilter over a new Formatter,
+        inside Ferry's GrammarFilter (see grammar.GrammarFilterLogic). Built in the task
+        thread: compiling the grammar is CPU work the loop thread need not do."""
+        import_formatron()  # formatron's pydantic workaround, before its integration loads
+        from formatron.integrations.exllamav2 import FormatterFilter
+
+        stops = tuple(sorted(set(stop_ids)))
+        formatter = build_formatter(grammar, self._vocabulary(), self._decode)
+        inner = FormatterFilter(self.model, self.tokenizer, formatter)
+        first = self._first(grammar.first, stops) if grammar.text_allowed else None
+        return [_grammar_filter_class()(self.model, self.tokenizer, inner, stops, first)]
+
+    def _vocabulary(self) -> Any:
+        with self._grammar_lock:
+            if self._engine_vocabulary is None:
+                import_formatron()
+                from formatron.integrations.exllamav2 import create_engine_vocabulary
+
+                self._engine_vocabulary = create_engine_vocabulary(self.tokenizer)
+            return self._engine_vocabulary
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(torch.tensor(ids))
+
+    def _first(self, first: str, stops: tuple[int, ...]) -> FirstTokens:
+        with self._grammar_lock:
+            key = (first, stops)
+            if key not in self._first_tokens:
+                self._first_tokens[key] = FirstTokens.of(
+                    self.tokenizer.get_id_to_piece_list(False), first, stops)
+            return self._first_tokens[key]
 
     def piece(self, token: int) -> str:
         # The model's head can be wider than the tokenizer's vocabulary; such ids (masked off,
@@ -146,13 +216,19 @@ class Exl2Engine:
         """Run before the loop starts: kernel autotuning happens on the first generations."""
         generator.warmup()
 
+    def image_embedding(self, image: Any) -> Any:
+        """The ExLlamaV2MMEmbedding of a PIL image (loop thread only: GPU work)."""
+        with torch.inference_mode():
+            return self.vision_tower.get_image_embeddings(
+                model=self.model, tokenizer=self.tokenizer, image=image, text_alias=None)
+
     def new_job(self, spec: JobSpec, identifier: int) -> Any:
         settings = self._Settings(**spec.settings)
         ids = torch.tensor([spec.input_ids], dtype=torch.long)
         return self._Job(**job_kwargs(spec, identifier, ids, settings))
 
     def close(self) -> None:
-        for model in (self.model, self.draft_model):
+        for model in (self.model, self.draft_model, self.vision_tower):
             if model is not None:
                 model.unload()
         self.cache = self.draft_cache = None

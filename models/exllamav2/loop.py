@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +80,13 @@ class BatchLoop:
     def cancel(self, ticket: Ticket) -> None:
         self._inbox.put(("cancel", ticket))
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the loop thread between two generator steps (GPU work other than
+        decoding, such as a vision tower's forward pass, must not race the generator)."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
     def close(self, timeout: float = 10.0) -> None:
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
@@ -117,6 +125,8 @@ class BatchLoop:
                 return False
             if op == "submit":
                 self._submit(ticket)
+            elif op == "call":
+                self._call(*ticket)
             else:
                 self._cancel(ticket)
             try:
@@ -144,6 +154,15 @@ class BatchLoop:
                                                  f"cache: {e}"))
             return
         self._live[ticket.key] = ticket
+
+    @staticmethod
+    def _call(fn: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # the caller's error, not the generator's
+            future.set_exception(e)
 
     def _cancel(self, ticket: Ticket) -> None:
         if ticket.key not in self._live:

@@ -14,6 +14,16 @@ from typing import Any
 from models.templates import ChatTemplate, end_of_turn, find_chat_template
 
 
+# Architectures with a vision tower in exllamav2 0.3.2 (exllamav2/architecture.py).
+VISION_ARCHITECTURES = frozenset({
+    "LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration",
+})
+# These are Pixtral only with a pixtral vision_config (other Llava models are not supported).
+_PIXTRAL_HOSTS = frozenset({"LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration"})
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -84,6 +94,20 @@ class ModelDir:
         if self.eos_token in self.added_tokens:
             ids.add(self.added_tokens[self.eos_token])
         return ids
+
+    def vision_architecture(self) -> str | None:
+        """The architecture, if exllamav2 0.3.2 has a vision tower for it: Pixtral (Llava or
+        Mistral3 with a pixtral vision_config), Qwen2-VL, Qwen2.5-VL, Gemma 3. Each needs
+        its preprocessor_config.json, which exllamav2 reads when it loads the config."""
+        archs = self.config.get("architectures") or []
+        vision = self.config.get("vision_config")
+        if not isinstance(vision, dict) or not (self.path / "preprocessor_config.json").is_file():
+            return None
+        for arch in archs:
+            if arch in VISION_ARCHITECTURES and (
+                    arch not in _PIXTRAL_HOSTS or vision.get("model_type") == "pixtral"):
+                return arch
+        return None
 
     def end_of_turn_id(self, template: ChatTemplate | None) -> int | None:
         token = template and end_of_turn(template, list(self.added_tokens))

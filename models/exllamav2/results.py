@@ -3,6 +3,8 @@
 The keys are those of exllamav2 0.3.2's ``ExLlamaV2DynamicGenerator.iterate()``. A
 ``streaming`` result may carry several tokens (text held back while a stop string or a
 multi-byte character was unresolved is released at once) or none (while text is held).
+A reply that may be a tool call goes through the ``ChoiceWriter`` every backend shares, so
+calls come out as the same ``ToolCallDelta``s as from llama.cpp.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from models.events import Delta, Event, Finish
+from models.output import ChoiceWriter
+from models.tools import CallParser
 
 # log(0) for tokens the sampler truncated away: JSON has no -inf. OpenAI uses -9999.
 FLOOR_LOGPROB = -9999.0
@@ -23,14 +27,17 @@ def _logprob(p: float) -> float:
 
 class ChoiceStream:
     """Events of choice ``index``. ``piece`` maps a token id to its text as exllamav2 decodes
-    it (special tokens not decoded); ``logprobs``: the results carry probabilities."""
+    it (special tokens not decoded); ``logprobs``: the results carry probabilities;
+    ``calls``: the reply may be (or must be) a tool call in that parser's format."""
 
     def __init__(self, index: int, piece: Callable[[int], str] | None = None,
-                 logprobs: bool = False):
+                 logprobs: bool = False, calls: CallParser | None = None):
         self.index = index
         self.piece = piece
         self.logprobs = logprobs
         self.tokens = 0  # tokens seen in results so far
+        # Stop strings are matched by exllamav2 itself: the writer only splits calls off.
+        self.writer = ChoiceWriter(index, [], calls) if calls is not None else None
 
     def feed(self, r: dict[str, Any]) -> list[Event]:
         if r["stage"] != "streaming":
@@ -41,27 +48,37 @@ class ChoiceStream:
         events: list[Event] = []
         text = r.get("text", "")
         if text or ids:
-            events.append(Delta(self.index, text, tokens=len(ids), logprobs=self._logprobs(r, ids)))
+            events += self._emit(text, len(ids), self._logprobs(r, ids))
         if r["eos"]:
             held = self._held_before_stop_token(r)
             if held:
-                events.append(held)
-            events.append(self._finish(r))
+                events += self._emit(*held)
+            events += self._finish(r)
         return events
+
+    def _emit(self, text: str, tokens: int, logprobs: list | None = None) -> list[Event]:
+        if self.writer is None:
+            return [Delta(self.index, text, tokens=tokens, logprobs=logprobs)]
+        return self.writer.add_text(text, tokens, logprobs)
 
     def cancelled(self) -> Finish:
         return Finish(self.index, "cancelled", self.tokens)
 
-    def _finish(self, r: dict[str, Any]) -> Finish:
+    def _finish(self, r: dict[str, Any]) -> list[Event]:
         reason = r["eos_reason"]
         generated = r["new_tokens"]
         if reason == "stop_token":
             # exllamav2 counts the stop token it sampled; it is not part of the completion
             # (the llama.cpp backend does not count its end-of-generation token either).
             generated -= 1
-        return Finish(self.index, "length" if reason == "max_new_tokens" else "stop", generated)
+        finish = "length" if reason == "max_new_tokens" else "stop"
+        if self.writer is None:
+            return [Finish(self.index, finish, generated)]
+        # The writer releases what it held back and says "tool_calls" for a finished call.
+        *events, last = self.writer.finish(finish)
+        return [*events, Finish(self.index, last.finish_reason, generated)]
 
-    def _held_before_stop_token(self, r: dict[str, Any]) -> Delta | None:
+    def _held_before_stop_token(self, r: dict[str, Any]) -> tuple[str, int] | None:
         """Text exllamav2 was holding back (a possible stop string's start, or half a UTF-8
         character) when a stop token came: it drops it, though it is output like any other;
         the llama.cpp backend returns it too. The held text ends with the stop token's own
@@ -75,7 +92,7 @@ class ChoiceStream:
             text = text[: -len(stop)]
         count = max(len(ids) - 1, 0)
         self.tokens += count
-        return Delta(self.index, text, tokens=count) if text else None
+        return (text, count) if text else None
 
     def _logprobs(self, r: dict[str, Any], ids: list[int]) -> list[dict[str, Any]] | None:
         if not self.logprobs or self.piece is None or "token_probs" not in r or not ids:

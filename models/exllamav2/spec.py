@@ -23,6 +23,10 @@ class JobSpec:
     stop_conditions: tuple[int | str, ...]
     # Alternatives per token when logprobs are asked for; None: no probabilities at all.
     top_logprobs: int | None = None
+    # This job's own ExLlamaV2 filters (a grammar: stateful, so never shared between jobs).
+    filters: tuple[Any, ...] = ()
+    # ExLlamaV2MMEmbeddings whose token ids are in ``input_ids`` (images of vision models).
+    embeddings: tuple[Any, ...] = ()
 
 
 def job_kwargs(spec: JobSpec, identifier: Any, input_ids: Any, gen_settings: Any) -> dict[str, Any]:
@@ -42,6 +46,11 @@ def job_kwargs(spec: JobSpec, identifier: Any, input_ids: Any, gen_settings: Any
         "return_top_tokens": spec.top_logprobs or 0,
         "return_probs": logprobs,
         "return_logits": False,
+        "filters": list(spec.filters),
+        # Once formatron's grammar is complete it allows only the tokenizer's EOS (which is
+        # among the stop conditions): take it at once.
+        "filter_prefer_eos": bool(spec.filters),
+        "embeddings": list(spec.embeddings),
         "identifier": identifier,
     }
 
