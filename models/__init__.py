@@ -10,11 +10,13 @@ import importlib
 import importlib.util
 
 from config.settings import ModelEntry
-from models.base import Backend
+from models.base import BaseBackend
 
 # backend name -> (module, class, the engine package it needs)
 _BACKENDS = {
     "llama_cpp": ("models.llama_cpp", "LlamaCppBackend", "llama_cpp"),
+    "sentence_transformers": ("models.sentence_transformers", "SentenceTransformersBackend",
+                              "sentence_transformers"),
     "synthetic": ("models.synthetic", "SyntheticBackend", None),
 }
 
@@ -23,7 +25,8 @@ def available() -> list[str]:
     return [n for n, (_, _, dep) in _BACKENDS.items() if dep is None or importlib.util.find_spec(dep)]
 
 
-def load_backend(entry: ModelEntry) -> Backend:
+def backend_class(entry: ModelEntry) -> type[BaseBackend]:
+    """The entry's backend class, imported but not instantiated (the model is not loaded)."""
     try:
         module, cls, dep = _BACKENDS[entry.backend]
     except KeyError:
@@ -31,4 +34,8 @@ def load_backend(entry: ModelEntry) -> Backend:
     if dep and importlib.util.find_spec(dep) is None:
         raise RuntimeError(f"model {entry.name!r}: backend {entry.backend!r} needs the package "
                            f"{dep!r}, which is not installed")
-    return getattr(importlib.import_module(module), cls)(entry)
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_backend(entry: ModelEntry) -> BaseBackend:
+    return backend_class(entry)(entry)

@@ -1,4 +1,5 @@
-"""What a backend is asked to do: one generation job, independent of HTTP and Celery."""
+"""What a backend is asked to do: one generation or embedding job, independent of HTTP and
+Celery."""
 
 from __future__ import annotations
 
@@ -36,3 +37,18 @@ class GenerationJob(BaseModel):
     top_logprobs: int | None = None
     # Unix time after which nobody waits for this job any more.
     deadline: float | None = None
+
+
+class EmbeddingJob(BaseModel):
+    """Vectors for ``input``: texts, or token-id lists in the model's own vocabulary."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    model: str
+    input: list[str | list[int]] = Field(min_length=1)
+    # Shorten the vectors to this many components (re-normalised); None: the model's size.
+    dimensions: int | None = None
+    deadline: float | None = None
+    # Bulk work (the Batch API): it waits behind interactive requests in the worker.
+    bulk: bool = False

@@ -8,7 +8,7 @@ from config.settings import Settings
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("ferry", broker=settings.redis_url, include=["tasks.generation"])
+    app = Celery("ferry", broker=settings.redis_url, include=["tasks.generation", "tasks.embedding"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

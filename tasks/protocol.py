@@ -31,4 +31,15 @@ def request_cancel(redis, job_id: str) -> None:
     pipe.publish(CANCEL_CHANNEL, job_id)
     pipe.execute()
 
+
+def stats_key(queue: str) -> str:
+    """A hash of counters per model queue (``batches``, ``requests``, ``inputs`` for embedding
+    workers): how much micro-batching actually happens, readable with HGETALL."""
+    return f"ferry:stats:{queue}"
+
+
 GENERATE_TASK = "ferry.generate"
+EMBED_TASK = "ferry.embed"
+# Celery priorities on Redis: 0 (the default) is taken first. Interactive requests use it;
+# bulk work (the Batch API) is sent at the lowest, so it never sits in front of them.
+BULK_PRIORITY = 9

@@ -14,13 +14,20 @@ import time
 
 import redis as redis_lib
 
+from collections.abc import Callable, Iterator
+
 from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
 from models import load_backend
-from models.events import Failed, Started, failed
-from models.job import GenerationJob
-from tasks.protocol import CANCEL_CHANNEL, cancel_key, workers_key
+from models.base import EmbeddingBackend
+from models.batcher import MicroBatcher
+from models.events import Embedded, Event, Failed, Started, failed
+from models.job import EmbeddingJob, GenerationJob
+from models.vectors import check_dimensions, shorten, to_base64
+from tasks.protocol import CANCEL_CHANNEL, cancel_key, stats_key, workers_key
 from tasks.publisher import Publisher
+
+Job = GenerationJob | EmbeddingJob
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ class Runtime:
         self.redis = redis_lib.Redis.from_url(settings.redis_url, health_check_interval=10)
         self.backend = load_backend(entry)
         self.publisher = Publisher(self.redis)
+        self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         self._stop = threading.Event()
@@ -74,7 +82,36 @@ class Runtime:
                 self._stop.wait(0.5)
 
     def run(self, job: GenerationJob) -> None:
-        """Run one job to its end, publishing every event. Never raises."""
+        """Run one generation job to its end, publishing every event. Never raises."""
+        self._execute(job, lambda: self.backend.generate(job, lambda: job.id in self._cancelled))
+
+    def embed(self, job: EmbeddingJob) -> None:
+        """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
+        self._execute(job, lambda: self._embed(job))
+
+    def _embed(self, job: EmbeddingJob) -> Iterator[Event]:
+        tokens = self.backend.tokenize(job.input)
+        check_dimensions(job.dimensions, self.backend.dimensions)
+        n_tokens = sum(map(len, tokens))
+        yield Started(worker="", prompt_tokens=n_tokens)
+        vectors = shorten(self.batcher.embed(tokens, bulk=job.bulk), job.dimensions)
+        yield Embedded(data=to_base64(vectors), count=len(vectors), dimensions=vectors.shape[1],
+                       prompt_tokens=n_tokens)
+
+    def _batcher(self) -> MicroBatcher:
+        key = stats_key(self.entry.queue)
+
+        def record(requests: int, inputs: int) -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(key, "batches", 1)
+            pipe.hincrby(key, "requests", requests)
+            pipe.hincrby(key, "inputs", inputs)
+            pipe.execute()
+
+        return MicroBatcher(self.backend.embed, max_inputs=self.backend.batch_size,
+                            max_wait=self.backend.max_wait, on_batch=record)
+
+    def _execute(self, job: Job, produce: Callable[[], Iterator[Event]]) -> None:
         if self._skip(job):
             return
         self._active.add(job.id)
@@ -82,7 +119,7 @@ class Runtime:
             # A cancel may have landed between the check above and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
                 self._cancelled.add(job.id)
-            for event in self.backend.generate(job, lambda: job.id in self._cancelled):
+            for event in produce():
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
                 self.publisher.put(job.id, event)
@@ -90,13 +127,13 @@ class Runtime:
             self.publisher.put(job.id, failed(e))
         except Exception:
             log.exception("job %s failed", job.id)
-            self.publisher.put(job.id, failed(GenerationFailed("The model failed while generating.")))
+            self.publisher.put(job.id, failed(GenerationFailed("The model failed on this request.")))
         finally:
             self._active.discard(job.id)
             self._cancelled.discard(job.id)
             self.publisher.flush()
 
-    def _skip(self, job: GenerationJob) -> bool:
+    def _skip(self, job: Job) -> bool:
         """Jobs whose client has gone (cancelled, or past its deadline) never start."""
         try:
             cancelled = bool(self.redis.exists(cancel_key(job.id)))

@@ -1,8 +1,10 @@
 """A model worker: ``python -m tasks.worker <model>`` serves one model from the registry.
 
 One model per process, loaded once when the worker starts (not before: never load a model
-and then fork). The solo pool runs one job at a time in the main thread, which is what
-llama.cpp wants; scale with more processes or hosts on the same Redis.
+and then fork). The backend class chooses the pool (``worker_pool``/``worker_concurrency``
+in ``models/base.py``): the solo pool runs one job at a time in the main thread, which is
+what llama.cpp wants; embedding backends take threads, so that concurrent requests can share
+a forward pass. Scale with more processes or hosts on the same Redis.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from celery.signals import worker_ready, worker_shutting_down
 
 from config import Registry, load_settings
+from models import backend_class
 from tasks.app import make_celery
 from tasks.runtime import Runtime
 
@@ -44,9 +47,11 @@ def main(argv: list[str]) -> None:
     name, extra = argv[0], argv[1:]
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name
+    backend = backend_class(entry)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.worker_main([
-        "worker", "-Q", entry.queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
+        "worker", "-Q", entry.queue, "-P", backend.worker_pool, "-c", str(backend.worker_concurrency),
+        "--prefetch-multiplier", "1",
         "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         "--without-mingle", "--loglevel", "INFO", *extra,
     ])

@@ -36,6 +36,13 @@ def synthetic_worker(redis_server, logs):
 
 
 @pytest.fixture(scope="session")
+def embeddings_worker(redis_server, logs):
+    worker = Worker("all-minilm", redis_server.url, logs).start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
 def web(redis_server, logs):
     server = Web(redis_server.url, logs).start()
     yield server
@@ -50,6 +57,12 @@ def client(web) -> openai.OpenAI:
 @pytest.fixture
 def chat(client, smollm2_worker):
     """The official client, with the real SmolLM2 worker running."""
+    return client
+
+
+@pytest.fixture
+def embedder(client, embeddings_worker):
+    """The official client, with the all-MiniLM-L6-v2 embeddings worker running."""
     return client
 
 

@@ -20,8 +20,8 @@ from flask import Response, current_app, request
 from config.errors import FerryError, ServiceUnavailable, rebuild
 from config.settings import ModelEntry
 from models import events
-from models.job import GenerationJob
-from tasks.protocol import GENERATE_TASK
+from models.job import EmbeddingJob, GenerationJob
+from tasks.protocol import BULK_PRIORITY, GENERATE_TASK
 from web.relay import Subscription
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,18 @@ def client_watch() -> Callable[[], bool]:
     return gone
 
 
-def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
+# Set in the WSGI environ by the Batch API's in-process dispatch (``tasks/batch_lines.py``);
+# a client cannot set it (headers arrive as HTTP_*), so it can only lower priority from within.
+BULK_ENVIRON = "ferry.bulk"
+
+
+def is_bulk() -> bool:
+    """True for requests of a batch job: they are queued behind interactive ones."""
+    return bool(request.environ.get(BULK_ENVIRON))
+
+
+def start(entry: ModelEntry, job: GenerationJob | EmbeddingJob,
+          task: str = GENERATE_TASK) -> Subscription:
     """Subscribe to the job's events, then enqueue it. Fails fast when no worker is live."""
     ferry = current_app.extensions["ferry"]
     try:
@@ -59,9 +70,10 @@ def start(entry: ModelEntry, job: GenerationJob) -> Subscription:
         raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
     sub = ferry.relay.subscribe(job.id, entry.queue)
     try:
-        ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
+        ferry.celery.send_task(task, args=[job.model_dump(mode="json")],
                                queue=entry.queue, task_id=job.id,
-                               expires=ferry.settings.queue_timeout)
+                               expires=ferry.settings.queue_timeout,
+                               priority=BULK_PRIORITY if is_bulk() else None)
     except Exception as e:
         sub.close()
         raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
@@ -84,7 +96,7 @@ def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event
         if isinstance(ev, events.Failed):
             raise rebuild(ev.error, ev.status)
         yield ev
-        if isinstance(ev, events.Done):
+        if isinstance(ev, events.TERMINAL):
             return
 
 
