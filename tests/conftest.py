@@ -8,6 +8,9 @@ import pytest
 
 from tests.services import RedisServer, Web, Worker
 
+# The tests' upload limit, small enough to exceed cheaply.
+MAX_FILE_BYTES = 1024 * 1024
+
 
 @pytest.fixture(scope="session")
 def logs(tmp_path_factory):
@@ -43,8 +46,14 @@ def embeddings_worker(redis_server, logs):
 
 
 @pytest.fixture(scope="session")
-def web(redis_server, logs):
-    server = Web(redis_server.url, logs).start()
+def files_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("files")
+
+
+@pytest.fixture(scope="session")
+def web(redis_server, logs, files_dir):
+    server = Web(redis_server.url, logs, FERRY_FILES_DIR=str(files_dir),
+                 FERRY_MAX_FILE_BYTES=str(MAX_FILE_BYTES)).start()
     yield server
     server.stop()
 

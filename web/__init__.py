@@ -34,8 +34,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["ferry"] = Ferry(settings, Registry(settings.models), make_celery(settings),
                                     Relay(settings))
     errors.register(app)
-    from web import chat, completions, embeddings, health, models
+    from web import chat, completions, embeddings, files, health, models
 
-    for module in (chat, completions, embeddings, models, health):
+    for module in (chat, completions, embeddings, files, models, health):
         app.register_blueprint(module.bp)
     return app
