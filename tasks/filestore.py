@@ -9,11 +9,11 @@ named on disk by its id only (never by the client's filename).
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Iterable
 from typing import BinaryIO, Literal
 
 import redis as redis_lib
@@ -51,15 +51,20 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.root / file_id
 
-    def put(self, source: BinaryIO, filename: str, purpose: Purpose,
-            file_id: str | None = None) -> FileObject:
-        """Store a file. Given an id, replace that file (idempotent writers use this)."""
-        file_id = file_id or f"file-{uuid.uuid4().hex}"
+    def put(self, source: BinaryIO, filename: str, purpose: Purpose) -> FileObject:
+        """Store an upload under a new id."""
+        return self.write(iter(lambda: source.read(1024 * 1024), b""), filename, purpose,
+                          f"file-{uuid.uuid4().hex}")
+
+    def write(self, chunks: Iterable[bytes], filename: str, purpose: Purpose,
+              file_id: str) -> FileObject:
+        """Store (or replace: idempotent writers name their file) ``file_id``."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
         try:
             with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(source, out, 1024 * 1024)
+                for chunk in chunks:
+                    out.write(chunk)
             size = os.path.getsize(tmp)
             os.replace(tmp, self.path(file_id))
         except BaseException:

@@ -43,3 +43,8 @@ EMBED_TASK = "ferry.embed"
 # Celery priorities on Redis: 0 (the default) is taken first. Interactive requests use it;
 # bulk work (the Batch API) is sent at the lowest, so it never sits in front of them.
 BULK_PRIORITY = 9
+
+# The Batch API's own queue. Its Celery keys carry their own prefix (see tasks/app.py).
+BATCH_QUEUE = "ferry.batch"
+BATCH_START_TASK = "ferry.batch.start"
+BATCH_CHUNK_TASK = "ferry.batch.chunk"

@@ -6,10 +6,13 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.services import RedisServer, Web, Worker
+from tests.services import BatchWorker, RedisServer, Web, Worker
 
 # The tests' upload limit, small enough to exceed cheaply.
 MAX_FILE_BYTES = 1024 * 1024
+# Small chunks and a short visibility timeout, so that a killed batch worker's chunks are
+# handed out again within seconds (production: tasks/app.py, config/settings.py).
+BATCH_ENV = {"FERRY_BATCH_CHUNK_LINES": "4", "FERRY_BATCH_VISIBILITY_TIMEOUT": "6"}
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +56,18 @@ def files_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def web(redis_server, logs, files_dir):
     server = Web(redis_server.url, logs, FERRY_FILES_DIR=str(files_dir),
-                 FERRY_MAX_FILE_BYTES=str(MAX_FILE_BYTES)).start()
+                 FERRY_MAX_FILE_BYTES=str(MAX_FILE_BYTES), **BATCH_ENV).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def batch_worker(redis_server, logs, files_dir):
+    """The batch worker. Tests may kill it and ``start()`` it again: it is one handle."""
+    worker = BatchWorker(redis_server.url, logs, FERRY_FILES_DIR=str(files_dir), **BATCH_ENV)
+    worker.start()
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from celery import Celery
 from flask import Flask
 
 from config import Registry, Settings, load_settings
-from tasks.app import make_celery
+from tasks.app import make_batch_celery, make_celery
 from web import errors
 from web.relay import Relay
 
@@ -24,6 +24,8 @@ class Ferry:
     registry: Registry
     celery: Celery
     relay: Relay
+    # Sends to the Batch API's queue, whose Celery keys are kept apart (tasks/app.py).
+    batch_celery: Celery
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -32,10 +34,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["ferry"] = Ferry(settings, Registry(settings.models), make_celery(settings),
-                                    Relay(settings))
+                                    Relay(settings), make_batch_celery(settings))
     errors.register(app)
-    from web import chat, completions, embeddings, files, health, models
+    from web import batches, chat, completions, embeddings, files, health, models
 
-    for module in (chat, completions, embeddings, files, models, health):
+    for module in (chat, completions, embeddings, files, batches, models, health):
         app.register_blueprint(module.bp)
     return app
