@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     batch_chunk_lines: int = Field(default=64, ge=1)
     # Chunks a batch worker runs at once (its lines all in flight): enough to keep an
     # embedding worker's passes full; each line still queues behind interactive requests.
-    batch_chunk_concurrency: int = Field(default=2, ge=1)
+    batch_chunk_concurrency: int = Field(default=4, ge=1)
     # Seconds after which a chunk taken by a worker but not committed is presumed lost with
     # its worker and handed out again. Must exceed the longest chunk.
     batch_visibility_timeout: float = Field(default=1800.0, gt=0)

@@ -58,18 +58,20 @@ class EmbeddingBackend(BaseBackend):
     ``embed`` runs over the token lists of many requests at once (``models/batcher.py``).
 
     Subclasses set ``dimensions`` (vector size), ``max_tokens`` (longest input, special
-    tokens included), ``vocab_size``, ``batch_size`` (inputs per forward pass) and
+    tokens included), ``vocab_size``, ``batch_size`` (inputs per forward pass),
+    ``max_bulk_inputs`` (inputs gathered for one call when only bulk work waits) and
     ``max_wait`` (seconds a request may wait for others to share its pass).
     """
 
     worker_pool = "threads"
-    # Requests in flight per worker: enough to fill a few forward passes while one runs.
-    worker_concurrency = 64
+    # Requests in flight per worker: enough for the next bulk gather to fill while one runs.
+    worker_concurrency = 256
 
     dimensions: int
     max_tokens: int
     vocab_size: int
     batch_size: int
+    max_bulk_inputs: int
     max_wait: float
 
     @abstractmethod

@@ -1,11 +1,15 @@
 """Micro-batching: concurrent embedding requests share one forward pass.
 
 Request threads call ``MicroBatcher.embed`` and block until their rows are ready. One thread
-takes the waiting requests (after the oldest has waited ``max_wait``, or as soon as
-``max_inputs`` inputs are waiting), runs the model once over all their inputs, and hands each
-request its rows. Interactive requests are taken before bulk ones (the Batch API), so a batch
-job fills the gaps between interactive requests instead of queueing in front of them.
-A request larger than ``max_inputs`` runs alone; the backend splits it into passes.
+takes the waiting requests (after the oldest has waited ``max_wait``, or as soon as enough
+inputs are waiting), runs the model once over all their inputs, and hands each request its
+rows. Interactive requests are taken before bulk ones (the Batch API), so a batch job fills
+the gaps between interactive requests instead of queueing in front of them.
+
+"Enough" is ``max_inputs`` (one forward pass) while an interactive request waits, so it is
+answered after one pass; when only bulk work waits it is ``max_bulk_inputs``, which the
+backend sorts by length into passes: less padding, more throughput, as in
+``SentenceTransformer.encode``. A request larger than the limit runs alone.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class _Pending:
 
 class MicroBatcher:
     def __init__(self, embed: Embed, *, max_inputs: int, max_wait: float,
-                 on_batch: OnBatch | None = None):
+                 max_bulk_inputs: int | None = None, on_batch: OnBatch | None = None):
         self._embed, self.max_inputs, self.max_wait = embed, max_inputs, max_wait
+        self.max_bulk_inputs = max(max_bulk_inputs or max_inputs, max_inputs)
         self._on_batch = on_batch
         self._pending: list[_Pending] = []
         self._cond = threading.Condition()
@@ -62,19 +67,23 @@ class MicroBatcher:
         with self._cond:
             while not self._pending:
                 self._cond.wait()
-            while sum(len(p.tokens) for p in self._pending) < self.max_inputs:
+            while sum(len(p.tokens) for p in self._pending) < self._limit():
                 oldest = min(p.arrived for p in self._pending)
                 left = oldest + self.max_wait - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             self._pending.sort()
-            taken, n = [], 0
-            while self._pending and (not taken or n + len(self._pending[0].tokens) <= self.max_inputs):
+            limit, taken, n = self._limit(), [], 0
+            while self._pending and (not taken or n + len(self._pending[0].tokens) <= limit):
                 item = self._pending.pop(0)
                 taken.append(item)
                 n += len(item.tokens)
             return taken
+
+    def _limit(self) -> int:
+        bulk_only = all(p.bulk for p in self._pending)
+        return self.max_bulk_inputs if bulk_only else self.max_inputs
 
     def _run(self) -> None:
         while True:

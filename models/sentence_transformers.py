@@ -23,6 +23,9 @@ class SentenceTransformersOptions(BaseModel):
 
     # Inputs per forward pass, and the most the micro-batcher collects at once.
     batch_size: int = Field(default=32, ge=1)
+    # Inputs gathered for one call when only bulk (Batch API) work waits, sorted by length
+    # into passes of batch_size: less padding than passes in arrival order.
+    max_bulk_inputs: int = Field(default=128, ge=1)
     # How long the first waiting request waits for others to share its pass (ms).
     max_wait_ms: float = Field(default=5.0, ge=0)
     # torch intra-op threads; 0: torch's default (one per physical core).
@@ -50,6 +53,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         self.max_tokens = min(entry.num_ctx, self.model.max_seq_length or entry.num_ctx)
         self.vocab_size = len(self.tokenizer)
         self.batch_size = self.options.batch_size
+        self.max_bulk_inputs = self.options.max_bulk_inputs
         self.max_wait = self.options.max_wait_ms / 1000
 
     def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:

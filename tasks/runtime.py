@@ -109,6 +109,7 @@ class Runtime:
             pipe.execute()
 
         return MicroBatcher(self.backend.embed, max_inputs=self.backend.batch_size,
+                            max_bulk_inputs=self.backend.max_bulk_inputs,
                             max_wait=self.backend.max_wait, on_batch=record)
 
     def _execute(self, job: Job, produce: Callable[[], Iterator[Event]]) -> None:

@@ -103,3 +103,35 @@ def test_the_first_request_waits_for_company_at_most_max_wait():
     started = time.monotonic()
     b.embed([[1]])
     assert 0.04 <= time.monotonic() - started < 1
+
+
+def hold_a_pass(b, model):
+    """Occupy the batcher with a pass that runs until ``model.gate`` is set."""
+    t, _ = submit(b, [[0]])
+    while not model.calls:
+        time.sleep(0.001)
+    return t
+
+
+def test_bulk_work_gathers_several_passes_worth():
+    model = FakeModel(hold_first=True)
+    b = MicroBatcher(model, max_inputs=2, max_bulk_inputs=6, max_wait=0)
+    first = hold_a_pass(b, model)
+    bulk = [submit(b, [[i]], bulk=True) for i in range(1, 8)]
+    wait_pending(b, 7)
+    model.gate.set()
+    for t, _ in [(first, None), *bulk]:
+        t.join(5)
+    assert [len(c) for c in model.calls] == [1, 6, 1]
+
+
+def test_a_waiting_interactive_request_limits_the_call_to_one_pass():
+    model = FakeModel(hold_first=True)
+    b = MicroBatcher(model, max_inputs=2, max_bulk_inputs=6, max_wait=0)
+    first = hold_a_pass(b, model)
+    waiting = [submit(b, [[i]], bulk=True) for i in range(1, 5)] + [submit(b, [[9]])]
+    wait_pending(b, 5)
+    model.gate.set()
+    for t, _ in [(first, None), *waiting]:
+        t.join(5)
+    assert [[t[0] for t in c] for c in model.calls] == [[0], [9, 1], [2, 3, 4]]
