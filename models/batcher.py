@@ -89,6 +89,7 @@ class MicroBatcher:
         while True:
             batch = self._take()
             tokens = [t for item in batch for t in item.tokens]
+            started = time.perf_counter()
             try:
                 rows = self._embed(tokens)
             except Exception as e:  # every waiting request must be released
@@ -102,6 +103,8 @@ class MicroBatcher:
                 item.rows = rows[start:start + len(item.tokens)]
                 start += len(item.tokens)
                 item.done.set()
+            log.info("pass: %d requests, %d inputs in %.0f ms", len(batch), len(tokens),
+                     (time.perf_counter() - started) * 1000)
             if self._on_batch is not None:
                 try:
                     self._on_batch(len(batch), len(tokens))

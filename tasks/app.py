@@ -25,6 +25,10 @@ def make_celery(settings: Settings) -> Celery:
         # client has already been told of the failure. Ack on receipt, prefetch nothing.
         task_acks_late=False,
         worker_prefetch_multiplier=1,
+        # For the same reason, no unacknowledged copy is kept in Redis: a message is gone
+        # once a worker takes it. That also spares a Redis round trip per job in the
+        # worker's consumer, its ceiling on jobs per second.
+        broker_transport_options={"ack_emulation": False},
         task_default_queue="ferry.default",
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

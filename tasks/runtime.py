@@ -113,13 +113,12 @@ class Runtime:
                             max_wait=self.backend.max_wait, on_batch=record)
 
     def _execute(self, job: Job, produce: Callable[[], Iterator[Event]]) -> None:
-        if self._skip(job):
-            return
+        # Joining ``_active`` before the check: a cancel that lands after it is heard by
+        # the listener, one that landed before is found by the check.
         self._active.add(job.id)
         try:
-            # A cancel may have landed between the check above and joining ``_active``.
-            if self.redis.exists(cancel_key(job.id)):
-                self._cancelled.add(job.id)
+            if self._skip(job):
+                return
             for event in produce():
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
