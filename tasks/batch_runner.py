@@ -22,6 +22,7 @@ from config.errors import NotFound
 from config.settings import Settings
 from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
                                invalid_to_json, parse, read_lines, response_record, scan)
+from tasks.batch_sender import GroupingSender
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
 from tasks.filestore import FileStore
 
@@ -45,6 +46,8 @@ class BatchRunner:
         # queue for as long as interactive requests keep coming first.
         self.web = create_app(settings.model_copy(
             update={"queue_timeout": settings.batch_line_timeout}))
+        ferry = self.web.extensions["ferry"]
+        ferry.celery = GroupingSender(ferry.celery)
 
     # -- validating ------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ def stats_key(queue: str) -> str:
 
 GENERATE_TASK = "ferry.generate"
 EMBED_TASK = "ferry.embed"
+EMBED_MANY_TASK = "ferry.embed_many"
 # Celery priorities on Redis: 0 (the default) is taken first. Interactive requests use it;
 # bulk work (the Batch API) is sent at the lowest, so it never sits in front of them.
 BULK_PRIORITY = 9

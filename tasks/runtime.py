@@ -11,10 +11,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import redis as redis_lib
-
-from collections.abc import Callable, Iterator
 
 from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
@@ -39,6 +39,9 @@ class Runtime:
         self.backend = load_backend(entry)
         self.publisher = Publisher(self.redis)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
+        # Runs the jobs of one ``embed_many`` message side by side, so they share passes.
+        self._fanout = self.batcher and ThreadPoolExecutor(self.backend.worker_concurrency,
+                                                           thread_name_prefix="ferry-embed")
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         self._stop = threading.Event()
@@ -88,6 +91,10 @@ class Runtime:
     def embed(self, job: EmbeddingJob) -> None:
         """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
         self._execute(job, lambda: self._embed(job))
+
+    def embed_many(self, jobs: list[EmbeddingJob]) -> None:
+        """Several jobs that came in one message: each as if it had come alone."""
+        list(self._fanout.map(self.embed, jobs))
 
     def _embed(self, job: EmbeddingJob) -> Iterator[Event]:
         tokens = self.backend.tokenize(job.input)

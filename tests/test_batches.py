@@ -54,7 +54,7 @@ def chat_line(cid: str, model: str = "synthetic", **script) -> dict:
 
 
 @pytest.mark.model
-def test_embeddings_batch(embedder, batch_worker):
+def test_embeddings_batch(embedder, batch_worker, embeddings_worker):
     texts = [f"Line {i}: the ferry crosses the bay." for i in range(9)]
     lines = [embed_line(f"req-{i}", t) for i, t in enumerate(texts)]
     lines.insert(3, b"{not json")
@@ -84,6 +84,8 @@ def test_embeddings_batch(embedder, batch_worker):
     assert errors["req-url"]["error"]["code"] == "invalid_url"
     assert errors["req-0"]["error"]["code"] == "duplicate_custom_id"
     assert embedder.files.retrieve(done.output_file_id).purpose == "batch_output"
+    # The lines reached the model worker grouped, several jobs per Celery message.
+    assert "Task ferry.embed_many[" in embeddings_worker.log.read_text()
 
 
 def test_chat_batch_and_per_line_http_errors(scripted, batch_worker):
