@@ -195,3 +195,20 @@ def test_killed_batch_worker_loses_and_duplicates_nothing(scripted, batch_worker
     assert done.error_file_id is None
     # The kill interrupted chunks in flight: their lines ran again, yet appear once.
     assert generations_run(synthetic_worker) - runs_before > 32
+
+
+def test_lines_not_started_by_the_deadline_expire(scripted, batch_worker, redis_server):
+    lines = [chat_line(f"e{i}", tokens=["a"], delay=0.1) for i in range(24)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.request_counts.completed >= 4)
+    # Move the 24 h window's end to now (white box: the batch's fixed fields, in Redis).
+    r = redis.Redis.from_url(redis_server.url)
+    static = json.loads(r.hget(f"ferry:batch:{batch.id}", "static"))
+    r.hset(f"ferry:batch:{batch.id}", "static", json.dumps({**static, "expires_at": int(time.time())}))
+    done = wait(scripted, batch.id)
+    assert done.status == "expired" and done.expired_at
+    counts = done.request_counts
+    assert counts.completed >= 4 and counts.failed > 0 and counts.completed + counts.failed == 24
+    expired = records(scripted, done.error_file_id)
+    assert {r["error"]["code"] for r in expired} == {"batch_expired"}
+    assert len(records(scripted, done.output_file_id)) == counts.completed
