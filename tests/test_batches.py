@@ -129,6 +129,11 @@ def test_batch_requests_are_validated(client):
         client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
                               completion_window="1h")
     assert e.value.body["param"] == "completion_window"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                              completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 3600})
+    assert e.value.body["param"] == "output_expires_after"
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 MetadataKey = Annotated[str, StringConstraints(max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
@@ -18,7 +18,14 @@ class CreateBatchRequest(BaseModel):
     completion_window: Literal["24h"]
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     # Known to OpenAI, not supported by Ferry: a value is a 400, never ignored.
-    output_expires_after: Annotated[None, Field(description="unsupported")] = None
+    output_expires_after: Any = None
+
+    @field_validator("output_expires_after")
+    @classmethod
+    def _unsupported(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("Ferry does not expire batch output files; omit it")
+        return None
 
 
 class ListBatchesRequest(BaseModel):
