@@ -119,7 +119,29 @@ class Settings(BaseSettings):
     # Webhooks to private, loopback and link-local addresses are refused, so that a webhook
     # cannot reach into the operator's network (SSRF); tests and one-host setups allow them.
     webhook_allow_private: bool = False
+    # Uploaded and batch output files (the Files API). Outside the source tree so that they
+    # survive reinstalls; the web and the batch workers must both see it (one host or a
+    # shared volume). Metadata lives in Redis.
+    files_dir: Path = Path("~/.local/share/ferry/files")
+    # Largest file upload (bytes): OpenAI's limit for a batch input file.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    # Batch lines per chunk: the unit of work a batch worker runs, commits once and, if it
+    # dies, redoes. Small enough to finish well within batch_visibility_timeout.
+    batch_chunk_lines: int = Field(default=64, ge=1)
+    # Chunks a batch worker runs at once (its lines all in flight): enough to keep an
+    # embedding worker's passes full; each line still queues behind interactive requests.
+    batch_chunk_concurrency: int = Field(default=4, ge=1)
+    # Seconds after which a chunk taken by a worker but not committed is presumed lost with
+    # its worker and handed out again. Must exceed the longest chunk.
+    batch_visibility_timeout: float = Field(default=1800.0, gt=0)
+    # How long a batch line may wait in a model's queue (interactive requests go first).
+    batch_line_timeout: float = Field(default=3600.0, gt=0)
     models: list[ModelEntry] = []
+
+    @field_validator("files_dir")
+    @classmethod
+    def _expand(cls, path: Path) -> Path:
+        return path.expanduser()
 
     @field_validator("models")
     @classmethod

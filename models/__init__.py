@@ -10,12 +10,14 @@ import importlib
 import importlib.util
 
 from config.settings import ModelEntry
-from models.base import Backend
+from models.base import BaseBackend
 
 # backend name -> (module, class, the engine package it needs)
 _BACKENDS = {
     "llama_cpp": ("models.llama_cpp", "LlamaCppBackend", "llama_cpp"),
     "exllamav2": ("models.exllamav2.backend", "ExLlamaV2Backend", "exllamav2"),
+    "sentence_transformers": ("models.sentence_transformers", "SentenceTransformersBackend",
+                              "sentence_transformers"),
     "synthetic": ("models.synthetic", "SyntheticBackend", None),
 }
 
@@ -24,7 +26,7 @@ def available() -> list[str]:
     return [n for n, (_, _, dep) in _BACKENDS.items() if dep is None or importlib.util.find_spec(dep)]
 
 
-def backend_class(entry: ModelEntry) -> type[Backend]:
+def backend_class(entry: ModelEntry) -> type[BaseBackend]:
     """The entry's backend class, without loading a model (nor importing its engine)."""
     try:
         module, cls, dep = _BACKENDS[entry.backend]
@@ -36,9 +38,9 @@ def backend_class(entry: ModelEntry) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_backend(entry: ModelEntry) -> Backend:
+def load_backend(entry: ModelEntry) -> BaseBackend:
     backend = backend_class(entry)(entry)
-    if entry.vision and not backend.supports_vision:
+    if entry.vision and not getattr(backend, "supports_vision", False):
         # The web sends this model's images on because the registry says it takes them.
         backend.close()
         raise RuntimeError(f"model {entry.name!r}: the registry says vision = true, but its "

@@ -1,8 +1,10 @@
 """Events a backend yields and a worker publishes; the web process turns them into HTTP.
 
-Per request the order is: ``Started`` (once), then ``Delta``s / ``ToolCallDelta``s and one
-``Finish`` per choice, then exactly one terminal event: ``Done`` (with usage) or ``Failed``. A reader may rely on
-that: every request ends with Done or Failed, and nothing follows it.
+Per generation request the order is: ``Started`` (once), then ``Delta``s / ``ToolCallDelta``s
+and one ``Finish`` per choice, then exactly one terminal event: ``Done`` (with usage) or
+``Failed``. An embedding request has ``Started`` then one terminal event, ``Embedded`` or
+``Failed``. A reader may rely on that: every request ends with a ``TERMINAL`` event, and
+nothing follows it.
 
 On the wire a message is a batch: ``{"s": <seq of the first event>, "e": [event, ...]}``;
 sequence numbers let the reader detect a gap (a lost message) instead of guessing.
@@ -102,9 +104,21 @@ class Failed:
     t: Literal["failed"] = "failed"
 
 
-Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Failed]
-_TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Failed)}
-TERMINAL = (Done, Failed)
+@dataclass(frozen=True)
+class Embedded:
+    """An embedding job's vectors: ``count`` rows of ``dimensions``, as base64 of
+    little-endian float32 (``models/vectors.py``): exact, and a third the size of JSON."""
+
+    data: str
+    count: int
+    dimensions: int
+    prompt_tokens: int
+    t: Literal["embedded"] = "embedded"
+
+
+Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Embedded, Failed]
+_TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Embedded, Failed)}
+TERMINAL = (Done, Embedded, Failed)
 
 
 def encode(first_seq: int, events: list[Event]) -> str:

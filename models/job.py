@@ -1,4 +1,5 @@
-"""What a backend is asked to do: one generation job, independent of HTTP and Celery.
+"""What a backend is asked to do: one generation or embedding job, independent of HTTP and
+Celery.
 
 Every field is something any backend can be asked for; a backend that cannot do one says so
 through its capability flags (``models.base.Backend``), and ``Backend.check`` turns the ask
@@ -98,3 +99,17 @@ class GenerationJob(BaseModel):
     def calls_tools(self) -> bool:
         """Whether the reply may (or must) be a tool call."""
         return bool(self.tools) and self.tool_choice != "none"
+
+class EmbeddingJob(BaseModel):
+    """Vectors for ``input``: texts, or token-id lists in the model's own vocabulary."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    model: str
+    input: list[str | list[int]] = Field(min_length=1)
+    # Shorten the vectors to this many components (re-normalised); None: the model's size.
+    dimensions: int | None = None
+    deadline: float | None = None
+    # Bulk work (the Batch API): it waits behind interactive requests in the worker.
+    bulk: bool = False

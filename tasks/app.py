@@ -5,10 +5,18 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings
+from tasks.protocol import BATCH_QUEUE
+
+# Kombu keeps unacknowledged messages in one hash per key prefix and hands out again any
+# older than its visibility timeout. Batch chunks want that (a dead worker's chunk is rerun,
+# after ``batch_visibility_timeout``); model jobs must not (they are at-most-once), so the
+# batch queue's keys live under their own prefix.
+BATCH_KEY_PREFIX = "ferry:bq:"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("ferry", broker=settings.redis_url, include=["tasks.generation", "tasks.webhooks"])
+    app = Celery("ferry", broker=settings.redis_url,
+                 include=["tasks.generation", "tasks.embedding", "tasks.webhooks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -18,7 +26,38 @@ def make_celery(settings: Settings) -> Celery:
         # client has already been told of the failure. Ack on receipt, prefetch nothing.
         task_acks_late=False,
         worker_prefetch_multiplier=1,
+        # For the same reason, no unacknowledged copy is kept in Redis: a message is gone
+        # once a worker takes it. That also spares a Redis round trip per job in the
+        # worker's consumer, its ceiling on jobs per second.
+        broker_transport_options={"ack_emulation": False},
         task_default_queue="ferry.default",
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    app.ferry_settings = settings
+    return app
+
+
+def make_batch_celery(settings: Settings) -> Celery:
+    """The Batch API's Celery app: chunks are acknowledged only once their results are
+    stored, so a chunk whose worker dies is run again (``tasks/batchstore.py`` makes that
+    harmless)."""
+    app = Celery("ferry-batch", broker=settings.redis_url, include=["tasks.batches"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=BATCH_QUEUE,
+        broker_transport_options={
+            "global_keyprefix": BATCH_KEY_PREFIX,
+            "visibility_timeout": settings.batch_visibility_timeout,
+            # Look for abandoned chunks on every idle poll, not every tenth.
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,

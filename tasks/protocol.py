@@ -39,11 +39,27 @@ def request_cancel(redis, job_id: str) -> None:
     pipe.execute()
 
 
+def stats_key(queue: str) -> str:
+    """A hash of counters per model queue (``batches``, ``requests``, ``inputs`` for embedding
+    workers): how much micro-batching actually happens, readable with HGETALL."""
+    return f"ferry:stats:{queue}"
+
+
 GENERATE_TASK = "ferry.generate"
 WEBHOOK_TASK = "ferry.webhook"
 # Webhook deliveries have a queue (and worker) of their own: a slow receiver must never hold
 # up a model worker.
 WEBHOOK_QUEUE = "ferry.webhooks"
+EMBED_TASK = "ferry.embed"
+EMBED_MANY_TASK = "ferry.embed_many"
+# Celery priorities on Redis: 0 (the default) is taken first. Interactive requests use it;
+# bulk work (the Batch API) is sent at the lowest, so it never sits in front of them.
+BULK_PRIORITY = 9
+
+# The Batch API's own queue. Its Celery keys carry their own prefix (see tasks/app.py).
+BATCH_QUEUE = "ferry.batch"
+BATCH_START_TASK = "ferry.batch.start"
+BATCH_CHUNK_TASK = "ferry.batch.chunk"
 
 # Jobs: one hash per job, and two indexes the web's janitor sweeps: queued jobs by deadline,
 # running jobs by start time (to find those whose worker died).

@@ -18,20 +18,25 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import redis as redis_lib
 from celery import Celery
 
-from config.errors import FerryError, GenerationFailed
+from config.errors import FerryError, GenerationFailed, RequestExpired
 from config.settings import ModelEntry, Settings
 from tasks.jobs.record import JobStatus
 from tasks.jobs.shapes import Outcome
 from tasks.jobs.store import JobStore
 from models import load_backend
-from models.events import Done, Started, failed
-from models.job import GenerationJob
+from models.base import EmbeddingBackend
+from models.batcher import MicroBatcher
+from models.events import Done, Embedded, Event, Started, failed
+from models.job import EmbeddingJob, GenerationJob
+from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
-from tasks.protocol import CANCEL_CHANNEL, cancel_key, pending_key, workers_key
+from tasks.protocol import CANCEL_CHANNEL, cancel_key, pending_key, stats_key, workers_key
 from tasks.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,10 @@ class Runtime:
         self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(celery))
         self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
                                    log_ttl_ms=self.jobs.events_ttl_ms)
+        self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
+        # Runs the jobs of one ``embed_many`` message side by side, so they share passes.
+        self._fanout = self.batcher and ThreadPoolExecutor(self.backend.worker_concurrency,
+                                                           thread_name_prefix="ferry-embed")
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         # Guards both sets: a cancel must not be recorded for a job that has just ended
@@ -137,6 +146,73 @@ class Runtime:
                 self._cancelled.discard(job.id)
             self._release(job.id)
             self.publisher.flush()
+
+    # -- embeddings -----------------------------------------------------------------------
+    # Embedding requests are synchronous only (no job record): the worker checks the cancel
+    # key and the deadline itself, then publishes Started and Embedded (or Failed).
+
+    def embed(self, job: EmbeddingJob) -> None:
+        """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
+        with self._jobs_lock:
+            self._active.add(job.id)
+        try:
+            if self._expired(job):
+                return
+            for event in self._embed(job):
+                if isinstance(event, Started):
+                    event = dataclasses.replace(event, worker=self.name)
+                self.publisher.put(job.id, event)
+        except FerryError as e:
+            self.publisher.put(job.id, failed(e))
+        except Exception:
+            log.exception("job %s failed", job.id)
+            self.publisher.put(job.id, failed(GenerationFailed("The model failed on this request.")))
+        finally:
+            with self._jobs_lock:
+                self._active.discard(job.id)
+                self._cancelled.discard(job.id)
+            self._release(job.id)
+            self.publisher.flush()
+
+    def embed_many(self, jobs: list[EmbeddingJob]) -> None:
+        """Several jobs that came in one message: each as if it had come alone."""
+        list(self._fanout.map(self.embed, jobs))
+
+    def _embed(self, job: EmbeddingJob) -> Iterator[Event]:
+        tokens = self.backend.tokenize(job.input)
+        check_dimensions(job.dimensions, self.backend.dimensions)
+        n_tokens = sum(map(len, tokens))
+        yield Started(worker="", prompt_tokens=n_tokens)
+        vectors = shorten(self.batcher.embed(tokens, bulk=job.bulk), job.dimensions)
+        yield Embedded(data=to_base64(vectors), count=len(vectors), dimensions=vectors.shape[1],
+                       prompt_tokens=n_tokens)
+
+    def _expired(self, job: EmbeddingJob) -> bool:
+        """An embedding whose client has gone (cancelled, or past its deadline) never runs."""
+        try:
+            cancelled = bool(self.redis.exists(cancel_key(job.id)))
+        except redis_lib.RedisError:
+            cancelled = False
+        if cancelled or (job.deadline is not None and time.time() > job.deadline):
+            log.info("job %s skipped: %s", job.id, "cancelled" if cancelled else "expired")
+            self.publisher.put(job.id, failed(RequestExpired(
+                "The request was cancelled or expired before it started.")))
+            return True
+        return False
+
+    def _batcher(self) -> MicroBatcher:
+        key = stats_key(self.entry.queue)
+
+        def record(requests: int, inputs: int) -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(key, "batches", 1)
+            pipe.hincrby(key, "requests", requests)
+            pipe.hincrby(key, "inputs", inputs)
+            pipe.execute()
+
+        return MicroBatcher(self.backend.embed, max_inputs=self.backend.batch_size,
+                            max_bulk_inputs=self.backend.max_bulk_inputs,
+                            max_wait=self.backend.max_wait, on_batch=record)
 
     def _release(self, job_id: str) -> None:
         """The job no longer counts against its model's in-flight limit."""

@@ -6,7 +6,13 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.services import RedisServer, Web, Worker
+from tests.services import BatchWorker, RedisServer, Web, Worker
+
+# The tests' upload limit, small enough to exceed cheaply.
+MAX_FILE_BYTES = 1024 * 1024
+# Small chunks and a short visibility timeout, so that a killed batch worker's chunks are
+# handed out again within seconds (production: tasks/app.py, config/settings.py).
+BATCH_ENV = {"FERRY_BATCH_CHUNK_LINES": "4", "FERRY_BATCH_VISIBILITY_TIMEOUT": "6"}
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +42,32 @@ def synthetic_worker(redis_server, logs):
 
 
 @pytest.fixture(scope="session")
-def web(redis_server, logs):
-    server = Web(redis_server.url, logs).start()
+def embeddings_worker(redis_server, logs):
+    worker = Worker("all-minilm", redis_server.url, logs).start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def files_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("files")
+
+
+@pytest.fixture(scope="session")
+def web(redis_server, logs, files_dir):
+    server = Web(redis_server.url, logs, FERRY_FILES_DIR=str(files_dir),
+                 FERRY_MAX_FILE_BYTES=str(MAX_FILE_BYTES), **BATCH_ENV).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def batch_worker(redis_server, logs, files_dir):
+    """The batch worker. Tests may kill it and ``start()`` it again: it is one handle."""
+    worker = BatchWorker(redis_server.url, logs, FERRY_FILES_DIR=str(files_dir), **BATCH_ENV)
+    worker.start()
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture
@@ -69,6 +97,12 @@ def tokenize():
     vocab = llama_cpp.Llama(model_path=str(entry.weights_path()), vocab_only=True, verbose=False)
     yield lambda text: vocab.tokenize(text.encode(), add_bos=False, special=True)
     vocab.close()
+
+
+@pytest.fixture
+def embedder(client, embeddings_worker):
+    """The official client, with the all-MiniLM-L6-v2 embeddings worker running."""
+    return client
 
 
 @pytest.fixture

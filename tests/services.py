@@ -139,3 +139,25 @@ class Web(Service):
         super().start()
         wait_for(lambda: requests.get(self.url + "/health", timeout=1).ok, 30, "web", self.proc)
         return self
+
+
+class BatchWorker(Service):
+    """``python -m tasks.batch_worker``: it holds no model and announces no heartbeat, so
+    readiness is read from its log (Celery's "ready." line for this process)."""
+
+    def __init__(self, redis_url: str, log_dir: Path, **env: str):
+        super().__init__([sys.executable, "-m", "tasks.batch_worker"],
+                         ferry_env(redis_url, **env), log_dir / "worker-batch.log")
+
+    def start(self, timeout: float = 60) -> "BatchWorker":
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        super().start()
+        marker = f"batch.{self.proc.pid}@".encode()
+
+        def ready() -> bool:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                return any(marker in line and b"ready." in line for line in f)
+
+        wait_for(ready, timeout, "batch worker", self.proc)
+        return self

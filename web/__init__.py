@@ -12,9 +12,9 @@ from celery import Celery
 from flask import Flask
 
 from config import Registry, Settings, load_settings
-from tasks.jobs.store import JobStore
 from tasks import webhooks
-from tasks.app import make_celery
+from tasks.app import make_batch_celery, make_celery
+from tasks.jobs.store import JobStore
 from web import auth, errors, janitor, logs, metrics
 from web.relay import Relay
 
@@ -28,6 +28,8 @@ class Ferry:
     celery: Celery
     relay: Relay
     jobs: JobStore
+    # Sends to the Batch API's queue, whose Celery keys are kept apart (tasks/app.py).
+    batch_celery: Celery
 
     @property
     def redis(self) -> redis_lib.Redis:
@@ -43,15 +45,18 @@ def create_app(settings: Settings | None = None) -> Flask:
                                      socket_connect_timeout=5)
     celery = make_celery(settings)
     jobs = JobStore(redis, settings, on_end=webhooks.notifier(celery))
-    ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs)
+    ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs,
+                  make_batch_celery(settings))
     app.extensions["ferry"] = ferry
     errors.register(app)
     auth.register(app)
     metrics.register(app)
     logs.register(app)
-    from web import chat, completions, health, jobs as jobs_api, models, openapi
+    from web import (batches, chat, completions, embeddings, files, health, jobs as jobs_api,
+                     models, openapi)
 
-    for module in (chat, completions, jobs_api, models, health, metrics, openapi):
+    for module in (chat, completions, embeddings, files, batches, jobs_api, models, health,
+                   metrics, openapi):
         app.register_blueprint(module.bp)
     janitor.start(ferry)
     return app

@@ -23,8 +23,8 @@ from config.settings import ModelEntry
 from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
 from models import events
-from models.job import GenerationJob
-from tasks.protocol import GENERATE_TASK
+from models.job import EmbeddingJob, GenerationJob
+from tasks.protocol import BULK_PRIORITY, GENERATE_TASK
 from web import limits, logs
 from web.merge import MergedSubscription
 from web.relay import Subscription
@@ -84,6 +84,44 @@ def client_watch() -> Callable[[], bool]:
     return gone
 
 
+# Set in the WSGI environ by the Batch API's in-process dispatch (``tasks/batch_lines.py``);
+# a client cannot set it (headers arrive as HTTP_*), so it can only lower priority from within.
+BULK_ENVIRON = "ferry.bulk"
+
+
+def is_bulk() -> bool:
+    """True for requests of a batch job: they are queued behind interactive ones."""
+    return bool(request.environ.get(BULK_ENVIRON))
+
+
+def start(entry: ModelEntry, job: EmbeddingJob, task: str) -> Subscription:
+    """For requests that are not recorded as jobs (embeddings): subscribe to the job's
+    events, then enqueue it. Fails fast when no worker is live."""
+    ferry = current_app.extensions["ferry"]
+    g.model = entry.name
+    _check_live(entry)
+    sub = ferry.relay.subscribe(job.id, entry.queue, entry.name)
+    try:
+        ferry.celery.send_task(task, args=[job.model_dump(mode="json")],
+                               queue=entry.queue, task_id=job.id,
+                               expires=ferry.settings.queue_timeout,
+                               priority=BULK_PRIORITY if is_bulk() else None)
+    except Exception as e:
+        sub.close()
+        raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
+    return sub
+
+
+def _check_live(entry: ModelEntry) -> None:
+    ferry = current_app.extensions["ferry"]
+    try:
+        live = ferry.relay.live_workers(entry.queue)
+    except redis_lib.RedisError as e:
+        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+    if not live:
+        raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
+
+
 def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -> JobRecord:
     """Record the job, then enqueue it. The record exists before any worker can start it."""
     ferry = current_app.extensions["ferry"]
@@ -99,7 +137,8 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -
     try:
         ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
                                queue=prepared.entry.queue, task_id=job.id,
-                               expires=max(1.0, deadline - time.time()))
+                               expires=max(1.0, deadline - time.time()),
+                               priority=BULK_PRIORITY if is_bulk() else None)
     except Exception as e:
         ferry.jobs.discard(job.id)
         limits.release(ferry.redis, prepared.entry.queue, job.id)
@@ -120,12 +159,7 @@ def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) 
     share."""
     ferry = current_app.extensions["ferry"]
     entry = prepared[0].entry
-    try:
-        live = ferry.relay.live_workers(entry.queue)
-    except redis_lib.RedisError as e:
-        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
-    if not live:
-        raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
+    _check_live(entry)
     subs: list[Subscription] = []
     deadline = time.time() + ferry.settings.queue_timeout
     try:
@@ -181,7 +215,7 @@ def follow(sub: Subscription, gone: Callable[[], bool]) -> Iterator[events.Event
         if isinstance(ev, events.Failed):
             raise rebuild(ev.error, ev.status)
         yield ev
-        if isinstance(ev, events.Done):
+        if isinstance(ev, events.TERMINAL):
             return
 
 

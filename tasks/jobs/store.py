@@ -27,7 +27,8 @@ from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
 from models import events
 from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, events_channel, events_log, job_key,
-                            request_cancel)
+                            pending_key, request_cancel)
+
 
 # KEYS: job, pending, running. ARGV: worker, now, job id. Returns the status found.
 _START = """
@@ -231,9 +232,12 @@ class JobStore:
     def _ended(self, job_id: str, done) -> bool:
         if not done:
             return False
-        if self.on_end is not None:
-            record = self.get(job_id)
-            if record is not None:
+        record = self.get(job_id)
+        if record is not None:
+            # Its place in the model's in-flight limit (``web/limits.py``) is free again,
+            # whichever way it ended (a Celery task that expired never reaches a worker).
+            self.redis.zrem(pending_key(record.queue), job_id)
+            if self.on_end is not None:
                 self.on_end(record)
         return True
 

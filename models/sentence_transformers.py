@@ -1,0 +1,72 @@
+"""Embedding models run by sentence-transformers on torch (CPU), loaded from a local directory.
+
+``embed`` reproduces ``SentenceTransformer.encode``: inputs sorted by length into passes of
+``batch_size`` (less padding), the model's own modules (pooling, normalisation) applied; the
+vectors equal ``encode``'s to float32 precision (``tests/test_embeddings.py`` checks 1e-5).
+Nothing is downloaded: the weights directory is local and the hub is set offline first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from config.settings import ModelEntry
+from models.base import EmbeddingBackend
+
+
+class SentenceTransformersOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Inputs per forward pass, and the most the micro-batcher collects at once.
+    batch_size: int = Field(default=32, ge=1)
+    # Inputs gathered for one call when only bulk (Batch API) work waits, sorted by length
+    # into passes of batch_size: less padding than passes in arrival order.
+    max_bulk_inputs: int = Field(default=128, ge=1)
+    # How long the first waiting request waits for others to share its pass (ms).
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    # torch intra-op threads; 0: torch's default (one per physical core).
+    n_threads: int = Field(default=0, ge=0)
+
+
+class SentenceTransformersBackend(EmbeddingBackend):
+    def __init__(self, entry: ModelEntry):
+        super().__init__(entry)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.options = SentenceTransformersOptions.model_validate(entry.options)
+        if self.options.n_threads:
+            torch.set_num_threads(self.options.n_threads)
+        path = entry.weights_path()
+        if not (path / "modules.json").is_file():
+            raise FileNotFoundError(f"model {entry.name!r}: no sentence-transformers model at {path}")
+        self._torch = torch
+        self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        self.model.eval()
+        self.tokenizer = self.model.tokenizer
+        self.dimensions = self.model.get_embedding_dimension()
+        self.max_tokens = min(entry.num_ctx, self.model.max_seq_length or entry.num_ctx)
+        self.vocab_size = len(self.tokenizer)
+        self.batch_size = self.options.batch_size
+        self.max_bulk_inputs = self.options.max_bulk_inputs
+        self.max_wait = self.options.max_wait_ms / 1000
+
+    def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+
+    def embed(self, token_lists: Sequence[list[int]]) -> np.ndarray:
+        out = np.empty((len(token_lists), self.dimensions), dtype=np.float32)
+        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            features = self.tokenizer.pad({"input_ids": [token_lists[i] for i in idx]},
+                                          return_tensors="pt")
+            with self._torch.inference_mode():
+                rows = self.model(dict(features))["sentence_embedding"]
+            out[idx] = rows.float().numpy()
+        return out

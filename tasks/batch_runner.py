@@ -1,0 +1,171 @@
+"""Runs batch jobs: validate the input, run it chunk by chunk, assemble the output files.
+
+Delivery: a batch worker may die at any point. Chunk tasks are acknowledged late, so a
+dead worker's chunk is run again; its results are stored once (``BatchStore.write_chunk``)
+and the output is assembled from the stored chunks in order, so nothing is lost and nothing
+is duplicated. Finalizing is idempotent too: output files get ids derived from the batch id.
+Needs gevent (the lines of a chunk are greenlets; the in-process web app relays events with
+gevent), so it runs in ``tasks/batch_worker.py``, which patches first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import gevent.pool
+import redis as redis_lib
+
+from config.errors import NotFound
+from config.settings import Settings
+from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
+                               invalid_to_json, parse, read_lines, response_record, scan)
+from tasks.batch_sender import GroupingSender
+from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
+from tasks.filestore import FileStore
+
+log = logging.getLogger(__name__)
+
+EnqueueChunk = Callable[[str, int], None]
+NOT_RUN = (None, None)
+EXPIRED = LineError("batch_expired",
+                    "This request could not be executed before the completion window expired.")
+
+
+class BatchRunner:
+    def __init__(self, settings: Settings):
+        from web import create_app
+
+        self.settings = settings
+        redis = redis_lib.Redis.from_url(settings.redis_url)
+        self.store = BatchStore(redis)
+        self.files = FileStore(redis, settings.files_dir)
+        # Ferry's web app, in process: lines are its requests. They may wait in a model's
+        # queue for as long as interactive requests keep coming first.
+        self.web = create_app(settings.model_copy(
+            update={"queue_timeout": settings.batch_line_timeout}))
+        ferry = self.web.extensions["ferry"]
+        ferry.celery = GroupingSender(ferry.celery)
+
+    # -- validating ------------------------------------------------------------------------
+
+    def start(self, batch_id: str, enqueue_chunk: EnqueueChunk) -> None:
+        """Validate, then queue every chunk not yet written (again, if this is a rerun).
+        A batch cancelled meanwhile still runs its chunks, which then skip their lines."""
+        if self.store.get(batch_id).status == "validating" and not self._validate(batch_id):
+            return
+        plan = self.store.plan(batch_id)
+        if not plan:  # cancelled before it was validated
+            self.store.transition(batch_id, "cancelled", "cancelling")
+            return
+        if self.store.get(batch_id).status in FINAL:
+            return
+        for index in range(len(plan)):
+            if not self.store.chunk_written(batch_id, index):
+                enqueue_chunk(batch_id, index)
+
+    def _validate(self, batch_id: str) -> bool:
+        obj = self.store.get(batch_id)
+        try:
+            with self.files.open(obj.input_file_id) as f:
+                chunks, invalid, total = scan(f, obj.endpoint, self.settings.batch_chunk_lines)
+        except NotFound as e:
+            self.store.fail(obj.id, [{"code": "invalid_file", "message": e.message,
+                                      "param": "input_file_id", "line": None}])
+            return False
+        if total == len(invalid):
+            errors = [line.error.to_dict(n) for n, line in sorted(invalid.items())][:1000]
+            self.store.fail(obj.id, errors or [{"code": "empty_file", "param": "input_file_id",
+                                                "message": "The input file has no requests.",
+                                                "line": None}])
+            return False
+        self.store.set_plan(obj.id, total, chunks,
+                            {n: invalid_to_json(line) for n, line in invalid.items()})
+        self.store.transition(obj.id, "in_progress", "validating")
+        return True
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run_chunk(self, batch_id: str, index: int) -> None:
+        obj = self.store.get(batch_id)
+        if obj.status in FINAL:
+            return
+        if not self.store.chunk_written(batch_id, index):
+            result = self._run(obj, index)
+            if self.store.write_chunk(batch_id, index, result) is None:
+                log.info("batch %s chunk %d was already written; this run is dropped",
+                         batch_id, index)
+        done, total = self.store.chunks_done(batch_id)
+        if total and done >= total:
+            self.finalize(batch_id)
+
+    def _run(self, obj: BatchObject, index: int) -> ChunkResult:
+        chunk = self.store.plan(obj.id)[index]
+        with self.files.open(obj.input_file_id) as f:
+            lines = list(read_lines(f, chunk.start, chunk.end, chunk.first_line))
+        invalid = self.store.invalid(obj.id, range(lines[0][0], lines[-1][0] + 1))
+        stopping = self._stop_check(obj)
+
+        def one(item: tuple[int, bytes]) -> tuple[str | None, str | None]:
+            number, raw = item
+            if number in invalid:
+                line = invalid_from_json(number, invalid[number])
+                return None, error_record(obj.id, line, line.error)
+            line = parse(number, raw, obj.endpoint)
+            return self._run_line(obj, line, stopping())
+
+        results = gevent.pool.Pool(len(lines)).map(one, lines)
+        return ChunkResult(output=[o for o, _ in results if o], errors=[e for _, e in results if e])
+
+    def _run_line(self, obj: BatchObject, line: Line, stop: str | None) -> tuple[str | None, str | None]:
+        if stop == "cancelling":
+            return NOT_RUN  # a cancelled batch reports what ran, nothing else
+        if stop == "expired":
+            return None, error_record(obj.id, line, EXPIRED)
+        status, request_id, body = dispatch(self.web, obj.endpoint, line.body)
+        record = response_record(obj.id, line, status, request_id, body)
+        return (record, None) if 200 <= status < 300 else (None, record)
+
+    def _stop_check(self, obj: BatchObject) -> Callable[[], str | None]:
+        """Whether lines should still start: None, "cancelling" or "expired". Reads Redis
+        at most once a second."""
+        state = {"at": 0.0, "value": None}
+
+        def check() -> str | None:
+            now = time.time()
+            if now > obj.expires_at:
+                return "expired"
+            if now - state["at"] >= 1:
+                state["at"] = now
+                state["value"] = "cancelling" if self.store.get(obj.id).status == "cancelling" else None
+            return state["value"]
+
+        return check
+
+    # -- finalizing ------------------------------------------------------------------------
+
+    def finalize(self, batch_id: str) -> None:
+        if self.store.get(batch_id).status in FINAL:
+            return
+        self.store.transition(batch_id, "finalizing", "in_progress")
+        obj = self.store.get(batch_id)
+        output = self._write(obj, "output", lambda r: r.output) if obj.request_counts.completed else None
+        errors = self._write(obj, "error", lambda r: r.errors) if obj.request_counts.failed else None
+        status = ("cancelled" if obj.status == "cancelling"
+                  else "expired" if time.time() > obj.expires_at else "completed")
+        self.store.finish(batch_id, status, output, errors)
+        log.info("batch %s %s: %s", batch_id, status, obj.request_counts)
+
+    def _write(self, obj: BatchObject, kind: str, pick: Callable[[ChunkResult], list[str]]) -> str:
+        def lines() -> Iterator[bytes]:
+            for index in range(len(self.store.plan(obj.id))):
+                result = self.store.chunk_result(obj.id, index)
+                if result is None:
+                    raise RuntimeError(f"batch {obj.id}: chunk {index} has no results")
+                for record in pick(result):
+                    yield record.encode() + b"\n"
+
+        file_id = f"file-{uuid.uuid5(uuid.NAMESPACE_URL, f'{obj.id}/{kind}').hex}"
+        return self.files.write(lines(), f"{obj.id}_{kind}.jsonl", "batch_output", file_id).id

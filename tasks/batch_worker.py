@@ -1,0 +1,64 @@
+"""The batch worker: ``python -m tasks.batch_worker`` runs Batch API jobs from ``ferry.batch``.
+
+It holds no model: each batch line is a request to Ferry's web app, called in process,
+which queues it on the model's own queue behind interactive requests. gevent runs the
+lines of a chunk concurrently (and the app's event relay), so it patches before anything
+else is imported; chunks run ``batch_chunk_concurrency`` at a time.
+
+Chunks are acknowledged when done; a chunk taken by a worker that died stays unacknowledged
+and is handed out again once older than ``batch_visibility_timeout``. Kombu sweeps for those
+only from its event loop, which a gevent worker does not run, so ``_redeliver`` does it.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+from celery.signals import worker_ready  # noqa: E402
+
+from config import load_settings  # noqa: E402
+from tasks.app import make_batch_celery  # noqa: E402
+from tasks.batch_runner import BatchRunner  # noqa: E402
+from tasks.protocol import BATCH_QUEUE  # noqa: E402
+
+settings = load_settings()
+app = make_batch_celery(settings)
+log = logging.getLogger("ferry.batch_worker")
+
+
+def _redeliver() -> None:
+    period = min(settings.batch_visibility_timeout / 4, 30.0)
+    while True:
+        try:
+            with app.connection_for_write() as conn:
+                conn.default_channel.qos.restore_visible(num=1000, interval=1)
+        except Exception as e:  # the next sweep tries again
+            log.warning("could not look for abandoned chunks: %s", e)
+        gevent.sleep(period)
+
+
+@worker_ready.connect
+def _start_redelivery(**_):
+    gevent.spawn(_redeliver)
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.ferry_batches = BatchRunner(settings)
+    app.worker_main([
+        "worker", "-Q", BATCH_QUEUE, "-P", "gevent", "-c", str(settings.batch_chunk_concurrency),
+        # One chunk reserved ahead of each running one: with every slot busy, the consumer
+        # polls the broker only once a second, and a freed slot should not wait for that.
+        "--prefetch-multiplier", "2", "-n", f"batch.{os.getpid()}@{socket.gethostname()}",
+        "--without-gossip", "--without-mingle", "--loglevel", "INFO", *argv,
+    ])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,196 @@
+"""Batch jobs (the Batch API) in Redis: the batch object, its plan and its chunk results.
+
+One hash per batch holds the object's changing fields; status changes are conditional (a
+Lua check-and-set), so a cancel and a worker finishing cannot overwrite each other. Each
+chunk's results are written once, with its counts, in one Lua script: ``SET NX`` on the
+chunk key, and only if that wrote, the counters move. A chunk run twice (its worker died
+after writing, before acknowledging) therefore changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import redis as redis_lib
+from pydantic import BaseModel
+
+from config.errors import NotFound
+
+Status = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                 "cancelling", "cancelled"]
+FINAL = ("failed", "completed", "expired", "cancelled")
+TIMESTAMP_OF = {"in_progress": "in_progress_at", "finalizing": "finalizing_at",
+                "completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
+                "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
+COMPLETION_WINDOW = 24 * 3600
+INDEX = "ferry:batches"
+# Chunk results outlive any batch (24 h window), then go, even if a batch never finalized.
+CHUNK_TTL = 7 * 24 * 3600
+
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+for i = 4, #ARGV do
+  if cur == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3])
+    return 1
+  end
+end
+return 0
+"""
+_WRITE_CHUNK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[4]) then
+  redis.call('HINCRBY', KEYS[2], 'completed', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
+  return redis.call('HINCRBY', KEYS[2], 'chunks_done', 1)
+end
+return -1
+"""
+
+
+class RequestCounts(BaseModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class BatchObject(BaseModel):
+    """OpenAI's batch object."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: dict[str, Any] | None = None
+    input_file_id: str
+    completion_window: str = "24h"
+    status: Status
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts = RequestCounts()
+    metadata: dict[str, str] | None = None
+
+
+class Chunk(BaseModel):
+    """Lines ``first_line``... of the input file, between two byte offsets."""
+
+    start: int
+    end: int
+    first_line: int
+
+
+class ChunkResult(BaseModel):
+    output: list[str] = []
+    errors: list[str] = []
+
+
+def _key(batch_id: str, part: str = "") -> str:
+    return f"ferry:batch:{batch_id}{part}"
+
+
+class BatchStore:
+    def __init__(self, redis: redis_lib.Redis):
+        self.redis = redis
+        self._transition = redis.register_script(_TRANSITION)
+        self._write_chunk = redis.register_script(_WRITE_CHUNK)
+
+    def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str] | None) -> BatchObject:
+        now = int(time.time())
+        static = {"id": f"batch_{uuid.uuid4().hex}", "endpoint": endpoint,
+                  "input_file_id": input_file_id, "created_at": now,
+                  "expires_at": now + COMPLETION_WINDOW, "metadata": metadata}
+        pipe = self.redis.pipeline()
+        pipe.hset(_key(static["id"]), mapping={"static": json.dumps(static), "status": "validating"})
+        pipe.zadd(INDEX, {static["id"]: time.time()})
+        pipe.execute()
+        return self.get(static["id"])
+
+    def get(self, batch_id: str) -> BatchObject:
+        h = {k.decode(): v.decode() for k, v in self.redis.hgetall(_key(batch_id)).items()}
+        if not h:
+            raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+        obj: dict[str, Any] = json.loads(h.pop("static"))
+        obj["request_counts"] = {k: int(h.get(k, 0)) for k in ("total", "completed", "failed")}
+        obj["errors"] = json.loads(h["errors"]) if "errors" in h else None
+        for field in ("status", "output_file_id", "error_file_id", *TIMESTAMP_OF.values()):
+            if field in h:
+                obj[field] = h[field]
+        return BatchObject.model_validate(obj)
+
+    def list(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
+        """Newest first, after the id ``after``."""
+        ids = [i.decode() for i in self.redis.zrevrange(INDEX, 0, -1)]
+        if after is not None:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        return [self.get(i) for i in ids[:limit]], len(ids) > limit
+
+    def transition(self, batch_id: str, to: Status, *sources: Status) -> bool:
+        """Move to ``to`` if the status is one of ``sources``; True if it moved."""
+        return bool(self._transition(keys=[_key(batch_id)],
+                                     args=[to, TIMESTAMP_OF[to], int(time.time()), *sources]))
+
+    def fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
+        self.redis.hset(_key(batch_id), "errors", json.dumps({"object": "list", "data": errors}))
+        self.transition(batch_id, "failed", "validating", "cancelling")
+
+    def set_plan(self, batch_id: str, total: int, chunks: list[Chunk],
+                 invalid: dict[int, str]) -> None:
+        """What validation found: the chunks to run, and the lines that are errors already."""
+        pipe = self.redis.pipeline()
+        pipe.set(_key(batch_id, ":plan"), json.dumps([c.model_dump() for c in chunks]))
+        if invalid:
+            pipe.hset(_key(batch_id, ":invalid"), mapping={str(k): v for k, v in invalid.items()})
+        pipe.hset(_key(batch_id), mapping={"total": total, "chunks": len(chunks)})
+        pipe.execute()
+
+    def plan(self, batch_id: str) -> list[Chunk]:
+        raw = self.redis.get(_key(batch_id, ":plan"))
+        return [Chunk.model_validate(c) for c in json.loads(raw)] if raw else []
+
+    def invalid(self, batch_id: str, lines: range) -> dict[int, str]:
+        """Validation errors (JSON) of the lines in ``lines`` that have one."""
+        numbers = list(lines)
+        if not numbers:
+            return {}
+        found = self.redis.hmget(_key(batch_id, ":invalid"), [str(n) for n in numbers])
+        return {n: v.decode() for n, v in zip(numbers, found) if v is not None}
+
+    def write_chunk(self, batch_id: str, index: int, result: ChunkResult) -> int | None:
+        """Store a chunk's results once; the number of chunks done, or None if it was
+        written before."""
+        done = self._write_chunk(
+            keys=[_key(batch_id, f":chunk:{index}"), _key(batch_id)],
+            args=[result.model_dump_json(), len(result.output), len(result.errors), CHUNK_TTL])
+        return None if done == -1 else int(done)
+
+    def chunk_written(self, batch_id: str, index: int) -> bool:
+        return bool(self.redis.exists(_key(batch_id, f":chunk:{index}")))
+
+    def chunk_result(self, batch_id: str, index: int) -> ChunkResult | None:
+        raw = self.redis.get(_key(batch_id, f":chunk:{index}"))
+        return ChunkResult.model_validate_json(raw) if raw else None
+
+    def chunks_done(self, batch_id: str) -> tuple[int, int]:
+        done, total = self.redis.hmget(_key(batch_id), ["chunks_done", "chunks"])
+        return int(done or 0), int(total or 0)
+
+    def finish(self, batch_id: str, status: Status, output_file_id: str | None,
+               error_file_id: str | None) -> None:
+        files = {k: v for k, v in (("output_file_id", output_file_id),
+                                   ("error_file_id", error_file_id)) if v}
+        if files:
+            self.redis.hset(_key(batch_id), mapping=files)
+        if self.transition(batch_id, status, "finalizing", "cancelling", "in_progress"):
+            n = self.chunks_done(batch_id)[1]
+            self.redis.delete(_key(batch_id, ":plan"), _key(batch_id, ":invalid"),
+                              *[_key(batch_id, f":chunk:{i}") for i in range(n)])

@@ -1,0 +1,114 @@
+"""Files (the Files API): content on disk under ``settings.files_dir``, metadata in Redis.
+
+Shared by the web process (uploads, downloads) and the batch workers (inputs, outputs),
+which must therefore see the same directory. Content is written to a temporary name and
+renamed, and metadata is written after it, so a file listed is always complete; a file is
+named on disk by its id only (never by the client's filename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from collections.abc import Iterable
+from typing import BinaryIO, Literal
+
+import redis as redis_lib
+from pydantic import BaseModel
+
+from config.errors import NotFound
+
+Purpose = Literal["batch", "batch_output"]
+
+FILES_INDEX = "ferry:files"
+
+
+def _meta_key(file_id: str) -> str:
+    return f"ferry:file:{file_id}"
+
+
+class FileObject(BaseModel):
+    """OpenAI's file object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    purpose: Purpose
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+
+
+class FileStore:
+    def __init__(self, redis: redis_lib.Redis, root: Path):
+        self.redis, self.root = redis, Path(root)
+
+    def path(self, file_id: str) -> Path:
+        return self.root / file_id
+
+    def put(self, source: BinaryIO, filename: str, purpose: Purpose) -> FileObject:
+        """Store an upload under a new id."""
+        return self.write(iter(lambda: source.read(1024 * 1024), b""), filename, purpose,
+                          f"file-{uuid.uuid4().hex}")
+
+    def write(self, chunks: Iterable[bytes], filename: str, purpose: Purpose,
+              file_id: str) -> FileObject:
+        """Store (or replace: idempotent writers name their file) ``file_id``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            size = os.path.getsize(tmp)
+            os.replace(tmp, self.path(file_id))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
+                         purpose=purpose)
+        pipe = self.redis.pipeline()
+        pipe.set(_meta_key(file_id), obj.model_dump_json())
+        pipe.zadd(FILES_INDEX, {file_id: time.time()})
+        pipe.execute()
+        return obj
+
+    def get(self, file_id: str) -> FileObject:
+        raw = self.redis.get(_meta_key(file_id))
+        if raw is None:
+            raise NotFound(f"No such File object: {file_id}", param="file_id")
+        return FileObject.model_validate_json(raw)
+
+    def open(self, file_id: str) -> BinaryIO:
+        self.get(file_id)
+        try:
+            return open(self.path(file_id), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"The content of file {file_id} is missing on this host.",
+                           param="file_id") from None
+
+    def list(self, purpose: str | None, order: str, after: str | None,
+             limit: int) -> tuple[list[FileObject], bool]:
+        """Files newest first (``order="desc"``) or oldest first, after the id ``after``."""
+        ids = [i.decode() for i in (self.redis.zrevrange(FILES_INDEX, 0, -1) if order == "desc"
+                                    else self.redis.zrange(FILES_INDEX, 0, -1))]
+        if after is not None:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        raws = self.redis.mget([_meta_key(i) for i in ids]) if ids else []
+        objs = [FileObject.model_validate_json(r) for r in raws if r is not None]
+        if purpose is not None:
+            objs = [o for o in objs if o.purpose == purpose]
+        return objs[:limit], len(objs) > limit
+
+    def delete(self, file_id: str) -> None:
+        self.get(file_id)
+        pipe = self.redis.pipeline()
+        pipe.delete(_meta_key(file_id))
+        pipe.zrem(FILES_INDEX, file_id)
+        pipe.execute()
+        self.path(file_id).unlink(missing_ok=True)

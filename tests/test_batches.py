@@ -1,0 +1,219 @@
+"""The Batch API end to end with the official client: files.create, batches.create, poll,
+files.content; malformed lines, validation failure, cancel, priority, a killed worker."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import time
+
+import numpy as np
+import openai
+import pytest
+import redis
+
+FINAL = ("completed", "failed", "cancelled", "expired")
+
+
+def jsonl(lines: list) -> bytes:
+    return b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+
+
+def submit(client, lines: list, endpoint: str, **kw):
+    f = client.files.create(file=("input.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h",
+                                 **kw)
+
+
+def wait(client, batch_id: str, until=lambda b: b.status in FINAL, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        b = client.batches.retrieve(batch_id)
+        if until(b):
+            return b
+        time.sleep(0.1)
+    raise AssertionError(f"batch {batch_id} still {b.status} ({b.request_counts})")
+
+
+def records(client, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def embed_line(cid: str, inp, **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": "all-minilm", "input": inp, **body}}
+
+
+def chat_line(cid: str, model: str = "synthetic", **script) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": json.dumps(script)}]}}
+
+
+@pytest.mark.model
+def test_embeddings_batch(embedder, batch_worker, embeddings_worker):
+    texts = [f"Line {i}: the ferry crosses the bay." for i in range(9)]
+    lines = [embed_line(f"req-{i}", t) for i, t in enumerate(texts)]
+    lines.insert(3, b"{not json")
+    lines.insert(5, embed_line("req-empty", ""))
+    lines.insert(7, {**embed_line("req-url", "x"), "url": "/v1/completions"})
+    lines.append(embed_line("req-0", "a duplicate custom_id"))
+    lines.append(embed_line("req-short", texts[:2], dimensions=8, encoding_format="base64"))
+    batch = submit(embedder, lines, "/v1/embeddings", metadata={"job": "nightly"})
+    assert batch.object == "batch" and batch.status == "validating"
+    assert batch.metadata == {"job": "nightly"} and batch.completion_window == "24h"
+    done = wait(embedder, batch.id)
+    assert done.status == "completed", done.errors
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (14, 10, 4)
+    assert done.in_progress_at and done.finalizing_at and done.completed_at
+    out = records(embedder, done.output_file_id)
+    assert [r["custom_id"] for r in out] == [f"req-{i}" for i in range(9)] + ["req-short"]
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in out)
+    direct = embedder.embeddings.create(model="all-minilm", input=texts, encoding_format="float")
+    got = np.array([r["response"]["body"]["data"][0]["embedding"] for r in out[:9]])
+    np.testing.assert_allclose(got, [d.embedding for d in direct.data], atol=1e-5)
+    short = out[-1]["response"]["body"]["data"]
+    assert len(short) == 2 and isinstance(short[0]["embedding"], str)
+    errors = {r["custom_id"]: r for r in records(embedder, done.error_file_id)}
+    assert errors[None]["error"]["code"] == "invalid_json_line"
+    assert errors["req-empty"]["error"]["code"] == "invalid_body"
+    assert errors["req-url"]["error"]["code"] == "invalid_url"
+    assert errors["req-0"]["error"]["code"] == "duplicate_custom_id"
+    assert embedder.files.retrieve(done.output_file_id).purpose == "batch_output"
+    # The lines reached the model worker grouped, several jobs per Celery message.
+    assert "Task ferry.embed_many[" in embeddings_worker.log.read_text()
+
+
+def test_chat_batch_and_per_line_http_errors(scripted, batch_worker):
+    lines = [chat_line(f"c{i}", tokens=[f"answer {i}"]) for i in range(5)]
+    lines.append(chat_line("missing-model", model="gpt-4o", tokens=["x"]))
+    lines.append(chat_line("bad-script", tokens=["x"], fail="boom"))
+    done = wait(scripted, submit(scripted, lines, "/v1/chat/completions").id)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (5, 2)
+    out = records(scripted, done.output_file_id)
+    assert [r["response"]["body"]["choices"][0]["message"]["content"] for r in out] == \
+        [f"answer {i}" for i in range(5)]
+    assert all(r["response"]["body"]["object"] == "chat.completion" for r in out)
+    assert all(r["id"].startswith("batch_req_") and r["response"]["request_id"] for r in out)
+    errors = {r["custom_id"]: r for r in records(scripted, done.error_file_id)}
+    assert errors["missing-model"]["response"]["status_code"] == 404
+    assert errors["missing-model"]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert errors["bad-script"]["response"]["status_code"] == 500
+
+
+def test_no_valid_line_fails_validation(client, batch_worker):
+    lines = [b"nonsense", {"custom_id": "a", "method": "GET", "url": "/v1/embeddings", "body": {}},
+             embed_line("b", [])]
+    done = wait(client, submit(client, lines, "/v1/embeddings").id)
+    assert done.status == "failed" and done.failed_at
+    assert [(e.line, e.code) for e in done.errors.data] == \
+        [(1, "invalid_json_line"), (2, "invalid_method"), (3, "invalid_body")]
+    assert done.output_file_id is None
+
+
+def test_batch_requests_are_validated(client):
+    f = client.files.create(file=("x.jsonl", io.BytesIO(jsonl([chat_line("a")]))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/embeddings",
+                              completion_window="24h")
+    assert e.value.body["param"] == "input_file_id"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/images", completion_window="24h")
+    assert e.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                              completion_window="1h")
+    assert e.value.body["param"] == "completion_window"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                              completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 3600})
+    assert e.value.body["param"] == "output_expires_after"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+
+
+def test_list_and_cancel(scripted, batch_worker):
+    lines = [chat_line(f"s{i}", tokens=["a", "b"], delay=0.1) for i in range(24)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.request_counts.completed >= 4)
+    assert scripted.batches.list(limit=1).data[0].id == batch.id
+    assert scripted.batches.cancel(batch.id).status == "cancelling"
+    done = wait(scripted, batch.id)
+    assert done.status == "cancelled" and done.cancelling_at and done.cancelled_at
+    n = done.request_counts.completed
+    assert 4 <= n < 24 and done.request_counts.failed == 0
+    assert len(records(scripted, done.output_file_id)) == n
+    finished = wait(scripted, submit(scripted, lines[:1], "/v1/chat/completions").id)
+    with pytest.raises(openai.BadRequestError):
+        scripted.batches.cancel(finished.id)
+
+
+def test_interactive_requests_overtake_batch_lines(scripted, batch_worker, redis_server,
+                                                  synthetic_worker):
+    """Batch lines wait behind interactive requests in the model's queue: an interactive
+    request runs before the batch lines that were already queued when it arrived."""
+    r = redis.Redis.from_url(redis_server.url)
+    bulk_list = "ferry.synthetic\x06\x169"  # kombu's list for priority 9 on that queue
+    lines = [chat_line(f"p{i}", tokens=["x"] * 3, delay=0.1) for i in range(24)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: r.llen(bulk_list) >= 3, timeout=60)
+    queued = {json.loads(m)["headers"]["id"] for m in r.lrange(bulk_list, 0, -1)}
+    reply = scripted.chat.completions.create(
+        model="synthetic", messages=[{"role": "user", "content": json.dumps({"tokens": ["now"]})}])
+    assert reply.choices[0].message.content == "now"
+    done = wait(scripted, batch.id)
+    assert done.request_counts.completed == 24
+    ran = re.findall(r"Task ferry\.generate\[([^\]]+)\] succeeded",
+                     synthetic_worker.log.read_text())
+    assert len(queued) >= 3 and queued <= set(ran)
+    assert all(ran.index(reply.id) < ran.index(q) for q in queued)
+
+
+def generations_run(worker) -> int:
+    return len(re.findall(r"Task ferry\.generate\[[^\]]+\] succeeded", worker.log.read_text()))
+
+
+def test_killed_batch_worker_loses_and_duplicates_nothing(scripted, batch_worker,
+                                                          synthetic_worker):
+    lines = [chat_line(f"k{i}", tokens=[f"{i}"], delay=0.15) for i in range(32)]
+    runs_before = generations_run(synthetic_worker)
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.request_counts.completed >= 8)
+    batch_worker.stop(signal.SIGKILL)
+    assert batch_worker.proc.returncode == -signal.SIGKILL
+    mid = scripted.batches.retrieve(batch.id)
+    assert mid.status == "in_progress" and mid.request_counts.completed < 32
+    batch_worker.start()
+    done = wait(scripted, batch.id, timeout=180)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (32, 0)
+    out = records(scripted, done.output_file_id)
+    assert [r["custom_id"] for r in out] == [f"k{i}" for i in range(32)]
+    assert [r["response"]["body"]["choices"][0]["message"]["content"] for r in out] == \
+        [f"{i}" for i in range(32)]
+    assert done.error_file_id is None
+    # The kill interrupted chunks in flight: their lines ran again, yet appear once.
+    assert generations_run(synthetic_worker) - runs_before > 32
+
+
+def test_lines_not_started_by_the_deadline_expire(scripted, batch_worker, redis_server):
+    lines = [chat_line(f"e{i}", tokens=["a"], delay=0.1) for i in range(24)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.request_counts.completed >= 4)
+    # Move the 24 h window's end to now (white box: the batch's fixed fields, in Redis).
+    r = redis.Redis.from_url(redis_server.url)
+    static = json.loads(r.hget(f"ferry:batch:{batch.id}", "static"))
+    r.hset(f"ferry:batch:{batch.id}", "static", json.dumps({**static, "expires_at": int(time.time())}))
+    done = wait(scripted, batch.id)
+    assert done.status == "expired" and done.expired_at
+    counts = done.request_counts
+    assert counts.completed >= 4 and counts.failed > 0 and counts.completed + counts.failed == 24
+    expired = records(scripted, done.error_file_id)
+    assert {r["error"]["code"] for r in expired} == {"batch_expired"}
+    assert len(records(scripted, done.output_file_id)) == counts.completed

@@ -1,0 +1,57 @@
+"""The Batch API: /v1/batches. A batch is validated and run by batch workers
+(``tasks/batch_worker.py``) from the ``ferry.batch`` queue; this only records and reports it."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+
+from config.errors import InvalidRequest, NotFound
+from tasks.batchstore import BatchStore
+from tasks.filestore import FileStore
+from tasks.protocol import BATCH_QUEUE, BATCH_START_TASK
+from web.schemas.batches import CreateBatchRequest, ListBatchesRequest
+from web.validation import parse_body, validate
+
+bp = Blueprint("batches", __name__)
+
+
+def batches() -> BatchStore:
+    return BatchStore(current_app.extensions["ferry"].relay.redis)
+
+
+@bp.post("/v1/batches")
+def create_batch():
+    req = parse_body(CreateBatchRequest)
+    ferry = current_app.extensions["ferry"]
+    try:
+        source = FileStore(ferry.relay.redis, ferry.settings.files_dir).get(req.input_file_id)
+    except NotFound:
+        raise InvalidRequest(f"No such file: {req.input_file_id}.", param="input_file_id") from None
+    if source.purpose != "batch":
+        raise InvalidRequest(f"File {source.id} was not uploaded for purpose 'batch'.",
+                             param="input_file_id")
+    batch = batches().create(req.endpoint, req.input_file_id, req.metadata)
+    ferry.batch_celery.send_task(BATCH_START_TASK, args=[batch.id], queue=BATCH_QUEUE)
+    return jsonify(batch.model_dump())
+
+
+@bp.get("/v1/batches")
+def list_batches():
+    q = validate(ListBatchesRequest, request.args.to_dict())
+    found, has_more = batches().list(q.after, q.limit)
+    return jsonify(q.page([b.model_dump() for b in found], has_more))
+
+
+@bp.get("/v1/batches/<batch_id>")
+def retrieve_batch(batch_id: str):
+    return jsonify(batches().get(batch_id).model_dump())
+
+
+@bp.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    store = batches()
+    if not store.transition(batch_id, "cancelling", "validating", "in_progress"):
+        status = store.get(batch_id).status
+        if status not in ("cancelling", "cancelled"):
+            raise InvalidRequest(f"Cannot cancel a batch with status '{status}'.")
+    return jsonify(store.get(batch_id).model_dump())

@@ -1,0 +1,71 @@
+"""The Files API: /v1/files. Files are stored for the Batch API (``tasks/filestore.py``)."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, current_app, jsonify, request, send_file
+
+from config.errors import InvalidRequest, PayloadTooLarge
+from tasks.filestore import FileStore
+from web.schemas.files import CreateFileRequest, ListFilesRequest
+from web.validation import validate
+
+bp = Blueprint("files", __name__)
+
+# Room for the multipart framing and the other form fields around the file itself.
+FORM_OVERHEAD = 64 * 1024
+
+
+def store() -> FileStore:
+    ferry = current_app.extensions["ferry"]
+    return FileStore(ferry.relay.redis, ferry.settings.files_dir)
+
+
+@bp.post("/v1/files")
+def create_file():
+    limit = current_app.extensions["ferry"].settings.max_file_bytes
+    request.max_content_length = limit + FORM_OVERHEAD
+    form = request.form
+    if any(k.startswith("expires_after") for k in form):
+        raise InvalidRequest("Ferry does not expire files; omit expires_after.",
+                             param="expires_after")
+    req = validate(CreateFileRequest, form.to_dict())
+    upload = request.files.get("file")
+    if upload is None:
+        raise InvalidRequest("Missing the 'file' part of the form.", param="file")
+    upload.stream.seek(0, os.SEEK_END)
+    if upload.stream.tell() > limit:
+        raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.", param="file")
+    upload.stream.seek(0)
+    obj = store().put(upload.stream, os.path.basename(upload.filename or "upload.jsonl"),
+                      req.purpose)
+    return jsonify(obj.model_dump())
+
+
+@bp.get("/v1/files")
+def list_files():
+    q = validate(ListFilesRequest, request.args.to_dict())
+    files, has_more = store().list(q.purpose, q.order, q.after, q.limit)
+    return jsonify({"object": "list", "data": [f.model_dump() for f in files],
+                    "first_id": files[0].id if files else None,
+                    "last_id": files[-1].id if files else None, "has_more": has_more})
+
+
+@bp.get("/v1/files/<file_id>")
+def retrieve_file(file_id: str):
+    return jsonify(store().get(file_id).model_dump())
+
+
+@bp.get("/v1/files/<file_id>/content")
+def retrieve_file_content(file_id: str):
+    files = store()
+    obj = files.get(file_id)
+    return send_file(files.open(file_id), mimetype="application/octet-stream",
+                     download_name=obj.filename, as_attachment=True)
+
+
+@bp.delete("/v1/files/<file_id>")
+def delete_file(file_id: str):
+    store().delete(file_id)
+    return jsonify({"id": file_id, "object": "file", "deleted": True})
