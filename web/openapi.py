@@ -10,8 +10,11 @@ from flask import Blueprint, jsonify
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from web.schemas.batches import CreateBatchRequest
 from web.schemas.chat import CreateChatCompletionRequest
 from web.schemas.completions import CreateCompletionRequest
+from web.schemas.embeddings import CreateEmbeddingRequest
+from web.schemas.jobs import CreateJobRequest
 
 bp = Blueprint("openapi", __name__)
 
@@ -26,8 +29,23 @@ OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str]] = [
      "Create a chat completion (streamed as server-sent events with stream=true)"),
     ("post", "/v1/completions", CreateCompletionRequest, "createCompletion",
      "Create a text completion"),
+    ("post", "/v1/embeddings", CreateEmbeddingRequest, "createEmbedding", "Create embeddings"),
     ("get", "/v1/models", None, "listModels", "List the served models"),
     ("get", "/v1/models/{model}", None, "retrieveModel", "Retrieve a model"),
+    ("post", "/v1/jobs", CreateJobRequest, "createJob",
+     "Submit a request as a job (202); collect, watch or cancel it later"),
+    ("get", "/v1/jobs/{job_id}", None, "retrieveJob", "A job's status and result"),
+    ("post", "/v1/jobs/{job_id}/cancel", None, "cancelJob", "Cancel a job"),
+    ("get", "/v1/jobs/{job_id}/events", None, "jobEvents",
+     "A job's events from the start (or Last-Event-ID), then live (server-sent events)"),
+    ("get", "/v1/files", None, "listFiles", "List files"),
+    ("get", "/v1/files/{file_id}", None, "retrieveFile", "Retrieve a file's metadata"),
+    ("get", "/v1/files/{file_id}/content", None, "downloadFile", "A file's content"),
+    ("delete", "/v1/files/{file_id}", None, "deleteFile", "Delete a file"),
+    ("post", "/v1/batches", CreateBatchRequest, "createBatch", "Create a batch"),
+    ("get", "/v1/batches", None, "listBatches", "List batches"),
+    ("get", "/v1/batches/{batch_id}", None, "retrieveBatch", "Retrieve a batch"),
+    ("post", "/v1/batches/{batch_id}/cancel", None, "cancelBatch", "Cancel a batch"),
 ]
 
 
@@ -43,9 +61,10 @@ def document() -> dict:
         if model is not None:
             op["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(model, "validation")]}}}
-        if "{model}" in path:
-            op["parameters"] = [{"name": "model", "in": "path", "required": True,
-                                 "schema": {"type": "string"}}]
+        names = [p[1:-1] for p in path.split("/") if p.startswith("{")]
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True,
+                                 "schema": {"type": "string"}} for n in names]
         paths.setdefault(path, {})[method] = op
     return {"openapi": "3.1.0",
             "info": {"title": "Ferry", "version": "0.1.0",
