@@ -217,3 +217,26 @@ def test_lines_not_started_by_the_deadline_expire(scripted, batch_worker, redis_
     expired = records(scripted, done.error_file_id)
     assert {r["error"]["code"] for r in expired} == {"batch_expired"}
     assert len(records(scripted, done.output_file_id)) == counts.completed
+
+
+def test_cli_runs_a_batch_with_progress_and_downloads_the_output(web, scripted, batch_worker,
+                                                                  tmp_path):
+    import subprocess
+    import sys
+
+    lines = [chat_line(f"c{i}", tokens=[f"answer {i}"]) for i in range(5)]
+    lines.append(chat_line("bad", model="gpt-4o", tokens=["x"]))
+    src, out, err = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    src.write_bytes(jsonl(lines))
+    run = subprocess.run([sys.executable, "-m", "web.cli", "--url", web.url, "batch", str(src),
+                          "--endpoint", "/v1/chat/completions", "-o", str(out),
+                          "--errors", str(err), "--poll", "0.2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "6/6 (1 failed) completed" in run.stderr
+    got = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert {f"c{i}" for i in range(5)} <= set(got)
+    assert got["c2"]["response"]["body"]["choices"][0]["message"]["content"] == "answer 2"
+    assert "bad" not in got
+    errors = {r["custom_id"]: r for r in map(json.loads, err.read_text().splitlines())}
+    assert errors["bad"]["response"]["status_code"] == 404

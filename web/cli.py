@@ -3,6 +3,7 @@
     ferry submit request.json            # tokens on stderr as they come, the body on stdout
     ferry submit request.json --detach   # print the job object and leave
     ferry watch JOB_ID | ferry status JOB_ID | ferry cancel JOB_ID
+    ferry batch requests.jsonl --endpoint /v1/embeddings -o output.jsonl   # the Batch API
 
 A request file holds the body of an OpenAI request (the endpoint is told by its fields:
 ``messages`` chat, ``prompt`` completions, ``input`` embeddings) or a whole job
@@ -21,6 +22,8 @@ import time
 from collections.abc import Iterator
 
 import requests
+
+from web import cli_batch
 
 ENDPOINTS = {"messages": "/v1/chat/completions", "prompt": "/v1/completions",
              "input": "/v1/embeddings"}
@@ -119,9 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("job_id")
         if name == "watch":
             c.add_argument("--quiet", action="store_true")
+    b = sub.add_parser("batch", help="run a JSONL file as a batch, with a progress bar, "
+                       "and download its output")
+    b.add_argument("file", help="the batch input: one request per line (custom_id, method, "
+                   "url, body)")
+    b.add_argument("--endpoint", required=True, choices=sorted(set(ENDPOINTS.values())))
+    b.add_argument("-o", "--output", help="where to write the output file (default: stdout)")
+    b.add_argument("--errors", help="where to write the error file, if there is one")
+    b.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks")
     args = p.parse_args(argv)
     base = args.url.rstrip("/")
     try:
+        if args.command == "batch":
+            return cli_batch.run(call, base, args.file, args.endpoint, args.output,
+                                 args.errors, args.poll)
         if args.command == "status":
             print(json.dumps(call("GET", f"{base}/v1/jobs/{args.job_id}"), indent=2))
             return 0
