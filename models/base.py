@@ -45,8 +45,8 @@ class Backend(ABC):
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
         """The Celery pool and concurrency of a worker serving ``entry``: ("solo", 1) runs one
-        job at a time in the main thread (llama.cpp); ("threads", n) lets n task threads
-        feed one engine that batches them (ExLlamaV2). Decided before the model loads."""
+        job at a time in the main thread; ("threads", n) lets n task threads feed one engine
+        that batches them (llama.cpp, ExLlamaV2). Decided before the model loads."""
         return "solo", 1
 
     def __init__(self, entry: ModelEntry):

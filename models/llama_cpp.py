@@ -63,8 +63,10 @@ class LlamaCppBackend(Backend):
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
         # A task thread per slot, and two more whose jobs are tokenized and waiting when a
-        # slot frees.
-        return "threads", LlamaCppOptions.model_validate(entry.options).parallel + 2
+        # slot frees. With one slot, such waiting jobs would only be held back from another
+        # worker that could start them: one job at a time, as the loop runs it anyway.
+        parallel = LlamaCppOptions.model_validate(entry.options).parallel
+        return ("threads", parallel + 2) if parallel > 1 else ("solo", 1)
 
     def __init__(self, entry: ModelEntry):
         super().__init__(entry)

@@ -2,10 +2,10 @@
 ``python -m tasks.worker --webhooks`` delivers webhooks (see ``tasks/webhooks.py``).
 
 One model per process, loaded once when the worker starts (not before: never load a model
-and then fork). The pool is the backend's: solo (one job at a time in the main thread) for
-llama.cpp; threads for ExLlamaV2, whose task threads feed one batching loop (never prefork:
-CUDA does not survive fork; never gevent: a forward pass would block the hub). Scale with
-more processes or hosts on the same Redis.
+and then fork). The pool is the backend's: threads for llama.cpp and ExLlamaV2, whose task
+threads feed the one batching loop that owns the model's context (never prefork: CUDA does
+not survive fork, and each process would load its own model; never gevent: a forward pass
+would block the hub). Scale with more processes or hosts on the same Redis.
 """
 
 from __future__ import annotations

@@ -292,3 +292,25 @@ def test_shutdown_fails_running_and_waiting_choices():
         assert isinstance(drain(c)[1], GenerationFailed)
     with pytest.raises(queue.Empty):
         waiting.out.get_nowait()
+
+
+@pytest.mark.parametrize("options,pool", [
+    ({}, ("threads", 6)),
+    ({"parallel": 8}, ("threads", 10)),
+    ({"parallel": 1}, ("solo", 1)),
+])
+def test_worker_pool_follows_parallel(options, pool):
+    from config.settings import ModelEntry
+    from models.llama_cpp import LlamaCppBackend
+
+    entry = ModelEntry(name="m", backend="llama_cpp", weights="m.gguf", options=options)
+    assert LlamaCppBackend.worker_pool(entry) == pool
+
+
+def test_parallel_must_be_positive():
+    from pydantic import ValidationError
+
+    from models.llama_cpp import LlamaCppOptions
+
+    with pytest.raises(ValidationError):
+        LlamaCppOptions(parallel=0)
