@@ -29,9 +29,17 @@ SUBJECTS = ["a lighthouse keeper", "a lost robot", "a baker in Paris", "two riva
 TOKENS = 40
 
 
+# Prompt 3 is long (~500 tokens): its neighbours then attend over a longer stretch of cache
+# in the same step, which must change none of their tokens.
+NOTES = " ".join(f"Note {i}: the club meets on day {i} of the month." for i in range(30))
+
+
 def body(k: int, max_tokens: int = TOKENS, **kw) -> dict:
+    content = f"Write a long story about {SUBJECTS[k]}."
+    if k == 3:
+        content = f"{NOTES}\n\n{content}"
     return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, **kw,
-            "messages": [{"role": "user", "content": f"Write a long story about {SUBJECTS[k]}."}]}
+            "messages": [{"role": "user", "content": content}]}
 
 
 @pytest.fixture(scope="module")
