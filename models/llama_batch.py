@@ -23,7 +23,8 @@ instead of after all eight.
 Guarantees to a choice's reader: its events in order (the echoed prompt if asked, Deltas,
 ToolCallDeltas), then exactly one final item — a ``Finish`` (reason ``cancelled`` after a
 cancel) or a ``FerryError``. An exception while decoding fails every choice holding a slot
-and clears the context; waiting choices are not affected.
+and clears the context; one while sampling or writing a choice fails that choice only;
+waiting choices are not affected.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from config.errors import FerryError, GenerationFailed, RequestExpired
 from models import logprobs
-from models.events import Delta, Event, TokenLogprob
+from models.events import Delta, Event, FinishReason, TokenLogprob
 from models.llama_engine import Row
 from models.llama_sampling import ChainSpec
 from models.output import ChoiceWriter
@@ -257,6 +258,15 @@ class BatchLoop:
             self._sample(s, i)
 
     def _sample(self, slot: Slot, i: int) -> None:
+        try:
+            self._next_token(slot, i)
+        except Exception:
+            log.exception("sampling failed; failing that choice")
+            if self._slots.get(slot.seq) is slot:
+                self._release(slot)
+            slot.choice.out.put(GenerationFailed("The model failed while generating."))
+
+    def _next_token(self, slot: Slot, i: int) -> None:
         """Sample slot's next token from output row ``i`` of the last decode."""
         c = slot.choice
         tok = self.engine.sample(slot.sampler, i)
@@ -274,7 +284,7 @@ class BatchLoop:
         else:
             slot.pending = tok
 
-    def _finish(self, slot: Slot, reason) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason) -> None:
         self._release(slot)
         self._send(slot.choice, slot.choice.writer.finish(reason))
 

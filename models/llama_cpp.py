@@ -13,6 +13,7 @@ OpenAI's, which has neither.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import random
@@ -33,6 +34,8 @@ from models.llama_engine import LlamaEngine
 from models.llama_sampling import ChainSpec
 from models.output import ChoiceWriter
 from models.templates import ChatTemplate
+
+log = logging.getLogger(__name__)
 
 # How often a task thread waiting for its choices looks at cancelled(): a cancel reaches
 # the loop within this time (or the next token, whichever is sooner) plus one step.
@@ -84,6 +87,8 @@ class LlamaCppBackend(Backend):
             source, bos_token=self._bos, eos_token=self._special_piece(self.engine.token_eos())
         )
         self.loop = BatchLoop(self.engine).start()
+        log.info("llama.cpp: %d sequences of %d tokens decoded together, %d threads",
+                 opts.parallel, entry.num_ctx, opts.threads())
 
     def _special_piece(self, tok: int) -> str:
         if tok < 0:

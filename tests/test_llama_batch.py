@@ -70,6 +70,8 @@ class EngineDouble:
     def sample(self, chain, i):
         assert self.calls[-1][i].logits
         plan = self.plans.get(chain.spec.seed, [])
+        if chain.sampled < len(plan) and plan[chain.sampled] is None:
+            raise RuntimeError("the sampler broke")
         tok = plan[chain.sampled] if chain.sampled < len(plan) else 1
         chain.sampled += 1
         return tok
@@ -240,6 +242,18 @@ def test_a_decode_failure_fails_the_running_choices_and_clears_the_context(make_
     after = choice(3, max_tokens=4)  # the loop goes on serving
     loop.submit(after)
     assert drain(after)[0] == "aaaa"
+
+
+def test_a_sampling_failure_fails_that_choice_only(make_loop):
+    engine = EngineDouble({1: [1, 1, None], 2: [2] * 6 + [EOS]}, slots=2)
+    loop = make_loop(engine)
+    broken, fine = choice(1), choice(2)
+    loop.submit(broken)
+    loop.submit(fine)
+    text, end, _ = drain(broken)
+    assert text == "aa" and isinstance(end, GenerationFailed)
+    assert drain(fine)[:2] == ("bbbbbb", Finish(0, "stop", 6))
+    assert loop.failures == 0 and all(ch.closed for ch in engine.chains)
 
 
 def test_echo_with_logprobs_opens_the_choice_with_every_prompt_token(make_loop):
