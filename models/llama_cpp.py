@@ -37,9 +37,10 @@ from models.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
-# How often a task thread waiting for its choices looks at cancelled(): a cancel reaches
-# the loop within this time (or the next token, whichever is sooner) plus one step.
-POLL = 0.02
+# How often a task thread waiting for its choices looks at cancelled() when no event comes:
+# a running choice sends one every step, so this bounds only the cancel of a choice still
+# waiting for a slot. Rarer wakeups leave the cores to llama.cpp's threads.
+POLL = 0.1
 
 
 class LlamaCppOptions(BaseModel):
