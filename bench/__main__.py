@@ -21,13 +21,13 @@ from bench.common import BENCH_DIR
 FULL = {
     "overhead": lambda: overhead.run(runs=30),
     "single_stream": lambda: single_stream.run(runs=3, tokens=256),
-    "concurrency": lambda: concurrency.run([1, 8, 32], tokens=64, workers=2, oversubscribe=8),
+    "concurrency": lambda: concurrency.run([1, 8, 32], tokens=64, baseline=2),
     "relay": lambda: relay.run([100, 500, 1000], count=300, rate=20.0, open_rate=100.0),
 }
 QUICK = {
     "overhead": lambda: overhead.run(runs=3),
     "single_stream": lambda: single_stream.run(runs=1, tokens=32),
-    "concurrency": lambda: concurrency.run([1, 4], tokens=16, workers=2, oversubscribe=0),
+    "concurrency": lambda: concurrency.run([1, 4], tokens=16, parallel=4),
     "relay": lambda: relay.run([20, 50], count=20, rate=20.0),
 }
 OTHERS = ("embeddings", "gpu")

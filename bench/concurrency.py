@@ -8,9 +8,11 @@ for the same prompt (cut short, or different). Goal at 8: aggregate >= 1.5x the 
 <= 0.2x the peer's, no empty streams.
 
 Who gets what (say it in every table):
-- Ferry: one gunicorn web process, Redis, and ``--workers`` worker processes with 1 llama.cpp
-  thread each (2 by default: the same two threads the peer gets). With ``--oversubscribe N``,
-  also a second pass with N single-thread workers on the same two cores.
+- Ferry: one gunicorn web process, Redis, and ONE worker process with ``--threads`` llama.cpp
+  threads (2: the same two threads the peer gets) and ``--parallel`` slots (8): concurrent
+  streams are decoded together in one context. With ``--baseline N``, also a second pass
+  with N worker processes of 1 thread and 1 slot each (one stream at a time per process, as
+  Ferry ran before it batched) on the same cores.
 - Peer, tuned: n_threads=2, n_threads_batch=2, interrupt_requests=False (its best setting
   here: with its default, a new request cuts the running stream off).
 - Peer, defaults (only at 8): its defaults as shipped (n_threads=cpu_count//2,
@@ -21,7 +23,8 @@ sampling is greedy (temperature 0) on both, with the peer's repeat_penalty set t
 default is 1.1; Ferry has none), so both must give the same text for the same prompt. Ferry's
 streams must also be complete, non-empty and as long as asked (by its usage count).
 
-    python -m bench.concurrency [--levels 1,8,32] [--tokens 64] [--oversubscribe 8]
+    python -m bench.concurrency [--levels 1,8,32] [--tokens 64] [--threads 2] [--parallel 8]
+                                [--baseline 2]
 """
 
 from __future__ import annotations
@@ -141,11 +144,12 @@ def cross_check(levels: list[Level], reference_side: str) -> None:
                 lv.differs += 1
 
 
-def run(levels: list[int], tokens: int = 64, workers: int = 2, oversubscribe: int = 8) -> dict:
+def run(levels: list[int], tokens: int = 64, threads: int = THREADS, parallel: int = 8,
+        baseline: int = 0) -> dict:
     entry = bench_entry("smollm2")
     path = entry.weights_path()
-    ferry_label = f"Ferry {workers}x1 thread"
-    over_label = f"Ferry {oversubscribe}x1 thread"
+    ferry_label = f"Ferry 1x{threads} threads, {parallel} slots"
+    base_label = f"Ferry {baseline}x1 thread, 1 slot"
     peer_label = f"peer {THREADS} threads"
     out: list[Level] = []
     sets, k = [], 1000
@@ -154,7 +158,8 @@ def run(levels: list[int], tokens: int = 64, workers: int = 2, oversubscribe: in
         k += n
     with Stack("concurrency") as stack:
         stack.redis()
-        stack.workers("smollm2", workers)
+        batched = stack.workers("smollm2", 1, options={"n_threads": threads,
+                                                       "parallel": parallel})
         web = stack.web()
         ferry = Target(ferry_label, web.url, {"stream_options": {"include_usage": True}})
         tuned = stack.peer(path, "tuned", n_ctx=entry.num_ctx, n_threads=THREADS,
@@ -171,18 +176,21 @@ def run(levels: list[int], tokens: int = 64, workers: int = 2, oversubscribe: in
                 out.append(asyncio.run(measure(t, ids, tokens)))
             if n == 8:
                 out.append(asyncio.run(measure(peer_defaults, ids, tokens)))
-        if oversubscribe > workers:
-            stack.workers("smollm2", oversubscribe - workers)
-            over = Target(over_label, web.url, ferry.extra)
+        if baseline:
+            for w in batched:
+                w.stop()
+            stack.workers("smollm2", baseline, options={"n_threads": 1, "parallel": 1})
+            base = Target(base_label, web.url, ferry.extra)
+            asyncio.run(measure(base, [0], 8, quiet=True))
             for ids in sets:
-                out.append(asyncio.run(measure(over, ids, tokens)))
+                out.append(asyncio.run(measure(base, ids, tokens)))
     cross_check(out, peer_label)
-    return report(out, levels, tokens, workers, oversubscribe, ferry_label, peer_label,
-                  over_label)
+    return report(out, levels, tokens, threads, parallel, baseline, ferry_label, peer_label,
+                  base_label)
 
 
-def report(out: list[Level], levels: list[int], tokens: int, workers: int, oversubscribe: int,
-           ferry_label: str, peer_label: str, over_label: str) -> dict:
+def report(out: list[Level], levels: list[int], tokens: int, threads: int, parallel: int,
+           baseline: int, ferry_label: str, peer_label: str, base_label: str) -> dict:
     by = {(lv.side, lv.n): lv for lv in out}
     rows = []
     for lv in out:
@@ -194,8 +202,8 @@ def report(out: list[Level], levels: list[int], tokens: int, workers: int, overs
                      lv.failed, lv.empty, lv.cut, lv.differs])
     print_table(f"Concurrency: {tokens} tokens per stream, all streams sent at once, greedy, "
                 f"one prompt per stream; ratios against '{peer_label}' (llama_cpp.server, "
-                f"interrupt_requests=False). Ferry: 1 web process + Redis + N single-thread "
-                f"workers. Machine: {os.cpu_count()} cores",
+                f"interrupt_requests=False). Ferry: 1 web process + Redis + worker processes as "
+                f"labelled. Machine: {os.cpu_count()} cores",
                 ["side", "streams", "agg tok/s", "vs peer", "TTFT p50 ms", "TTFT p99 ms",
                  "TTFT vs peer", "failed", "empty", "cut short", "differs"], rows)
     f8, p8 = by.get((ferry_label, 8)), by.get((peer_label, 8))
@@ -207,16 +215,17 @@ def report(out: list[Level], levels: list[int], tokens: int, workers: int, overs
         goal["met"] = (goal["aggregate_ratio"] >= GOAL_AGG
                        and goal["ttft_p50_ratio"] <= GOAL_TTFT and goal["empty"] == 0)
     data = {"levels": levels, "tokens": tokens, "threads_budget": THREADS,
-            "sides": {ferry_label: f"Ferry: {workers} worker processes x 1 llama.cpp thread, "
-                                   "1 gunicorn gevent web process, redis-server",
-                      over_label: f"Ferry: {oversubscribe} worker processes x 1 llama.cpp "
-                                  "thread on the same cores (oversubscribed)",
+            "sides": {ferry_label: f"Ferry: 1 worker process, {threads} llama.cpp threads, "
+                                   f"{parallel} sequences decoded together; 1 gunicorn gevent "
+                                   "web process, redis-server",
+                      base_label: f"Ferry: {baseline} worker processes x 1 llama.cpp thread, "
+                                  "one stream at a time each",
                       peer_label: f"python -m llama_cpp.server: n_threads={THREADS}, "
                                   f"n_threads_batch={THREADS}, interrupt_requests=False",
                       "peer defaults": "python -m llama_cpp.server with its defaults "
                                        f"(n_threads={max(1, (os.cpu_count() or 2) // 2)}, "
                                        "interrupt_requests=True)"},
-            "ferry": ferry_label, "peer": peer_label, "oversubscribed": over_label,
+            "ferry": ferry_label, "peer": peer_label, "baseline": base_label,
             "rows": [lv.row() for lv in out], "goal_at_8": goal,
             "goal": {"aggregate_ratio": GOAL_AGG, "ttft_p50_ratio": GOAL_TTFT, "empty": 0}}
     save("concurrency", data)
@@ -231,11 +240,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--oversubscribe", type=int, default=8,
-                   help="a second Ferry pass with this many single-thread workers (0: none)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="llama.cpp threads of Ferry's one worker process")
+    p.add_argument("--parallel", type=int, default=8, help="its slots (sequences batched)")
+    p.add_argument("--baseline", type=int, default=0,
+                   help="a second Ferry pass with this many 1-thread, 1-slot workers (0: none)")
     a = p.parse_args()
-    run([int(x) for x in a.levels.split(",")], a.tokens, a.workers, a.oversubscribe)
+    run([int(x) for x in a.levels.split(",")], a.tokens, a.threads, a.parallel, a.baseline)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def plot(conc: dict) -> None:
     for row in conc["rows"]:
         series.setdefault(row["side"], []).append(row)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {conc["ferry"]: ("tab:blue", "o"), conc["oversubscribed"]: ("tab:cyan", "s"),
+    styles = {conc["ferry"]: ("tab:blue", "o"), conc.get("baseline"): ("tab:cyan", "s"),
               conc["peer"]: ("tab:red", "^"), "peer defaults": ("tab:orange", "x")}
     for side, rows in series.items():
         rows = sorted(rows, key=lambda r: r["streams"])

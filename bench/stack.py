@@ -8,6 +8,7 @@ is llama-cpp-python's own OpenAI server, ``python -m llama_cpp.server``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -33,6 +34,16 @@ ENV = {"FERRY_CONFIG": str(BENCH_CONFIG), "FERRY_WORKER_TIMEOUT": "5",
 _GEVENT_WORKER = ("from gevent import monkey; monkey.patch_all(); import runpy, sys; "
                   "sys.argv[0] = 'tasks.worker'; "
                   "runpy.run_module('tasks.worker', run_name='__main__', alter_sys=True)")
+
+
+def models_env(name: str, options: dict) -> dict[str, str]:
+    """FERRY_MODELS for a worker whose entry ``name`` takes ``options`` over the bench
+    registry's (the registry's other entries unchanged): one process set up differently."""
+    models = tomllib.loads(BENCH_CONFIG.read_text())["models"]
+    for m in models:
+        if m["name"] == name:
+            m["options"] = {**m.get("options", {}), **options}
+    return {"FERRY_MODELS": json.dumps(models)}
 
 
 def bench_entry(name: str) -> ModelEntry:
@@ -87,15 +98,17 @@ class Stack:
         self.redis_url = server.url
         return server.url
 
-    def workers(self, model: str, count: int, *celery_args: str,
-                gevent: bool = False) -> list[Worker]:
+    def workers(self, model: str, count: int, *celery_args: str, gevent: bool = False,
+                options: dict | None = None) -> list[Worker]:
         """``count`` worker processes for ``model``, started together, ready when each has
         sent its first heartbeat (i.e. has loaded its model). ``gevent``: patch the process
         for Celery's gevent pool first, as the ``celery`` command does for ``-P gevent``
-        (``python -m tasks.worker`` does not: its backends compute, they do not wait)."""
+        (``python -m tasks.worker`` does not: its backends compute, they do not wait).
+        ``options``: backend options over the bench registry's, for these processes only."""
+        env = {**ENV, **(models_env(model, options) if options else {})}
         started = []
         for _ in range(count):
-            w = self._add(Worker(model, self.redis_url, self.log_dir, **ENV))
+            w = self._add(Worker(model, self.redis_url, self.log_dir, **env))
             if gevent:
                 w.argv = [sys.executable, "-c", _GEVENT_WORKER, *w.argv[3:], "-P", "gevent"]
             w.argv = [*w.argv, *celery_args]

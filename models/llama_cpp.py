@@ -1,31 +1,46 @@
-"""The CPU backend: a GGUF model run by llama.cpp through llama-cpp-python.
+"""The CPU backend: a GGUF model run by llama.cpp through llama-cpp-python, with continuous
+batching.
 
-One ``Llama`` per worker process (llama.cpp contexts are not thread-safe; the worker runs one
-job at a time). Sampling is set in full on every call (``models.llama_engine``):
-llama-cpp-python's defaults (top_k 40, min_p 0.05) are not OpenAI's, which has neither.
-The choices of a job are generated one after another; each reuses the prompt's KV cache.
+One engine per worker process (``models.llama_engine``): one model and one llama.cpp context
+of ``parallel`` sequences, owned by one loop thread (``models.llama_batch``). The worker runs
+a Celery threads pool; ``generate`` runs in a task thread: it renders and tokenizes the
+prompt, checks it, submits one ``Choice`` per choice to the loop and yields the events the
+loop sends back. Concurrent requests — and the ``n`` choices of one — are decoded together,
+one token each per llama_decode. Sampling is set in full for every choice
+(``models.llama_sampling``): llama-cpp-python's defaults (top_k 40, min_p 0.05) are not
+OpenAI's, which has neither.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import random
 from collections.abc import Iterator
 
-import llama_cpp
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from config.errors import ContextLengthExceeded, InvalidRequest
+from config.errors import ContextLengthExceeded, FerryError, InvalidRequest
 from config.settings import ModelEntry
-from models import constraints, logprobs, tools
+from models import constraints, tools
 from models.base import Backend, Cancelled
-from models.events import Delta, Done, Event, Finish, Started, TokenLogprob
 from models.constraints import Constraint
+from models.events import Done, Event, Finish, Started
 from models.gbnf import compile_gbnf
 from models.job import GenerationJob
-from models.llama_engine import ChainSpec, FerryLlama, check_grammar
+from models.llama_batch import BatchLoop, Choice
+from models.llama_engine import LlamaEngine
+from models.llama_sampling import ChainSpec
 from models.output import ChoiceWriter
 from models.templates import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+# How often a task thread waiting for its choices looks at cancelled() when no event comes:
+# a running choice sends one every step, so this bounds only the cancel of a choice still
+# waiting for a slot. Rarer wakeups leave the cores to llama.cpp's threads.
+POLL = 0.1
 
 
 class LlamaCppOptions(BaseModel):
@@ -35,6 +50,12 @@ class LlamaCppOptions(BaseModel):
     n_threads: int = 0
     # Prompt tokens evaluated per llama_decode call.
     n_batch: int = 512
+    # Sequences decoded together (slots), each with num_ctx tokens of KV cache: 4 keeps a
+    # new request from waiting behind up to 3 others at 4x the cache of one.
+    parallel: int = Field(default=4, ge=1, le=64)
+
+    def threads(self) -> int:
+        return self.n_threads or max(1, (os.cpu_count() or 2) - 1)
 
 
 class LlamaCppBackend(Backend):
@@ -43,40 +64,41 @@ class LlamaCppBackend(Backend):
     supports_logit_bias = True
     supports_echo = True
 
+    @classmethod
+    def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
+        # A task thread per slot, and two more whose jobs are tokenized and waiting when a
+        # slot frees. With one slot, such waiting jobs would only be held back from another
+        # worker that could start them: one job at a time, as the loop runs it anyway.
+        parallel = LlamaCppOptions.model_validate(entry.options).parallel
+        return ("threads", parallel + 2) if parallel > 1 else ("solo", 1)
+
     def __init__(self, entry: ModelEntry):
         super().__init__(entry)
         opts = LlamaCppOptions.model_validate(entry.options)
-        threads = opts.n_threads or max(1, (os.cpu_count() or 2) - 1)
         path = entry.weights_path()
         if not path.is_file():
             raise FileNotFoundError(f"model {entry.name!r}: weights not found at {path}")
-        self.llm = FerryLlama(
-            model_path=str(path), n_ctx=entry.num_ctx, n_batch=opts.n_batch,
-            n_threads=threads, n_threads_batch=threads, verbose=False,
-        )
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self._is_eog = lambda tok: bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
-        self._fim = (llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab),
-                     llama_cpp.llama_vocab_fim_mid(vocab))
+        self.engine = LlamaEngine(str(path), num_ctx=entry.num_ctx, slots=opts.parallel,
+                                  n_batch=opts.n_batch, n_threads=opts.threads())
+        self._fim = self.engine.fim_tokens()
         self.supports_fim = all(t >= 0 for t in self._fim)
-        self._bos = self._special_piece(self.llm.token_bos())
-        source = self.llm.metadata.get("tokenizer.chat_template")
+        self._bos = self._special_piece(self.engine.token_bos())
+        source = self.engine.metadata.get("tokenizer.chat_template")
         self.template = source and ChatTemplate(
-            source, bos_token=self._bos, eos_token=self._special_piece(self.llm.token_eos())
+            source, bos_token=self._bos, eos_token=self._special_piece(self.engine.token_eos())
         )
+        self.loop = BatchLoop(self.engine).start()
+        log.info("llama.cpp: %d sequences of %d tokens decoded together, %d threads",
+                 opts.parallel, entry.num_ctx, opts.threads())
 
     def _special_piece(self, tok: int) -> str:
         if tok < 0:
             return ""
-        return self.llm.detokenize([tok], special=True).decode("utf-8", "replace")
-
-    def _piece(self, tok: int) -> bytes:
-        """A token's bytes as text; control tokens (which have none) by their name."""
-        return self.llm.detokenize([tok]) or self.llm.detokenize([tok], special=True)
+        return self.engine.detokenize([tok], special=True).decode("utf-8", "replace")
 
     def check(self, job: GenerationJob) -> None:
         super().check(job)
-        n_vocab = self.llm.n_vocab()
+        n_vocab = self.engine.n_vocab
         for param, ids in (("logit_bias", job.sampling.logit_bias),
                            ("prompt", job.prompt if isinstance(job.prompt, list) else ())):
             bad = next((t for t in ids if not 0 <= t < n_vocab), None)
@@ -88,12 +110,18 @@ class LlamaCppBackend(Backend):
 
     def prompt_tokens(self, job: GenerationJob) -> list[int]:
         if job.messages is not None:
-            return self._chat_tokens(job)
-        if job.suffix is not None:
-            return self._infill_tokens(job)
-        if isinstance(job.prompt, list):
-            return list(job.prompt)
-        return self.llm.tokenize((job.prompt or "").encode(), add_bos=True, special=True)
+            tokens = self._chat_tokens(job)
+        elif job.suffix is not None:
+            tokens = self._infill_tokens(job)
+        elif isinstance(job.prompt, list):
+            tokens = list(job.prompt)
+        else:
+            tokens = self.engine.tokenize((job.prompt or "").encode(), add_bos=True,
+                                          special=True)
+        if not tokens:
+            raise InvalidRequest("The prompt is empty.",
+                                 param="messages" if job.messages is not None else "prompt")
+        return tokens
 
     def _chat_tokens(self, job: GenerationJob) -> list[int]:
         if not self.template:
@@ -105,7 +133,7 @@ class LlamaCppBackend(Backend):
         native = t.tool_format.native and job.calls_tools
         text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
         add_bos = not (self._bos and text.startswith(self._bos))
-        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+        return self.engine.tokenize(text.encode(), add_bos=add_bos, special=True)
 
     def _infill_tokens(self, job: GenerationJob) -> list[int]:
         """Prefix-suffix-middle order, as llama.cpp's server builds infill prompts."""
@@ -114,12 +142,13 @@ class LlamaCppBackend(Backend):
         def tok(text: str | list[int] | None) -> list[int]:
             if isinstance(text, list):
                 return list(text)
-            return self.llm.tokenize((text or "").encode(), add_bos=False, special=False)
+            return self.engine.tokenize((text or "").encode(), add_bos=False, special=False)
 
-        bos = self.llm.tokenize(b"", add_bos=True, special=False)
+        bos = self.engine.tokenize(b"", add_bos=True, special=False)
         return [*bos, pre, *tok(job.prompt), suf, *tok(job.suffix), mid]
 
     def _budget(self, job: GenerationJob, n_prompt: int) -> int:
+        """max_tokens, after checking prompt + completion against one sequence's context."""
         n_ctx = self.entry.num_ctx
         wanted = job.max_tokens if job.max_tokens is not None else max(0, n_ctx - n_prompt)
         if n_prompt + max(wanted, 1) > n_ctx:
@@ -137,80 +166,75 @@ class LlamaCppBackend(Backend):
             return None
         param = "tools" if constraint.is_tool_call else "response_format"
         gbnf = compile_gbnf(constraint, param)
-        check_grammar(self.llm, gbnf)
+        self.engine.check_grammar(gbnf)
         return gbnf
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
-        prompt = self.prompt_tokens(job)
-        max_tokens = self._budget(job, len(prompt))
+    def choices(self, job: GenerationJob, prompt: list[int], max_tokens: int) -> list[Choice]:
+        """One ``Choice`` per choice of the job, all reading into one queue."""
         fmt = self.template.tool_format if self.template else tools.FERRY
         constraint = constraints.for_job(job, fmt)
         grammar = self._grammar(constraint)
-        yield Started(worker="", prompt_tokens=len(prompt))
-        base_seed = job.sampling.seed if job.sampling.seed is not None else random.getrandbits(31)
-        echo = self._echo(job, prompt) if job.echo else None
-        total = 0
+        s = job.sampling
+        base_seed = s.seed if s.seed is not None else random.getrandbits(31)
+        echo = self._echo_text(job, prompt) if job.echo else None
+        out: queue.Queue = queue.Queue()
+        made = []
         for index in range(job.n):
-            if echo is not None:
-                yield Delta(index, echo[0], tokens=0, logprobs=echo[1], prompt=True)
-            if cancelled():
-                yield Finish(index, "cancelled", 0)
-                continue
-            chain = ChainSpec(job.sampling, base_seed + index, grammar, self.entry.num_ctx)
             calls = tools.CallParser(constraint.text_allowed, fmt) \
                 if constraint is not None and constraint.is_tool_call else None
-            writer = ChoiceWriter(index, job.stop, calls)
-            fresh = echo is not None and echo[1] is not None and index == 0
-            finish = yield from self._choice(job, writer, prompt, max_tokens, chain, cancelled,
-                                             fresh)
-            total += finish.completion_tokens
-            yield finish
+            made.append(Choice(
+                index=index, prompt=prompt, max_tokens=max_tokens,
+                chain=ChainSpec(s, base_seed + index, grammar, self.entry.num_ctx),
+                writer=ChoiceWriter(index, job.stop, calls), top_logprobs=job.top_logprobs,
+                echo=echo, deadline=job.deadline, out=out))
+        return made
+
+    def _echo_text(self, job: GenerationJob, prompt: list[int]) -> str:
+        if isinstance(job.prompt, str):
+            return job.prompt
+        return self.engine.detokenize(prompt).decode("utf-8", "replace")
+
+    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
+        prompt = self.prompt_tokens(job)
+        max_tokens = self._budget(job, len(prompt))
+        choices = self.choices(job, prompt, max_tokens)
+        yield Started(worker="", prompt_tokens=len(prompt))
+        for c in choices:
+            self.loop.submit(c)
+        total = yield from self._follow(choices, cancelled)
         yield Done(prompt_tokens=len(prompt), completion_tokens=total)
 
-    def _echo(self, job: GenerationJob, prompt: list[int]
-              ) -> tuple[str, list[TokenLogprob] | None]:
-        text = job.prompt if isinstance(job.prompt, str) else \
-            self.llm.detokenize(prompt).decode("utf-8", "replace")
-        if job.top_logprobs is None:
-            return text, None
-        return text, self.llm.prompt_logprobs(prompt, job.top_logprobs, self._piece)
-
-    def _choice(self, job: GenerationJob, writer: ChoiceWriter, prompt: list[int],
-                max_tokens: int, chain: ChainSpec, cancelled: Cancelled, fresh: bool):
-        """One choice; ``fresh``: the prompt has just been evaluated from scratch."""
-        s = job.sampling
-        if (s.seed is not None or s.temperature == 0) and not fresh:
-            # Reproducible requests evaluate the prompt from scratch: reusing a cached prefix
-            # changes the batch shape and so, in the last bits, the logits.
-            self.llm.reset()
-        reason = "length"
-        self.llm.chain = chain
-        gen = self.llm.generate(prompt, temp=s.temperature)
+    def _follow(self, choices: list[Choice], cancelled: Cancelled):
+        """Yield the choices' events until each has finished; returns the tokens generated."""
+        out = choices[0].out
+        open_ = {c.index: c for c in choices}
+        total, cancelling = 0, False
         try:
-            while writer.tokens < max_tokens:
-                if cancelled():
-                    reason = "cancelled"
-                    break
-                tok = next(gen)
-                if self._is_eog(tok):
-                    reason = "stop"
-                    break
-                lp = None
-                if job.top_logprobs is not None:
-                    lp = logprobs.entry(self.llm.last_logprobs(), tok, job.top_logprobs,
-                                        self._piece)
-                yield from writer.add(self.llm.detokenize([tok]), lp)
-                if writer.stopped:
-                    reason = "stop"
-                    break
+            while open_:
+                if not cancelling and cancelled():
+                    cancelling = True
+                    for c in open_.values():
+                        self.loop.cancel(c)
+                try:
+                    item = out.get(timeout=POLL)
+                except queue.Empty:
+                    continue
+                if isinstance(item, FerryError):
+                    raise item
+                if isinstance(item, Finish):
+                    del open_[item.index]
+                    total += item.completion_tokens
+                    yield item
+                elif not cancelling:  # nothing more reaches a client that has gone
+                    yield item
+            return total
         finally:
-            gen.close()
-            self.llm.chain = None
-        events = writer.finish(reason)
-        yield from events[:-1]
-        return events[-1]
+            # An error in one choice, or the consumer closing us: stop the others too.
+            for c in open_.values():
+                self.loop.cancel(c)
 
     def close(self) -> None:
-        self.llm.close()
+        self.loop.close()
+        self.engine.close()

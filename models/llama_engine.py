@@ -1,104 +1,152 @@
-"""llama.cpp plumbing for the CPU backend: our own sampler chain, logits, prompt logprobs.
+"""llama.cpp plumbing for the CPU backend: one model, one context of several sequences.
 
-``Llama.generate`` builds its sampler with ``_init_sampler``, whose chain has no logit bias
-and whose Python logits-processor hook is marked "probably broken" upstream. ``FerryLlama``
-replaces it with a chain built natively from the job: logit bias, OpenAI penalties, grammar,
-then greedy or top-p / temperature / seeded draw. Everything stays inside llama.cpp.
+The context holds ``slots`` sequences, each in its own KV stream (``kv_unified = False``):
+a sequence's logits then do not depend on which other sequences share a decode call, so a
+temperature-0 reply is the same token for token whether it ran alone or with others (with a
+unified cache they differed here). Its ``n_ctx`` is split evenly among the streams, hence
+``slots * num_ctx``.
+
+Thread safety: the model's vocabulary is read-only, so tokenizing and spelling tokens
+(``tokenize``, ``detokenize``, ``piece``, ``is_eog``) may run in any thread; everything
+that touches the context (``decode``, ``logits``, ``sample``, ``clear``) is for the one loop
+thread that owns it (``models.llama_batch``).
 """
 
 from __future__ import annotations
 
-import ctypes
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals
+from llama_cpp._logger import set_verbose
 
-from config.errors import InvalidRequest
-from models.events import TokenLogprob
-from models.job import Sampling
-from models.logprobs import Piece, entry, log_softmax
+from models.llama_sampling import ChainSpec, build_chain, check_grammar
 
 
-@dataclass(frozen=True)
-class ChainSpec:
-    sampling: Sampling
-    seed: int
-    grammar: str | None = None
-    # Penalties look back this many generated tokens (the whole context: OpenAI's
-    # penalties count every token generated so far).
-    penalty_last_n: int = 0
+class Row(NamedTuple):
+    """One token of a decode call: ``logits`` asks for its output row."""
+
+    token: int
+    pos: int
+    seq: int
+    logits: bool
 
 
-class FerryLlama(llama_cpp.Llama):
-    """``Llama`` whose ``generate`` samples with the chain described by ``self.chain``."""
+class DecodeFailed(RuntimeError):
+    """llama_decode refused or failed a batch (no room in the cache, an abort, a bug)."""
 
-    chain: ChainSpec | None = None
 
-    def _init_sampler(self, **_ignored) -> _internals.LlamaSampler:
-        spec = self.chain
-        if spec is None:
-            raise RuntimeError("FerryLlama.generate needs a chain spec")
-        s = spec.sampling
-        sampler = _internals.LlamaSampler()
-        if s.logit_bias:
-            sampler.add_logit_bias(self._n_vocab, dict(s.logit_bias))
-        if s.frequency_penalty or s.presence_penalty:
-            sampler.add_penalties(n_vocab=self._n_vocab, penalty_last_n=spec.penalty_last_n,
-                                  penalty_repeat=1.0, penalty_freq=s.frequency_penalty,
-                                  penalty_present=s.presence_penalty)
-        if spec.grammar is not None:
-            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar_sampler(self, spec.grammar))
-        if s.temperature == 0:
-            sampler.add_greedy()
+class LlamaEngine:
+    def __init__(self, path: str, num_ctx: int, slots: int, n_batch: int, n_threads: int):
+        set_verbose(False)  # llama.cpp logs every context it builds to stderr otherwise
+        llama_cpp.llama_backend_init()
+        self.model = _internals.LlamaModel(path_model=path,
+                                           params=llama_cpp.llama_model_default_params(),
+                                           verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self.slots, self.num_ctx = slots, num_ctx
+        # A decode step holds one token per slot, so a batch must take at least that many.
+        self.n_batch = max(n_batch, slots)
+        self.ctx = _internals.LlamaContext(model=self.model, params=self._params(n_threads),
+                                           verbose=False)
+        per_seq = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
+        if per_seq < num_ctx:
+            self.close()
+            raise RuntimeError(f"llama.cpp gave each sequence {per_seq} tokens of context, "
+                               f"fewer than num_ctx {num_ctx}")
+        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1,
+                                            verbose=False)
+
+    def _params(self, n_threads: int):
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = self.slots * self.num_ctx
+        p.n_batch = self.n_batch
+        p.n_ubatch = min(self.n_batch, 512)
+        p.n_seq_max = self.slots
+        p.kv_unified = False
+        p.n_threads = p.n_threads_batch = n_threads
+        # As llama-cpp-python's Llama (and so its server) runs: same logits, same greedy text.
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.no_perf = True
+        return p
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.model.metadata()
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        return self.model.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> bytes:
+        return self.model.detokenize(tokens, special=special)
+
+    def piece(self, tok: int) -> bytes:
+        """A token's bytes as text; control tokens (which have none) by their name."""
+        return self.detokenize([tok]) or self.detokenize([tok], special=True)
+
+    def text_piece(self, tok: int) -> bytes:
+        """A generated token's bytes as the reply's text (control tokens add nothing)."""
+        return self.detokenize([tok])
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, tok))
+
+    def token_bos(self) -> int:
+        return self.model.token_bos()
+
+    def token_eos(self) -> int:
+        return self.model.token_eos()
+
+    def fim_tokens(self) -> tuple[int, int, int]:
+        v = self.vocab
+        return (llama_cpp.llama_vocab_fim_pre(v), llama_cpp.llama_vocab_fim_suf(v),
+                llama_cpp.llama_vocab_fim_mid(v))
+
+    def check_grammar(self, gbnf: str) -> None:
+        check_grammar(self.vocab, gbnf)
+
+    # -- the loop thread only -----------------------------------------------------------------
+
+    def new_chain(self, spec: ChainSpec) -> _internals.LlamaSampler:
+        return build_chain(self.vocab, self.n_vocab, spec)
+
+    def decode(self, rows: Sequence[Row]) -> None:
+        """One llama_decode of ``rows`` (at most ``n_batch``). With separate KV streams,
+        llama.cpp splits a batch into one micro-batch per run of consecutive sequence ids,
+        taken in batch order: callers list rows by ascending ``seq``."""
+        b = self._batch.batch
+        for i, r in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i] = r.token, r.pos, 1
+            b.seq_id[i][0], b.logits[i] = r.seq, r.logits
+        b.n_tokens = len(rows)
+        code = llama_cpp.llama_decode(self.ctx.ctx, b)
+        if code != 0:
+            raise DecodeFailed(f"llama_decode returned {code}")
+
+    def logits(self, i: int) -> np.ndarray:
+        """The output row of row ``i`` of the last decode: a view, valid until the next one."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def sample(self, chain: _internals.LlamaSampler, i: int) -> int:
+        return llama_cpp.llama_sampler_sample(chain.sampler, self.ctx.ctx, i)
+
+    def clear(self, seq: int | None = None) -> None:
+        """Forget sequence ``seq``'s cache (every sequence's with None)."""
+        mem = self.ctx.memory
+        if seq is None:
+            llama_cpp.llama_memory_clear(mem, True)
         else:
-            if s.top_p < 1.0:
-                sampler.add_top_p(s.top_p, 1)
-            sampler.add_temp(s.temperature)
-            sampler.add_dist(spec.seed)
-        return sampler
+            llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
 
-    def last_logprobs(self) -> np.ndarray:
-        """Log-softmax of the logits that produced the token ``generate`` just yielded."""
-        ptr = self._ctx.get_logits_ith(-1)
-        return log_softmax(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)))
-
-    def prompt_logprobs(self, tokens: list[int], top_n: int, piece: Piece) -> list[TokenLogprob]:
-        """Each prompt token's entry (the first has no log probability: nothing predicts it).
-
-        Evaluates the prompt with logits for every position (chunk by chunk: logits for all
-        of an 8k context at once would be gigabytes) and leaves it in the KV cache, so the
-        following ``generate`` starts sampling at once.
-        """
-        self.reset()
-        out = [entry(None, tokens[0], top_n, piece)] if tokens else []
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            self._ctx.kv_cache_seq_rm(-1, start, -1)
-            self._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-            self._ctx.decode(self._batch)
-            logits = np.ctypeslib.as_array(self._ctx.get_logits(),
-                                           shape=(len(chunk), self._n_vocab))
-            for i in range(len(chunk)):
-                if start + i + 1 < len(tokens):
-                    nxt = tokens[start + i + 1]
-                    out.append(entry(log_softmax(logits[i]), nxt, top_n, piece))
-            self.input_ids[start:start + len(chunk)] = chunk
-            self.n_tokens = start + len(chunk)
-        self._requires_eval = False
-        return out
-
-
-def grammar_sampler(llm: llama_cpp.Llama, gbnf: str) -> ctypes.c_void_p:
-    """A fresh grammar sampler (grammars hold parse state: one per choice)."""
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    ptr = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
-    if not ptr:
-        raise InvalidRequest("The output constraint could not be compiled into a grammar.",
-                             param="response_format")
-    return ptr
-
-
-def check_grammar(llm: llama_cpp.Llama, gbnf: str) -> None:
-    llama_cpp.llama_sampler_free(grammar_sampler(llm, gbnf))
+    def close(self) -> None:
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            batch.close()
+        self.ctx.close()
+        self.model.close()

@@ -2,11 +2,11 @@
 ``python -m tasks.worker --webhooks`` delivers webhooks (see ``tasks/webhooks.py``).
 
 One model per process, loaded once when the worker starts (not before: never load a model
-and then fork). The pool is the backend's (``worker_pool`` in ``models/base.py``): solo (one
-job at a time in the main thread) for an engine that runs one job at a time; threads where
-task threads feed one batching engine (ExLlamaV2, embeddings) — never prefork: CUDA does not
-survive fork; never gevent: a forward pass would block the hub. Scale with more processes or
-hosts on the same Redis.
+and then fork). The pool is the backend's (``worker_pool`` in ``models/base.py``): threads
+where task threads feed the one batching loop that owns the model (llama.cpp with parallel
+slots, ExLlamaV2, embeddings), solo where an engine runs one job at a time — never prefork:
+CUDA does not survive fork, and each process would load its own model; never gevent: a
+forward pass would block the hub. Scale with more processes or hosts on the same Redis.
 """
 
 from __future__ import annotations
