@@ -240,3 +240,20 @@ def test_cli_runs_a_batch_with_progress_and_downloads_the_output(web, scripted, 
     assert "bad" not in got
     errors = {r["custom_id"]: r for r in map(json.loads, err.read_text().splitlines())}
     assert errors["bad"]["response"]["status_code"] == 404
+
+
+def test_batch_lines_are_not_refused_by_the_interactive_in_flight_limit(
+        scripted, batch_worker, redis_server, logs):
+    from tests.services import Worker
+
+    worker = Worker("tight", redis_server.url, logs).start()
+    try:
+        lines = [chat_line(f"t{i}", model="tight", tokens=[f"x{i}"], delay=0.01)
+                 for i in range(12)]
+        b = wait(scripted, submit(scripted, lines, "/v1/chat/completions").id)
+        assert b.status == "completed"
+        assert (b.request_counts.completed, b.request_counts.failed) == (12, 0)
+        assert {r["custom_id"] for r in records(scripted, b.output_file_id)} == \
+            {f"t{i}" for i in range(12)}
+    finally:
+        worker.kill()
