@@ -23,6 +23,7 @@ from config.settings import Settings
 from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
                                invalid_to_json, parse, read_lines, response_record, scan)
 from tasks.batch_sender import GroupingSender
+from tasks.protocol import connect
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
 from tasks.filestore import FileStore
 
@@ -39,7 +40,7 @@ class BatchRunner:
         from web import create_app
 
         self.settings = settings
-        redis = redis_lib.Redis.from_url(settings.redis_url)
+        redis = connect(settings.redis_url)
         self.store = BatchStore(redis)
         self.files = FileStore(redis, settings.files_dir)
         # Ferry's web app, in process: lines are its requests. They may wait in a model's

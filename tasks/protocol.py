@@ -75,3 +75,17 @@ def events_log(job_id: str) -> str:
     """The job's replay buffer: a Redis Stream holding every message published on its
     channel, added in the same pipeline and *before* the PUBLISH (see ``web/job_events.py``)."""
     return f"ferry:evlog:{job_id}"
+
+
+def connect(url: str, **kw) -> "redis.Redis":
+    """A Redis client for a process with many concurrent users (greenlets or task threads).
+
+    redis-py 8 caps a pool at 100 connections and then *fails* ("Too many connections"); a
+    blocking pool of the same size makes the 101st user wait for a free connection instead
+    (up to ``timeout`` seconds), so a burst of streams or batch lines never turns into 503s.
+    """
+    import redis
+
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=kw.pop("max_connections", 100),
+                                                 timeout=kw.pop("timeout", 20), **kw)
+    return redis.Redis(connection_pool=pool)

@@ -14,6 +14,7 @@ from flask import Flask
 from config import Registry, Settings, load_settings
 from tasks import webhooks
 from tasks.app import make_batch_celery, make_celery
+from tasks.protocol import connect
 from tasks.jobs.store import JobStore
 from web import auth, errors, janitor, logs, metrics
 from web.relay import Relay
@@ -41,8 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=10,
-                                     socket_connect_timeout=5)
+    redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     celery = make_celery(settings)
     jobs = JobStore(redis, settings, on_end=webhooks.notifier(celery))
     ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs,

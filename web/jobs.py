@@ -31,7 +31,8 @@ from web.validation import parse_body, validate
 bp = Blueprint("jobs", __name__)
 
 # endpoint -> the blueprint module serving it, which exposes ``Request`` (its request class)
-# and ``prepare(req) -> generation.Prepared``.
+# and ``prepare(req) -> generation.Prepared``. /v1/embeddings answers "not available yet"
+# until web/schemas/embeddings.py and web/embeddings.py (with those two names) exist.
 FAMILIES = {
     "/v1/chat/completions": "web.chat",
     "/v1/completions": "web.completions",
