@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis as redis_lib
 from celery import Celery
 
-from config.errors import FerryError, GenerationFailed, RequestExpired
+from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
 from tasks.jobs.record import JobStatus
 from tasks.jobs.shapes import Outcome
@@ -104,7 +104,18 @@ class Runtime:
                 self._cancelled.add(job_id)
 
     def run(self, job: GenerationJob) -> None:
-        """Run one job to its end, publishing every event. Never raises."""
+        """Run one generation job to its end, publishing every event. Never raises."""
+        def produce() -> Iterator[Event]:
+            self.backend.check(job)
+            return self.backend.generate(job, lambda: job.id in self._cancelled)
+
+        self._run(job, produce)
+
+    def embed(self, job: EmbeddingJob) -> None:
+        """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
+        self._run(job, lambda: self._embed(job))
+
+    def _run(self, job: GenerationJob | EmbeddingJob, produce) -> None:
         try:
             record = self.jobs.start(job.id, self.name)
         except redis_lib.RedisError as e:
@@ -125,12 +136,13 @@ class Runtime:
             # A cancel may have landed between the start and joining ``_active``.
             if self.redis.exists(cancel_key(job.id)):
                 self._mark_cancelled(job.id)
-            self.backend.check(job)
-            for event in self.backend.generate(job, lambda: job.id in self._cancelled):
+            for event in produce():
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
                 outcome.add(event)
-                if isinstance(event, Done):
+                if isinstance(event, (Done, Embedded)):
+                    # Recorded before the terminal event is published: a watcher that saw it
+                    # finds the job ended.
                     self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
                                  result=outcome.body(shape))
                 self.publisher.put(job.id, event)
@@ -138,37 +150,10 @@ class Runtime:
             self._fail(job.id, e)
         except Exception:
             log.exception("job %s failed", job.id)
-            self._fail(job.id, GenerationFailed("The model failed while generating."))
+            self._fail(job.id, GenerationFailed("The model failed on this request."))
         finally:
             log.info("finished job=%s cancelled=%s usage=%s seconds=%.3f", job.id,
                      outcome.cancelled, outcome.usage, time.monotonic() - started)
-            with self._jobs_lock:
-                self._active.discard(job.id)
-                self._cancelled.discard(job.id)
-            self._release(job.id)
-            self.publisher.flush()
-
-    # -- embeddings -----------------------------------------------------------------------
-    # Embedding requests are synchronous only (no job record): the worker checks the cancel
-    # key and the deadline itself, then publishes Started and Embedded (or Failed).
-
-    def embed(self, job: EmbeddingJob) -> None:
-        """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
-        with self._jobs_lock:
-            self._active.add(job.id)
-        try:
-            if self._expired(job):
-                return
-            for event in self._embed(job):
-                if isinstance(event, Started):
-                    event = dataclasses.replace(event, worker=self.name)
-                self.publisher.put(job.id, event)
-        except FerryError as e:
-            self.publisher.put(job.id, failed(e))
-        except Exception:
-            log.exception("job %s failed", job.id)
-            self.publisher.put(job.id, failed(GenerationFailed("The model failed on this request.")))
-        finally:
             with self._jobs_lock:
                 self._active.discard(job.id)
                 self._cancelled.discard(job.id)
@@ -187,19 +172,6 @@ class Runtime:
         vectors = shorten(self.batcher.embed(tokens, bulk=job.bulk), job.dimensions)
         yield Embedded(data=to_base64(vectors), count=len(vectors), dimensions=vectors.shape[1],
                        prompt_tokens=n_tokens)
-
-    def _expired(self, job: EmbeddingJob) -> bool:
-        """An embedding whose client has gone (cancelled, or past its deadline) never runs."""
-        try:
-            cancelled = bool(self.redis.exists(cancel_key(job.id)))
-        except redis_lib.RedisError:
-            cancelled = False
-        if cancelled or (job.deadline is not None and time.time() > job.deadline):
-            log.info("job %s skipped: %s", job.id, "cancelled" if cancelled else "expired")
-            self.publisher.put(job.id, failed(RequestExpired(
-                "The request was cancelled or expired before it started.")))
-            return True
-        return False
 
     def _batcher(self) -> MicroBatcher:
         key = stats_key(self.entry.queue)

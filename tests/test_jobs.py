@@ -106,9 +106,20 @@ def test_invalid_submission_is_an_error_now(web, redis_server, envelope, status,
     assert r.zcard("ferry:jobs:pending") == before, "no job may be created"
 
 
-def test_embeddings_jobs_are_not_available_yet(web):
-    r = submit(web, {"model": "synthetic", "input": "hi"}, endpoint="/v1/embeddings")
-    assert r.status_code == 400 and "not available yet" in r.json()["error"]["message"]
+def test_embeddings_job_result_equals_the_synchronous_reply(web, embedder):
+    body = {"model": "all-minilm", "input": ["the ferry leaves at dawn", "and returns at dusk"],
+            "encoding_format": "base64"}
+    sync = requests.post(web.url + "/v1/embeddings", json=body, timeout=30)
+    assert sync.status_code == 200
+    # The synchronous request is a job too.
+    assert get(web, sync.headers["X-Request-Id"]).json()["result"] == sync.json()
+    job = submitted(web, body, endpoint="/v1/embeddings")
+    assert job["id"].startswith("embd-") and job["endpoint"] == "/v1/embeddings"
+    done = wait_status(web, job["id"], "completed")
+    assert done["result"] == sync.json()
+    assert done["result"]["usage"]["prompt_tokens"] > 0
+    bad = submit(web, {"model": "synthetic", "input": "hi"}, endpoint="/v1/embeddings")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "body.model"
 
 
 def test_malformed_submission(web):

@@ -24,7 +24,7 @@ from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
 from models import events
 from models.job import EmbeddingJob, GenerationJob
-from tasks.protocol import BULK_PRIORITY, GENERATE_TASK
+from tasks.protocol import BULK_PRIORITY, EMBED_TASK, GENERATE_TASK
 from web import limits, logs
 from web.merge import MergedSubscription
 from web.relay import Subscription
@@ -49,7 +49,7 @@ class Prepared:
     the synchronous endpoint and for ``/v1/jobs`` alike."""
 
     entry: ModelEntry
-    job: GenerationJob
+    job: GenerationJob | EmbeddingJob
     spec: ResponseSpec
 
 
@@ -94,24 +94,6 @@ def is_bulk() -> bool:
     return bool(request.environ.get(BULK_ENVIRON))
 
 
-def start(entry: ModelEntry, job: EmbeddingJob, task: str) -> Subscription:
-    """For requests that are not recorded as jobs (embeddings): subscribe to the job's
-    events, then enqueue it. Fails fast when no worker is live."""
-    ferry = current_app.extensions["ferry"]
-    g.model = entry.name
-    _check_live(entry)
-    sub = ferry.relay.subscribe(job.id, entry.queue, entry.name)
-    try:
-        ferry.celery.send_task(task, args=[job.model_dump(mode="json")],
-                               queue=entry.queue, task_id=job.id,
-                               expires=ferry.settings.queue_timeout,
-                               priority=BULK_PRIORITY if is_bulk() else None)
-    except Exception as e:
-        sub.close()
-        raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
-    return sub
-
-
 def _check_live(entry: ModelEntry) -> None:
     ferry = current_app.extensions["ferry"]
     try:
@@ -138,7 +120,8 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -
     except redis_lib.RedisError as e:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     try:
-        ferry.celery.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")],
+        task = EMBED_TASK if isinstance(job, EmbeddingJob) else GENERATE_TASK
+        ferry.celery.send_task(task, args=[job.model_dump(mode="json")],
                                queue=prepared.entry.queue, task_id=job.id,
                                expires=max(1.0, deadline - time.time()),
                                priority=BULK_PRIORITY if is_bulk() else None)
@@ -227,7 +210,7 @@ def collect(sub: Subscription, shape: Shape) -> Response:
     try:
         for ev in follow(sub, client_watch()):
             outcome.add(ev)
-            if isinstance(ev, events.Done):
+            if isinstance(ev, (events.Done, events.Embedded)):
                 return _json(outcome.body(shape), sub.job_id)
     finally:
         sub.close()

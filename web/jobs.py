@@ -31,8 +31,7 @@ from web.validation import parse_body, validate
 bp = Blueprint("jobs", __name__)
 
 # endpoint -> the blueprint module serving it, which exposes ``Request`` (its request class)
-# and ``prepare(req) -> generation.Prepared``. /v1/embeddings answers "not available yet"
-# until web/schemas/embeddings.py and web/embeddings.py (with those two names) exist.
+# and ``prepare(req) -> generation.Prepared``.
 FAMILIES = {
     "/v1/chat/completions": "web.chat",
     "/v1/completions": "web.completions",

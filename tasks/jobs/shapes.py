@@ -13,8 +13,11 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+import numpy as np
+
 from models import events
 from models.events import TokenLogprob
+from models.vectors import from_base64, to_base64
 
 Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
@@ -74,21 +77,25 @@ class Outcome:
     def __init__(self):
         self.choices: dict[int, ChoiceResult] = {}
         self.usage: dict | None = None
+        self.embedded: events.Embedded | None = None
 
     def add(self, ev: events.Event) -> None:
         if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
             self.choices.setdefault(ev.index, ChoiceResult()).add(ev)
         elif isinstance(ev, events.Done):
             self.usage = usage_of(ev)
+        elif isinstance(ev, events.Embedded):
+            self.embedded = ev
+            self.usage = {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}
 
     @property
     def cancelled(self) -> bool:
         return any(c.cancelled for c in self.choices.values())
 
     def body(self, shape: "Shape") -> dict:
-        """The final body; only once ``Done`` was added (backends end every job with it)."""
-        assert self.usage is not None, "body() before Done"
-        return shape.response(self.choices, self.usage)
+        """The final body; only once the job's ``Done`` (or ``Embedded``) was added."""
+        assert self.usage is not None, "body() before the job's last event"
+        return shape.body(self)
 
 
 class Shape(Protocol):
@@ -99,7 +106,7 @@ class Shape(Protocol):
         with ``ev=None``, the choice's opening chunk (None if the endpoint has none)."""
 
     def usage_chunk(self, usage: dict) -> dict: ...
-    def response(self, choices: dict[int, ChoiceResult], usage: dict) -> dict: ...
+    def body(self, outcome: Outcome) -> dict: ...
 
 
 class ShapeBase:
@@ -117,6 +124,37 @@ class ShapeBase:
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._chunk([]), "usage": usage}
+
+    def body(self, outcome: Outcome) -> dict:
+        return self.response(outcome.choices, outcome.usage)
+
+    def response(self, choices: dict[int, ChoiceResult], usage: dict) -> dict:
+        raise NotImplementedError
+
+
+class EmbeddingShape:
+    """``/v1/embeddings``: a list of vectors, as floats or base64 (little-endian float32)."""
+
+    def __init__(self, model: str, encoding_format: str):
+        self.model, self.encoding_format = model, encoding_format
+
+    def chunk(self, index: int, ev: events.Event | None) -> dict | None:
+        return None
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {"usage": usage}
+
+    def body(self, outcome: Outcome) -> dict:
+        ev = outcome.embedded
+        vectors = from_base64(ev.data, ev.dimensions)
+        if self.encoding_format == "base64":
+            rows = [to_base64(v) for v in vectors]
+        else:  # float32 values, written exactly (a float64 holds every float32)
+            rows = vectors.astype(np.float64).tolist()
+        return {"object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": row}
+                         for i, row in enumerate(rows)],
+                "model": self.model, "usage": outcome.usage}
 
 
 def tool_call_delta(ev: events.ToolCallDelta) -> dict:
@@ -235,6 +273,8 @@ class ResponseSpec(BaseModel):
     # Completions: choices returned per prompt, and candidates generated (best_of).
     n: int = 1
     candidates: int = 1
+    # Embeddings: "float" or "base64".
+    encoding_format: str = "float"
 
     def shape(self, job_id: str, model: str, created: int | None = None) -> Shape:
         if self.endpoint == "/v1/chat/completions":
@@ -242,4 +282,6 @@ class ResponseSpec(BaseModel):
         if self.endpoint == "/v1/completions":
             return CompletionShape(job_id, model, created, self.logprobs, self.n,
                                    self.candidates)
+        if self.endpoint == "/v1/embeddings":
+            return EmbeddingShape(model, self.encoding_format)
         raise ValueError(f"no response shape for {self.endpoint}")
