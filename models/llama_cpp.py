@@ -21,18 +21,18 @@ from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.errors import ContextLengthExceeded, FerryError, InvalidRequest
+from config.errors import ContextLengthExceeded, InvalidRequest
 from config.settings import ModelEntry
 from models import constraints, tools
 from models.base import Backend, Cancelled
 from models.constraints import Constraint
-from models.events import Done, Event, Finish, Started
+from models.events import Done, Event, Started
 from models.gbnf import compile_gbnf
 from models.job import GenerationJob
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import LlamaEngine
 from models.llama_sampling import ChainSpec
-from models.output import ChoiceWriter
+from models.output import ChoiceWriter, follow_choices
 from models.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -208,32 +208,8 @@ class LlamaCppBackend(Backend):
 
     def _follow(self, choices: list[Choice], cancelled: Cancelled):
         """Yield the choices' events until each has finished; returns the tokens generated."""
-        out = choices[0].out
-        open_ = {c.index: c for c in choices}
-        total, cancelling = 0, False
-        try:
-            while open_:
-                if not cancelling and cancelled():
-                    cancelling = True
-                    for c in open_.values():
-                        self.loop.cancel(c)
-                try:
-                    item = out.get(timeout=POLL)
-                except queue.Empty:
-                    continue
-                if isinstance(item, FerryError):
-                    raise item
-                if isinstance(item, Finish):
-                    del open_[item.index]
-                    total += item.completion_tokens
-                    yield item
-                elif not cancelling:  # nothing more reaches a client that has gone
-                    yield item
-            return total
-        finally:
-            # An error in one choice, or the consumer closing us: stop the others too.
-            for c in open_.values():
-                self.loop.cancel(c)
+        return (yield from follow_choices(choices[0].out, {c.index: c for c in choices},
+                                          self.loop.cancel, cancelled, POLL))
 
     def close(self) -> None:
         self.loop.close()

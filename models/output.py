@@ -9,6 +9,11 @@ log probability with the text it produced.
 from __future__ import annotations
 
 import codecs
+import queue
+from collections.abc import Callable
+from typing import Any
+
+from config.errors import FerryError
 
 from models.events import Delta, Event, Finish, FinishReason, TokenLogprob, ToolCallDelta
 from models.stops import StopMatcher
@@ -81,3 +86,38 @@ class ChoiceWriter:
         d = Delta(self.index, text, tokens=self._pending, logprobs=self._logprobs or None)
         self._pending, self._logprobs = 0, []
         return d
+
+
+def follow_choices(out: queue.Queue, open_: dict[int, Any], cancel: Callable[[Any], None],
+                   cancelled: Callable[[], bool], poll: float):
+    """Yield a job's choice events from ``out`` until every choice in ``open_`` (index ->
+    the engine's handle) has finished; return the tokens generated.
+
+    Shared by the batching backends, whose engine thread writes Deltas, ToolCallDeltas,
+    Finishes or a ``FerryError`` to ``out``. Once ``cancelled()``, every open choice is
+    cancelled and only Finishes are passed on (nothing more reaches a client that has gone);
+    an error in one choice, or the consumer closing us, cancels the others too.
+    """
+    total, cancelling = 0, False
+    try:
+        while open_:
+            if not cancelling and cancelled():
+                cancelling = True
+                for handle in open_.values():
+                    cancel(handle)
+            try:
+                item = out.get(timeout=poll)
+            except queue.Empty:
+                continue
+            if isinstance(item, FerryError):
+                raise item
+            if isinstance(item, Finish):
+                del open_[item.index]
+                total += item.completion_tokens
+                yield item
+            elif not cancelling:
+                yield item
+        return total
+    finally:
+        for handle in open_.values():
+            cancel(handle)

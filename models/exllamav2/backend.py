@@ -23,7 +23,7 @@ from config.errors import ContextLengthExceeded, FerryError, GenerationFailed, I
 from config.settings import ModelEntry
 from models import constraints, tools
 from models.base import Backend, Cancelled
-from models.events import Delta, Done, Event, Finish, Started, ToolCallDelta
+from models.events import Done, Event, Started
 from models.exllamav2.grammar import Grammar, grammar_for
 from models.exllamav2.loop import BatchLoop, Ticket
 from models.exllamav2.model_dir import ModelDir
@@ -34,6 +34,7 @@ from models.exllamav2.spec import JobSpec
 from models.exllamav2.stops import stop_conditions
 from models.exllamav2.vision import EmbeddingCache, decode_images, image_parts, with_aliases
 from models.job import GenerationJob
+from models.output import follow_choices
 
 log = logging.getLogger(__name__)
 
@@ -223,33 +224,8 @@ class ExLlamaV2Backend(Backend):
 
     def _follow(self, tickets: list[Ticket], out: queue.Queue, cancelled: Cancelled):
         """Yield the choices' events until each has finished; returns the tokens generated."""
-        open_ = {t.stream.index: t for t in tickets}
-        total, cancelling = 0, False
-        try:
-            while open_:
-                if not cancelling and cancelled():
-                    cancelling = True
-                    for t in open_.values():
-                        self.loop.cancel(t)
-                try:
-                    item = out.get(timeout=POLL)
-                except queue.Empty:
-                    continue
-                if isinstance(item, FerryError):
-                    raise item
-                if isinstance(item, (Delta, ToolCallDelta)):
-                    if not cancelling:  # nothing more reaches the client once it has gone
-                        yield item
-                    continue
-                if isinstance(item, Finish):
-                    del open_[item.index]
-                    total += item.completion_tokens
-                    yield item
-            return total
-        finally:
-            # An error in one choice, or the consumer closing us: stop the others too.
-            for t in open_.values():
-                self.loop.cancel(t)
+        return (yield from follow_choices(out, {t.stream.index: t for t in tickets},
+                                          self.loop.cancel, cancelled, POLL))
 
     def close(self) -> None:
         self.loop.close()
