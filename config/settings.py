@@ -21,7 +21,9 @@ from pydantic_settings import (
 
 DEFAULT_CONFIG = Path(__file__).with_name("ferry.toml")
 
-BackendName = Literal["llama_cpp", "exllamav2", "sentence_transformers", "synthetic"]
+BackendName = Literal["llama_cpp", "exllamav2", "sentence_transformers", "onnxruntime",
+                      "synthetic"]
+EMBEDDING_BACKENDS = ("sentence_transformers", "onnxruntime")
 
 
 class ModelEntry(BaseModel):
@@ -55,7 +57,7 @@ class ModelEntry(BaseModel):
 
     @property
     def kind(self) -> Literal["chat", "embedding"]:
-        return "embedding" if self.backend == "sentence_transformers" else "chat"
+        return "embedding" if self.backend in EMBEDDING_BACKENDS else "chat"
 
     def weights_path(self) -> Path:
         if self.weights.startswith("pkg:"):

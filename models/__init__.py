@@ -18,6 +18,7 @@ _BACKENDS = {
     "exllamav2": ("models.exllamav2.backend", "ExLlamaV2Backend", "exllamav2"),
     "sentence_transformers": ("models.sentence_transformers", "SentenceTransformersBackend",
                               "sentence_transformers"),
+    "onnxruntime": ("models.onnx_embeddings", "OnnxEmbeddingBackend", "onnxruntime"),
     "synthetic": ("models.synthetic", "SyntheticBackend", None),
 }
 

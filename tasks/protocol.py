@@ -10,6 +10,11 @@ Every job's messages are also kept, for a while, in a capped stream that watcher
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
+
 CANCEL_CHANNEL = "ferry:cancel"
 CANCEL_TTL = 600
 
@@ -51,7 +56,7 @@ WEBHOOK_TASK = "ferry.webhook"
 # up a model worker.
 WEBHOOK_QUEUE = "ferry.webhooks"
 EMBED_TASK = "ferry.embed"
-EMBED_MANY_TASK = "ferry.embed_many"
+EMBED_PARTS_TASK = "ferry.embed_parts"
 # Celery priorities on Redis: 0 (the default) is taken first. Interactive requests use it;
 # bulk work (the Batch API) is sent at the lowest, so it never sits in front of them.
 BULK_PRIORITY = 9
