@@ -116,9 +116,22 @@ class Embedded:
     t: Literal["embedded"] = "embedded"
 
 
-Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Embedded, Failed]
-_TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Embedded, Failed)}
-TERMINAL = (Done, Embedded, Failed)
+@dataclass(frozen=True)
+class EmbeddedParts:
+    """An ``EmbeddingPartsJob``'s results, one per part in order: the fields of an
+    ``Embedded``, or the ``status`` and ``error`` of a ``Failed`` for a part that failed alone."""
+
+    parts: list[dict[str, Any]]
+    prompt_tokens: int
+    t: Literal["embedded_parts"] = "embedded_parts"
+
+
+Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Embedded, EmbeddedParts, Failed]
+_TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Embedded,
+                                 EmbeddedParts, Failed)}
+# The last event of a job that succeeded: it carries (or closes) the job's result.
+RESULTS = (Done, Embedded, EmbeddedParts)
+TERMINAL = (*RESULTS, Failed)
 
 
 def encode(first_seq: int, events: list[Event]) -> str:

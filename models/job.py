@@ -100,6 +100,7 @@ class GenerationJob(BaseModel):
         """Whether the reply may (or must) be a tool call."""
         return bool(self.tools) and self.tool_choice != "none"
 
+
 class EmbeddingJob(BaseModel):
     """Vectors for ``input``: texts, or token-id lists in the model's own vocabulary."""
 
@@ -113,3 +114,27 @@ class EmbeddingJob(BaseModel):
     deadline: float | None = None
     # Bulk work (the Batch API): it waits behind interactive requests in the worker.
     bulk: bool = False
+
+
+class EmbeddingPart(BaseModel):
+    """One request of an ``EmbeddingPartsJob``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: list[str | list[int]] = Field(min_length=1)
+    dimensions: int | None = None
+
+
+class EmbeddingPartsJob(BaseModel):
+    """Several embedding requests run as one job: one message, one record, their inputs in
+    shared forward passes, and each request still answered, or failed, on its own. The Batch
+    API sends a chunk's lines this way; per line, the overhead of a job would cost more than
+    the model's work on a short sentence."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    model: str
+    parts: list[EmbeddingPart] = Field(min_length=1)
+    deadline: float | None = None
+    bulk: bool = True

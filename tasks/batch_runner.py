@@ -4,8 +4,11 @@ Delivery: a batch worker may die at any point. Chunk tasks are acknowledged late
 dead worker's chunk is run again; its results are stored once (``BatchStore.write_chunk``)
 and the output is assembled from the stored chunks in order, so nothing is lost and nothing
 is duplicated. Finalizing is idempotent too: output files get ids derived from the batch id.
-Needs gevent (the lines of a chunk are greenlets; the in-process web app relays events with
-gevent), so it runs in ``tasks/batch_worker.py``, which patches first.
+Chat and completions lines run side by side, each as a request to Ferry's own handlers in
+process; a chunk's embedding lines run as one job (``web.embeddings.run_parts``), each still
+answered as the endpoint would answer it. Needs gevent (the lines of a chunk are greenlets;
+the in-process web app relays events with gevent), so it runs in ``tasks/batch_worker.py``,
+which patches first.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import gevent.pool
-import redis as redis_lib
 
 from config.errors import NotFound
 from config.settings import Settings
 from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
                                invalid_to_json, parse, read_lines, response_record, scan)
-from tasks.batch_sender import GroupingSender
 from tasks.protocol import connect
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
 from tasks.filestore import FileStore
+from web.embeddings import run_parts
+from web.schemas.embeddings import CreateEmbeddingRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,13 @@ EnqueueChunk = Callable[[str, int], None]
 NOT_RUN = (None, None)
 EXPIRED = LineError("batch_expired",
                     "This request could not be executed before the completion window expired.")
+
+
+def _record(obj: BatchObject, line: Line, status: int, request_id: str | None,
+            body) -> tuple[str | None, str | None]:
+    """(output record, None) for a success, (None, error record) otherwise."""
+    record = response_record(obj.id, line, status, request_id, body)
+    return (record, None) if 200 <= status < 300 else (None, record)
 
 
 class BatchRunner:
@@ -47,8 +57,6 @@ class BatchRunner:
         # queue for as long as interactive requests keep coming first.
         self.web = create_app(settings.model_copy(
             update={"queue_timeout": settings.batch_line_timeout}))
-        ferry = self.web.extensions["ferry"]
-        ferry.celery = GroupingSender(ferry.celery)
 
     # -- validating ------------------------------------------------------------------------
 
@@ -108,26 +116,41 @@ class BatchRunner:
             lines = list(read_lines(f, chunk.start, chunk.end, chunk.first_line))
         invalid = self.store.invalid(obj.id, range(lines[0][0], lines[-1][0] + 1))
         stopping = self._stop_check(obj)
-
-        def one(item: tuple[int, bytes]) -> tuple[str | None, str | None]:
-            number, raw = item
+        results: list[tuple[str | None, str | None]] = [NOT_RUN] * len(lines)
+        todo: list[tuple[int, Line]] = []
+        for k, (number, raw) in enumerate(lines):
             if number in invalid:
                 line = invalid_from_json(number, invalid[number])
-                return None, error_record(obj.id, line, line.error)
+                results[k] = None, error_record(obj.id, line, line.error)
+                continue
+            stop = stopping()
             line = parse(number, raw, obj.endpoint)
-            return self._run_line(obj, line, stopping())
-
-        results = gevent.pool.Pool(len(lines)).map(one, lines)
+            if stop == "expired":
+                results[k] = None, error_record(obj.id, line, EXPIRED)
+            elif stop is None:  # a cancelled batch reports what ran, nothing else
+                todo.append((k, line))
+        if obj.endpoint == "/v1/embeddings":
+            self._run_embeddings(obj, todo, results)
+        else:
+            ran = gevent.pool.Pool(max(len(todo), 1)).map(lambda t: self._run_line(obj, t[1]), todo)
+            for (k, _), result in zip(todo, ran):
+                results[k] = result
         return ChunkResult(output=[o for o, _ in results if o], errors=[e for _, e in results if e])
 
-    def _run_line(self, obj: BatchObject, line: Line, stop: str | None) -> tuple[str | None, str | None]:
-        if stop == "cancelling":
-            return NOT_RUN  # a cancelled batch reports what ran, nothing else
-        if stop == "expired":
-            return None, error_record(obj.id, line, EXPIRED)
+    def _run_line(self, obj: BatchObject, line: Line) -> tuple[str | None, str | None]:
         status, request_id, body = dispatch(self.web, obj.endpoint, line.body)
-        record = response_record(obj.id, line, status, request_id, body)
-        return (record, None) if 200 <= status < 300 else (None, record)
+        return _record(obj, line, status, request_id, body)
+
+    def _run_embeddings(self, obj: BatchObject, todo: list[tuple[int, Line]],
+                        results: list[tuple[str | None, str | None]]) -> None:
+        """All of the chunk's embedding lines as one job (per model): see ``run_parts``."""
+        if not todo:
+            return
+        reqs = [CreateEmbeddingRequest.model_validate(line.body) for _, line in todo]
+        with self.web.app_context():
+            answers = run_parts(reqs)
+        for (k, line), (status, request_id, body) in zip(todo, answers):
+            results[k] = _record(obj, line, status, request_id, body)
 
     def _stop_check(self, obj: BatchObject) -> Callable[[], str | None]:
         """Whether lines should still start: None, "cancelling" or "expired". Reads Redis

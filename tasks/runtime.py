@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import redis as redis_lib
 from celery import Celery
@@ -32,8 +31,8 @@ from tasks.jobs.store import JobStore
 from models import load_backend
 from models.base import EmbeddingBackend
 from models.batcher import MicroBatcher
-from models.events import Done, Embedded, Event, Started, failed
-from models.job import EmbeddingJob, GenerationJob
+from models.events import RESULTS, EmbeddedParts, Embedded, Event, Started, failed
+from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
 from tasks.protocol import (CANCEL_CHANNEL, cancel_key, connect, pending_key, stats_key,
@@ -52,9 +51,6 @@ class Runtime:
         self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
                                    log_ttl_ms=self.jobs.events_ttl_ms)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
-        # Runs the jobs of one ``embed_many`` message side by side, so they share passes.
-        self._fanout = self.batcher and ThreadPoolExecutor(self.backend.worker_concurrency,
-                                                           thread_name_prefix="ferry-embed")
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         # Guards both sets: a cancel must not be recorded for a job that has just ended
@@ -115,7 +111,12 @@ class Runtime:
         """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
         self._run(job, lambda: self._embed(job))
 
-    def _run(self, job: GenerationJob | EmbeddingJob, produce) -> None:
+    def embed_parts(self, job: EmbeddingPartsJob) -> None:
+        """Embed several requests' inputs in shared passes; a part that is bad input fails
+        alone, in the job's result. Never raises."""
+        self._run(job, lambda: self._embed_parts(job))
+
+    def _run(self, job: GenerationJob | EmbeddingJob | EmbeddingPartsJob, produce) -> None:
         try:
             record = self.jobs.start(job.id, self.name)
         except redis_lib.RedisError as e:
@@ -140,7 +141,7 @@ class Runtime:
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
                 outcome.add(event)
-                if isinstance(event, (Done, Embedded)):
+                if isinstance(event, RESULTS):
                     # Recorded before the terminal event is published: a watcher that saw it
                     # finds the job ended.
                     self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
@@ -160,10 +161,6 @@ class Runtime:
             self._release(job.id)
             self.publisher.flush()
 
-    def embed_many(self, jobs: list[EmbeddingJob]) -> None:
-        """Several jobs that came in one message: each as if it had come alone."""
-        list(self._fanout.map(self.embed, jobs))
-
     def _embed(self, job: EmbeddingJob) -> Iterator[Event]:
         tokens = self.backend.tokenize(job.input)
         check_dimensions(job.dimensions, self.backend.dimensions)
@@ -172,6 +169,30 @@ class Runtime:
         vectors = shorten(self.batcher.embed(tokens, bulk=job.bulk), job.dimensions)
         yield Embedded(data=to_base64(vectors), count=len(vectors), dimensions=vectors.shape[1],
                        prompt_tokens=n_tokens)
+
+    def _embed_parts(self, job: EmbeddingPartsJob) -> Iterator[Event]:
+        tokens: list[list[list[int]] | FerryError] = []
+        for part in job.parts:
+            try:
+                check_dimensions(part.dimensions, self.backend.dimensions)
+                tokens.append(self.backend.tokenize(part.input))
+            except FerryError as e:
+                tokens.append(e)
+        ok = [t for t in tokens if not isinstance(t, FerryError)]
+        n_tokens = sum(len(ids) for t in ok for ids in t)
+        yield Started(worker="", prompt_tokens=n_tokens)
+        rows = self.batcher.embed([ids for t in ok for ids in t], bulk=job.bulk) if ok else None
+        parts, start = [], 0
+        for part, t in zip(job.parts, tokens):
+            if isinstance(t, FerryError):
+                parts.append({"status": t.status, "error": t.to_dict()})
+                continue
+            vectors = shorten(rows[start:start + len(t)], part.dimensions)
+            start += len(t)
+            parts.append({"data": to_base64(vectors), "count": len(t),
+                          "dimensions": vectors.shape[1],
+                          "prompt_tokens": sum(map(len, t))})
+        yield EmbeddedParts(parts=parts, prompt_tokens=n_tokens)
 
     def _batcher(self) -> MicroBatcher:
         key = stats_key(self.entry.queue)

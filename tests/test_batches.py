@@ -3,6 +3,7 @@ files.content; malformed lines, validation failure, cancel, priority, a killed w
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -13,6 +14,7 @@ import numpy as np
 import openai
 import pytest
 import redis
+import requests
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -84,8 +86,56 @@ def test_embeddings_batch(embedder, batch_worker, embeddings_worker):
     assert errors["req-url"]["error"]["code"] == "invalid_url"
     assert errors["req-0"]["error"]["code"] == "duplicate_custom_id"
     assert embedder.files.retrieve(done.output_file_id).purpose == "batch_output"
-    # The lines reached the model worker grouped, several jobs per Celery message.
-    assert "Task ferry.embed_many[" in embeddings_worker.log.read_text()
+    # Each chunk's lines reached the model worker as one job (one Celery message, one record):
+    # 14 lines in chunks of 4 (tests/conftest.py) are 4 jobs.
+    parts_jobs = set(re.findall(r"Task ferry\.embed_parts\[([^\]]+)\]",
+                                embeddings_worker.log.read_text()))
+    request_ids = {r["response"]["request_id"] for r in out}
+    assert len(request_ids) == 4 and request_ids <= parts_jobs
+
+
+@pytest.mark.model
+def test_embedding_lines_answer_as_the_endpoint_does(embedder, web, batch_worker):
+    """A chunk's lines run as one job, yet each line gets exactly the status and body that
+    POST /v1/embeddings gives the same request, errors found by the worker included."""
+    bodies = {
+        "plain": {"model": "all-minilm", "input": "The ferry is late."},
+        "floats-many": {"model": "all-minilm", "input": ["one", "two", "three"],
+                        "encoding_format": "float", "dimensions": 16},
+        "b64-tokens": {"model": "all-minilm", "input": [[101, 7592, 102]],
+                       "encoding_format": "base64"},
+        "too-long": {"model": "all-minilm", "input": ["short", "word " * 400]},
+        "too-wide": {"model": "all-minilm", "input": "x", "dimensions": 1000},
+        "bad-token": {"model": "all-minilm", "input": [5, 10 ** 7]},
+        "no-model": {"model": "no-such-model", "input": "x"},
+        "chat-model": {"model": "smollm2", "input": "x"},
+    }
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": body}
+             for cid, body in bodies.items()]
+    done = wait(embedder, submit(embedder, lines, "/v1/embeddings").id)
+    assert done.status == "completed"
+    got = {r["custom_id"]: r["response"] for r in records(embedder, done.output_file_id)
+           + records(embedder, done.error_file_id)}
+    assert set(got) == set(bodies)
+    for cid, body in bodies.items():
+        direct = requests.post(web.url + "/v1/embeddings", json=body, timeout=30)
+        assert got[cid]["status_code"] == direct.status_code, cid
+        expected = direct.json()
+        if direct.status_code == 200:
+            np.testing.assert_allclose(
+                [vec(d["embedding"]) for d in got[cid]["body"]["data"]],
+                [vec(d["embedding"]) for d in expected["data"]], atol=1e-5, err_msg=cid)
+            for d in (got[cid]["body"], expected):
+                for item in d["data"]:
+                    item["embedding"] = type(item["embedding"]).__name__
+        assert got[cid]["body"] == expected, cid
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 5)
+
+
+def vec(embedding) -> np.ndarray:
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+    return np.array(embedding, dtype=np.float32)
 
 
 def test_chat_batch_and_per_line_http_errors(scripted, batch_worker):

@@ -10,8 +10,9 @@ import uuid
 
 from flask import Blueprint, current_app
 
-from config.errors import InvalidRequest
-from models.job import EmbeddingJob
+from config.errors import FerryError, InvalidRequest
+from config.settings import ModelEntry
+from models.job import EmbeddingJob, EmbeddingPart, EmbeddingPartsJob
 from tasks.jobs.shapes import ResponseSpec
 from web import generation
 from web.schemas.embeddings import CreateEmbeddingRequest
@@ -23,14 +24,53 @@ bp = Blueprint("embeddings", __name__)
 Request = CreateEmbeddingRequest
 
 
-def prepare(req: CreateEmbeddingRequest) -> generation.Prepared:
-    entry = current_app.extensions["ferry"].registry.resolve(req.model)
+def _embedding_model(name: str) -> ModelEntry:
+    entry = current_app.extensions["ferry"].registry.resolve(name)
     if entry.kind != "embedding":
-        raise InvalidRequest(f"The model '{req.model}' is not an embedding model.", param="model")
+        raise InvalidRequest(f"The model '{name}' is not an embedding model.", param="model")
+    return entry
+
+
+def prepare(req: CreateEmbeddingRequest) -> generation.Prepared:
+    entry = _embedding_model(req.model)
     job = EmbeddingJob(id=f"embd-{uuid.uuid4().hex}", model=entry.name, input=req.inputs(),
                        dimensions=req.dimensions, bulk=generation.is_bulk())
     return generation.Prepared(entry, job, ResponseSpec(endpoint="/v1/embeddings",
                                                         encoding_format=req.encoding_format))
+
+
+Answer = tuple[int, str | None, dict]  # status, request id, body
+
+
+def run_parts(reqs: list[CreateEmbeddingRequest]) -> list[Answer]:
+    """Many requests as one bulk job per model (the Batch API runs a chunk's lines so): for
+    each, the status, request id and body this endpoint would have answered it with. Runs
+    in an app context, not a request's."""
+    answers: list[Answer | None] = [None] * len(reqs)
+    groups: dict[str, tuple[ModelEntry, list[int]]] = {}
+    for i, req in enumerate(reqs):
+        try:
+            entry = _embedding_model(req.model)
+        except FerryError as e:
+            answers[i] = (e.status, None, {"error": e.to_dict()})
+            continue
+        groups.setdefault(entry.name, (entry, []))[1].append(i)
+    for entry, idx in groups.values():
+        job = EmbeddingPartsJob(
+            id=f"embd-{uuid.uuid4().hex}", model=entry.name,
+            parts=[EmbeddingPart(input=reqs[i].inputs(), dimensions=reqs[i].dimensions)
+                   for i in idx])
+        spec = ResponseSpec(endpoint="/v1/embeddings",
+                            part_formats=[reqs[i].encoding_format for i in idx])
+        try:
+            job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec), bulk=True)
+        except FerryError as e:  # the job failed as a whole: so did each of its requests
+            for i in idx:
+                answers[i] = (e.status, job.id, {"error": e.to_dict()})
+            continue
+        for i, part in zip(idx, body["data"]):
+            answers[i] = (part["status"], job_id, part["body"])
+    return answers
 
 
 @bp.post("/v1/embeddings")

@@ -23,8 +23,8 @@ from config.settings import ModelEntry
 from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
 from models import events
-from models.job import EmbeddingJob, GenerationJob
-from tasks.protocol import BULK_PRIORITY, EMBED_TASK, GENERATE_TASK
+from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
+from tasks.protocol import BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK
 from web import limits, logs
 from web.merge import MergedSubscription
 from web.relay import Subscription
@@ -49,8 +49,12 @@ class Prepared:
     the synchronous endpoint and for ``/v1/jobs`` alike."""
 
     entry: ModelEntry
-    job: GenerationJob | EmbeddingJob
+    job: GenerationJob | EmbeddingJob | EmbeddingPartsJob
     spec: ResponseSpec
+
+
+_TASKS = {GenerationJob: GENERATE_TASK, EmbeddingJob: EMBED_TASK,
+          EmbeddingPartsJob: EMBED_PARTS_TASK}
 
 
 class ClientGone(Exception):
@@ -104,12 +108,16 @@ def _check_live(entry: ModelEntry) -> None:
         raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
 
 
-def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -> JobRecord:
-    """Record the job, then enqueue it. The record exists before any worker can start it."""
+def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None,
+           bulk: bool | None = None) -> JobRecord:
+    """Record the job, then enqueue it. The record exists before any worker can start it.
+    ``bulk`` (default: whether this request is a batch line) queues it behind interactive
+    work."""
     ferry = current_app.extensions["ferry"]
     g.model = prepared.entry.name
+    bulk = is_bulk() if bulk is None else bulk
     job = prepared.job.model_copy(update={"deadline": deadline})
-    if not is_bulk():
+    if not bulk:
         # Batch lines are paced by the batch worker (chunks x lines in flight) and queue
         # behind interactive work; the in-flight limit protects interactive clients.
         limits.admit(ferry.redis, ferry.settings, prepared.entry, job.id)
@@ -120,11 +128,10 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None) -
     except redis_lib.RedisError as e:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     try:
-        task = EMBED_TASK if isinstance(job, EmbeddingJob) else GENERATE_TASK
-        ferry.celery.send_task(task, args=[job.model_dump(mode="json")],
+        ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
                                queue=prepared.entry.queue, task_id=job.id,
                                expires=max(1.0, deadline - time.time()),
-                               priority=BULK_PRIORITY if is_bulk() else None)
+                               priority=BULK_PRIORITY if bulk else None)
     except Exception as e:
         ferry.jobs.discard(job.id)
         limits.release(ferry.redis, prepared.entry.queue, job.id)
@@ -172,6 +179,23 @@ def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) 
         return Response(status=499)
 
 
+def run_to_end(prepared: Prepared, *, bulk: bool = False) -> tuple[str, dict]:
+    """Run a job with no client connection to answer (the Batch API's in-process work):
+    its id and result body, or its failure raised as the ``FerryError`` it ended with."""
+    ferry = current_app.extensions["ferry"]
+    _check_live(prepared.entry)
+    sub = _subscribe(prepared)
+    try:
+        record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout, bulk=bulk)
+        shape = prepared.spec.shape(record.id, prepared.entry.name, int(record.created))
+        outcome = Outcome()
+        for ev in follow(sub, lambda: False):
+            outcome.add(ev)
+        return record.id, outcome.body(shape)
+    finally:
+        sub.close()
+
+
 def _subscribe(prepared: Prepared) -> Subscription:
     ferry, entry, job_id = current_app.extensions["ferry"], prepared.entry, prepared.job.id
     sub = ferry.relay.subscribe(job_id, entry.queue, entry.name)
@@ -210,7 +234,7 @@ def collect(sub: Subscription, shape: Shape) -> Response:
     try:
         for ev in follow(sub, client_watch()):
             outcome.add(ev)
-            if isinstance(ev, (events.Done, events.Embedded)):
+            if isinstance(ev, events.RESULTS):
                 return _json(outcome.body(shape), sub.job_id)
     finally:
         sub.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, request
+from flask import Flask, g, has_request_context, request
 
 log = logging.getLogger("ferry.web")
 
@@ -18,6 +18,9 @@ def client_request_id() -> str | None:
 
 def enqueued(job_id: str, model: str) -> None:
     g.job_id = job_id
+    if not has_request_context():  # in-process work of the batch worker
+        log.info("enqueued job=%s model=%s", job_id, model)
+        return
     log.info("enqueued job=%s model=%s client_request_id=%s user_agent=%s", job_id, model,
              client_request_id(), request.headers.get("User-Agent", "-")[:80])
 

@@ -78,6 +78,7 @@ class Outcome:
         self.choices: dict[int, ChoiceResult] = {}
         self.usage: dict | None = None
         self.embedded: events.Embedded | None = None
+        self.parts: list[dict] | None = None
 
     def add(self, ev: events.Event) -> None:
         if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
@@ -86,6 +87,9 @@ class Outcome:
             self.usage = usage_of(ev)
         elif isinstance(ev, events.Embedded):
             self.embedded = ev
+            self.usage = {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}
+        elif isinstance(ev, events.EmbeddedParts):
+            self.parts = ev.parts
             self.usage = {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}
 
     @property
@@ -145,7 +149,9 @@ class EmbeddingShape:
         return {"usage": usage}
 
     def body(self, outcome: Outcome) -> dict:
-        ev = outcome.embedded
+        return self.vectors(outcome.embedded)
+
+    def vectors(self, ev: events.Embedded) -> dict:
         vectors = from_base64(ev.data, ev.dimensions)
         if self.encoding_format == "base64":
             rows = [to_base64(v) for v in vectors]
@@ -154,7 +160,32 @@ class EmbeddingShape:
         return {"object": "list",
                 "data": [{"object": "embedding", "index": i, "embedding": row}
                          for i, row in enumerate(rows)],
-                "model": self.model, "usage": outcome.usage}
+                "model": self.model,
+                "usage": {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}}
+
+
+class EmbeddingPartsShape:
+    """An ``EmbeddingPartsJob``: per part, the status and body ``/v1/embeddings`` would have
+    answered that request with, each in its own ``encoding_format``."""
+
+    def __init__(self, model: str, formats: list[str]):
+        self.model, self.formats = model, formats
+
+    def chunk(self, index: int, ev: events.Event | None) -> dict | None:
+        return None
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {"usage": usage}
+
+    def body(self, outcome: Outcome) -> dict:
+        return {"object": "list", "model": self.model, "usage": outcome.usage,
+                "data": [self.part(p, fmt) for p, fmt in zip(outcome.parts, self.formats)]}
+
+    def part(self, part: dict, encoding_format: str) -> dict:
+        if "error" in part:
+            return {"status": part["status"], "body": {"error": part["error"]}}
+        shape = EmbeddingShape(self.model, encoding_format)
+        return {"status": 200, "body": shape.vectors(events.Embedded(**part))}
 
 
 def tool_call_delta(ev: events.ToolCallDelta) -> dict:
@@ -273,8 +304,9 @@ class ResponseSpec(BaseModel):
     # Completions: choices returned per prompt, and candidates generated (best_of).
     n: int = 1
     candidates: int = 1
-    # Embeddings: "float" or "base64".
+    # Embeddings: "float" or "base64"; for an EmbeddingPartsJob, one per part.
     encoding_format: str = "float"
+    part_formats: list[str] | None = None
 
     def shape(self, job_id: str, model: str, created: int | None = None) -> Shape:
         if self.endpoint == "/v1/chat/completions":
@@ -282,6 +314,8 @@ class ResponseSpec(BaseModel):
         if self.endpoint == "/v1/completions":
             return CompletionShape(job_id, model, created, self.logprobs, self.n,
                                    self.candidates)
+        if self.endpoint == "/v1/embeddings" and self.part_formats is not None:
+            return EmbeddingPartsShape(model, self.part_formats)
         if self.endpoint == "/v1/embeddings":
             return EmbeddingShape(model, self.encoding_format)
         raise ValueError(f"no response shape for {self.endpoint}")
