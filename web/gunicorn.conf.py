@@ -1,5 +1,6 @@
 """gunicorn settings for Ferry's web process (bind comes from FERRY_HOST/FERRY_PORT)."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -24,6 +25,14 @@ def on_starting(server):
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
+
+
+def post_worker_init(worker):
+    # The app is loaded and lives as long as the process: freezing it takes its objects out
+    # of the collector's sight. A full collection over them took ~30 ms, a pause that every
+    # request and stream in this process would wait through; it now scans only what
+    # requests allocate.
+    gc.freeze()
 
 
 def child_exit(server, worker):
