@@ -35,7 +35,7 @@ from models.events import RESULTS, EmbeddedParts, Embedded, Event, Started, fail
 from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
-from tasks.protocol import (CANCEL_CHANNEL, cancel_key, connect, pending_key, stats_key,
+from tasks.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
                             workers_key)
 from tasks.publisher import Publisher
 
@@ -117,26 +117,31 @@ class Runtime:
         self._run(job, lambda: self._embed_parts(job))
 
     def _run(self, job: GenerationJob | EmbeddingJob | EmbeddingPartsJob, produce) -> None:
+        # Active before the job starts: a cancel published from here on is caught by the
+        # listener; one asked for earlier is reported by ``start`` itself.
+        with self._jobs_lock:
+            self._active.add(job.id)
         try:
-            record = self.jobs.start(job.id, self.name)
+            started_job = self.jobs.start(job.id, self.name)
         except redis_lib.RedisError as e:
             log.error("job %s dropped: Redis is unreachable (%s)", job.id, e)
-            return
-        if record is None:
-            found = self.jobs.get(job.id)
+            started_job = None
+        if started_job is None:
+            with self._jobs_lock:
+                self._active.discard(job.id)
+                self._cancelled.discard(job.id)
+            found = self._safe_get(job.id)
             log.info("job %s skipped: %s", job.id, found.status if found else "unknown")
             self._release(job.id)
             return
-        with self._jobs_lock:
-            self._active.add(job.id)
+        record, cancel_asked = started_job
+        if cancel_asked:
+            self._mark_cancelled(job.id)
         outcome = Outcome()
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
         try:
             shape = record.spec.shape(job.id, record.model, int(record.created))
-            # A cancel may have landed between the start and joining ``_active``.
-            if self.redis.exists(cancel_key(job.id)):
-                self._mark_cancelled(job.id)
             for event in produce():
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
@@ -207,6 +212,12 @@ class Runtime:
         return MicroBatcher(self.backend.embed, max_inputs=self.backend.batch_size,
                             max_bulk_inputs=self.backend.max_bulk_inputs,
                             max_wait=self.backend.max_wait, on_batch=record)
+
+    def _safe_get(self, job_id: str):
+        try:
+            return self.jobs.get(job_id)
+        except redis_lib.RedisError:
+            return None
 
     def _release(self, job_id: str) -> None:
         """The job no longer counts against its model's in-flight limit."""

@@ -26,18 +26,22 @@ from config.settings import Settings
 from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
 from models import events
-from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, events_channel, events_log, job_key,
-                            pending_key, request_cancel)
+from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
+                            job_key, pending_key, request_cancel)
 
 
-# KEYS: job, pending, running. ARGV: worker, now, job id. Returns the status found.
+# KEYS: job, pending, running, cancel flag. ARGV: worker, now, job id.
+# Returns {status found} if the job must not start ('late': queued past its deadline), else
+# {'in_progress', cancel requested (0/1), the record's fields}: one round trip.
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
-if st ~= 'queued' then return st or '' end
+if st ~= 'queued' then return {st or ''} end
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
+if deadline and tonumber(ARGV[2]) > deadline then return {'late'} end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started', ARGV[2], 'worker', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-return 'in_progress'
+return {'in_progress', redis.call('EXISTS', KEYS[4]), redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id.
@@ -154,18 +158,18 @@ class JobStore:
         pipe.zrem(PENDING_JOBS, job_id)
         pipe.execute()
 
-    def start(self, job_id: str, worker: str) -> JobRecord | None:
-        """A worker takes the job: the record, or None if it must not run (cancelled,
-        expired — now or before — or unknown)."""
-        record = self.get(job_id)
-        if record is None or record.status != "queued":
-            return None
-        if time.time() > record.deadline:
-            self.expire(job_id)
-            return None
-        found = self._start(keys=[job_key(job_id), PENDING_JOBS, RUNNING_JOBS],
+    def start(self, job_id: str, worker: str) -> tuple[JobRecord, bool] | None:
+        """A worker takes the job: its record and whether a cancel was already asked for, or
+        None if it must not run (cancelled, expired — now or before — or unknown)."""
+        found = self._start(keys=[job_key(job_id), PENDING_JOBS, RUNNING_JOBS, cancel_key(job_id)],
                             args=[worker, time.time(), job_id])
-        return self.get(job_id) if found == b"in_progress" else None
+        if found[0] == b"late":
+            self.expire(job_id)
+        if found[0] != b"in_progress":
+            return None
+        fields = found[2]
+        record = JobRecord.from_hash(dict(zip(fields[::2], fields[1::2])))
+        return record, bool(found[1])
 
     def finish(self, job_id: str, status: JobStatus, *, result: dict | None = None,
                error: dict | None = None) -> bool:
