@@ -19,7 +19,7 @@ from bench import concurrency, overhead, relay, report, single_stream
 from bench.common import BENCH_DIR
 
 FULL = {
-    "overhead": lambda: overhead.run(runs=30),
+    "overhead": lambda: overhead.run(runs=100),
     "single_stream": lambda: single_stream.run(runs=3, tokens=256),
     "concurrency": lambda: concurrency.run([1, 8, 32], tokens=64, baseline=2),
     "relay": lambda: relay.run([100, 500, 1000], count=300, rate=20.0, open_rate=100.0),
