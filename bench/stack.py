@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import tempfile
 import time
 import tomllib
@@ -71,6 +73,10 @@ class PeerServer(Service):
         return self
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 class Stack:
     """A set of services; leaving the ``with`` block stops every one, newest first."""
 
@@ -80,11 +86,21 @@ class Stack:
         self.redis_url: str | None = None
 
     def __enter__(self) -> "Stack":
+        # A benchmark stopped by SIGTERM or SIGHUP (``timeout``, a closed terminal) unwinds
+        # like one stopped by Ctrl-C, so its services stop with it instead of living on.
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._handlers[sig] = signal.signal(sig, _exit_on_signal)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for service in reversed(self.services):
-            service.stop()
+        try:
+            for service in reversed(self.services):
+                service.stop()
+        finally:
+            for sig, handler in self._handlers.items():
+                signal.signal(sig, handler)
         if exc is not None:
             print(f"(service logs kept in {self.log_dir})", file=sys.stderr)
 
