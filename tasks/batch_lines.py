@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from tasks.batchstore import Chunk
-from web.generation import BULK_ENVIRON
+from web.generation import ABANDONED_ENVIRON, BULK_ENVIRON
 from web.schemas.chat import CreateChatCompletionRequest
 from web.schemas.completions import CreateCompletionRequest
 from web.schemas.embeddings import CreateEmbeddingRequest
@@ -99,16 +99,20 @@ def _check_request(obj: dict[str, Any], endpoint: str) -> LineError | None:
     return None
 
 
-def dispatch(app: Flask, endpoint: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
-    """POST ``body`` to ``endpoint`` in process, as bulk work: (status, request id, JSON)."""
+def dispatch(app: Flask, endpoint: str, body: dict[str, Any],
+             abandoned: Callable[[], bool] = lambda: False) -> tuple[int, str | None, Any]:
+    """POST ``body`` to ``endpoint`` in process, as bulk work: (status, request id, JSON).
+    Once ``abandoned()`` is true the request's job is cancelled, as if its client had left
+    (status 499, no body)."""
     environ = EnvironBuilder(path=endpoint, method="POST", json=body,
-                             environ_base={BULK_ENVIRON: True}).get_environ()
+                             environ_base={BULK_ENVIRON: True,
+                                           ABANDONED_ENVIRON: abandoned}).get_environ()
     app_iter, status, headers = run_wsgi_app(app, environ, buffered=True)
     try:
         data = b"".join(app_iter)
     finally:
         getattr(app_iter, "close", lambda: None)()
-    return int(status.split()[0]), headers.get("X-Request-Id"), json.loads(data)
+    return int(status.split()[0]), headers.get("X-Request-Id"), json.loads(data) if data else None
 
 
 def record_id(batch_id: str, number: int) -> str:

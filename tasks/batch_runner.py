@@ -129,28 +129,39 @@ class BatchRunner:
                 results[k] = None, error_record(obj.id, line, EXPIRED)
             elif stop is None:  # a cancelled batch reports what ran, nothing else
                 todo.append((k, line))
+        # Lines still waiting or running when the batch is cancelled are cancelled too (and
+        # reported nowhere, as lines that never started).
+        def abandoned() -> bool:
+            return stopping() == "cancelling"
+
         if obj.endpoint == "/v1/embeddings":
-            self._run_embeddings(obj, todo, results)
+            self._run_embeddings(obj, todo, results, abandoned)
         else:
-            ran = gevent.pool.Pool(max(len(todo), 1)).map(lambda t: self._run_line(obj, t[1]), todo)
+            ran = gevent.pool.Pool(max(len(todo), 1)).map(
+                lambda t: self._run_line(obj, t[1], abandoned), todo)
             for (k, _), result in zip(todo, ran):
                 results[k] = result
         return ChunkResult(output=[o for o, _ in results if o], errors=[e for _, e in results if e])
 
-    def _run_line(self, obj: BatchObject, line: Line) -> tuple[str | None, str | None]:
-        status, request_id, body = dispatch(self.web, obj.endpoint, line.body)
+    def _run_line(self, obj: BatchObject, line: Line,
+                  abandoned: Callable[[], bool]) -> tuple[str | None, str | None]:
+        status, request_id, body = dispatch(self.web, obj.endpoint, line.body, abandoned)
+        if status == 499:  # cancelled with its batch
+            return NOT_RUN
         return _record(obj, line, status, request_id, body)
 
     def _run_embeddings(self, obj: BatchObject, todo: list[tuple[int, Line]],
-                        results: list[tuple[str | None, str | None]]) -> None:
+                        results: list[tuple[str | None, str | None]],
+                        abandoned: Callable[[], bool]) -> None:
         """All of the chunk's embedding lines as one job (per model): see ``run_parts``."""
         if not todo:
             return
         reqs = [CreateEmbeddingRequest.model_validate(line.body) for _, line in todo]
         with self.web.app_context():
-            answers = run_parts(reqs)
-        for (k, line), (status, request_id, body) in zip(todo, answers):
-            results[k] = _record(obj, line, status, request_id, body)
+            answers = run_parts(reqs, abandoned)
+        for (k, line), answer in zip(todo, answers):
+            if answer is not None:  # None: cancelled with its batch
+                results[k] = _record(obj, line, *answer)
 
     def _stop_check(self, obj: BatchObject) -> Callable[[], str | None]:
         """Whether lines should still start: None, "cancelling" or "expired". Reads Redis

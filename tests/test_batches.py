@@ -204,6 +204,25 @@ def test_list_and_cancel(scripted, batch_worker):
         scripted.batches.cancel(finished.id)
 
 
+def test_cancel_recalls_lines_already_queued_or_running(scripted, batch_worker):
+    """Lines waiting in the model's queue or running when their batch is cancelled are
+    cancelled too: the batch ends in seconds, not when every line has run its course."""
+    lines = [chat_line(f"h{i}", tokens=["never"], hang=True) for i in range(6)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.status == "in_progress")
+    time.sleep(0.5)  # the first chunks' lines are queued, one of them running
+    started = time.monotonic()
+    scripted.batches.cancel(batch.id)
+    done = wait(scripted, batch.id, timeout=30)
+    assert done.status == "cancelled" and time.monotonic() - started < 10
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, 0)
+    assert done.output_file_id is None and done.error_file_id is None
+    # The worker is free: nothing of the batch holds it.
+    reply = scripted.chat.completions.create(
+        model="synthetic", messages=[{"role": "user", "content": json.dumps({"tokens": ["ok"]})}])
+    assert reply.choices[0].message.content == "ok"
+
+
 def test_interactive_requests_overtake_batch_lines(scripted, batch_worker, redis_server,
                                                   synthetic_worker):
     """Batch lines wait behind interactive requests in the model's queue: an interactive

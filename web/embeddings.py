@@ -7,6 +7,7 @@ An embedding request is a job like any other (``X-Request-Id`` is its id, and
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from flask import Blueprint, current_app
 
@@ -42,10 +43,12 @@ def prepare(req: CreateEmbeddingRequest) -> generation.Prepared:
 Answer = tuple[int, str | None, dict]  # status, request id, body
 
 
-def run_parts(reqs: list[CreateEmbeddingRequest]) -> list[Answer]:
+def run_parts(reqs: list[CreateEmbeddingRequest],
+              abandoned: Callable[[], bool] = lambda: False) -> list[Answer | None]:
     """Many requests as one bulk job per model (the Batch API runs a chunk's lines so): for
-    each, the status, request id and body this endpoint would have answered it with. Runs
-    in an app context, not a request's."""
+    each, the status, request id and body this endpoint would have answered it with; None
+    for those whose job was cancelled because ``abandoned()`` became true. Runs in an app
+    context, not a request's."""
     answers: list[Answer | None] = [None] * len(reqs)
     groups: dict[str, tuple[ModelEntry, list[int]]] = {}
     for i, req in enumerate(reqs):
@@ -63,7 +66,10 @@ def run_parts(reqs: list[CreateEmbeddingRequest]) -> list[Answer]:
         spec = ResponseSpec(endpoint="/v1/embeddings",
                             part_formats=[reqs[i].encoding_format for i in idx])
         try:
-            job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec), bulk=True)
+            job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec), bulk=True,
+                                                 abandoned=abandoned)
+        except generation.ClientGone:
+            continue
         except FerryError as e:  # the job failed as a whole: so did each of its requests
             for i in idx:
                 answers[i] = (e.status, job.id, {"error": e.to_dict()})

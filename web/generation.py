@@ -69,8 +69,11 @@ def client_watch() -> Callable[[], bool]:
     The original (unpatched) poll is used: with a zero timeout it never blocks the hub.
     """
     sock = request.environ.get("gunicorn.socket")
+    abandoned = request.environ.get(ABANDONED_ENVIRON)
 
     def gone() -> bool:
+        if abandoned is not None and abandoned():
+            return True
         if sock is None:
             return False
         try:
@@ -91,6 +94,9 @@ def client_watch() -> Callable[[], bool]:
 # Set in the WSGI environ by the Batch API's in-process dispatch (``tasks/batch_lines.py``);
 # a client cannot set it (headers arrive as HTTP_*), so it can only lower priority from within.
 BULK_ENVIRON = "ferry.bulk"
+# Also set by the batch worker: a callable, True once nobody wants the answer any more (its
+# batch is being cancelled). The request is then treated as one whose client left.
+ABANDONED_ENVIRON = "ferry.abandoned"
 
 
 def is_bulk() -> bool:
@@ -179,9 +185,11 @@ def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) 
         return Response(status=499)
 
 
-def run_to_end(prepared: Prepared, *, bulk: bool = False) -> tuple[str, dict]:
+def run_to_end(prepared: Prepared, *, bulk: bool = False,
+               abandoned: Callable[[], bool] = lambda: False) -> tuple[str, dict]:
     """Run a job with no client connection to answer (the Batch API's in-process work):
-    its id and result body, or its failure raised as the ``FerryError`` it ended with."""
+    its id and result body, or its failure raised as the ``FerryError`` it ended with. Once
+    ``abandoned()`` is true the job is cancelled and ``ClientGone`` raised."""
     ferry = current_app.extensions["ferry"]
     _check_live(prepared.entry)
     sub = _subscribe(prepared)
@@ -189,7 +197,7 @@ def run_to_end(prepared: Prepared, *, bulk: bool = False) -> tuple[str, dict]:
         record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout, bulk=bulk)
         shape = prepared.spec.shape(record.id, prepared.entry.name, int(record.created))
         outcome = Outcome()
-        for ev in follow(sub, lambda: False):
+        for ev in follow(sub, abandoned):
             outcome.add(ev)
         return record.id, outcome.body(shape)
     finally:
