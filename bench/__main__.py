@@ -31,13 +31,16 @@ QUICK = {
     "relay": lambda: relay.run([20, 50], count=20, rate=20.0),
 }
 OTHERS = ("embeddings", "gpu")
+# Arguments for the benchmarks in their own modules.
+FULL_ARGS = {"embeddings": ["--torch"]}
+QUICK_ARGS = {"embeddings": ["--sentences", "500"]}
 
 
-def external(name: str) -> bool:
+def external(name: str, args: list[str]) -> bool:
     """Benchmarks that live in their own module, written alongside this runner: run each if
     it is in this build. GPU without its module still says why it did not run."""
     if (BENCH_DIR / f"{name}.py").is_file():
-        return subprocess.run([sys.executable, "-m", f"bench.{name}"]).returncode == 0
+        return subprocess.run([sys.executable, "-m", f"bench.{name}", *args]).returncode == 0
     if name == "gpu":
         probe = subprocess.run([sys.executable, "-c",
                                 "import torch; print(torch.cuda.is_available())"],
@@ -61,7 +64,10 @@ def main() -> int:
     for name in names:
         print(f"\n=== {name} ===", flush=True)
         try:
-            ok = external(name) if name in OTHERS else (suite[name](), True)[1]
+            if name in OTHERS:
+                ok = external(name, (QUICK_ARGS if a.quick else FULL_ARGS).get(name, []))
+            else:
+                ok = (suite[name](), True)[1]
         except Exception:
             traceback.print_exc()
             ok = False
