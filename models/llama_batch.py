@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from models import logprobs
 from models.events import Delta, Event, FinishReason, TokenLogprob
 from models.llama_engine import Row
 from models.llama_sampling import ChainSpec
+from models.loop import InboxLoop
 from models.output import ChoiceWriter
 
 log = logging.getLogger(__name__)
@@ -107,32 +107,17 @@ class Slot:
         return self.n_past < len(self.choice.prompt)
 
 
-class BatchLoop:
+class BatchLoop(InboxLoop):
+    thread_name = "llama-loop"
+
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time,
                  idle_wait: float = 0.5):
-        self.engine, self.clock, self.idle_wait = engine, clock, idle_wait
+        super().__init__(idle_wait)
+        self.engine, self.clock = engine, clock
         self.failures = 0
-        self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[Choice] = deque()
         # By sequence id, in order of admission (prompts are evaluated in that order).
         self._slots: dict[int, Slot] = {}
-        self._thread = threading.Thread(target=self._run, name="llama-loop", daemon=True)
-
-    # --- called from task threads -------------------------------------------------------
-
-    def start(self) -> "BatchLoop":
-        self._thread.start()
-        return self
-
-    def submit(self, choice: Choice) -> None:
-        self._inbox.put(("submit", choice))
-
-    def cancel(self, choice: Choice) -> None:
-        self._inbox.put(("cancel", choice))
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._inbox.put(("stop", None))
-        self._thread.join(timeout)
 
     # --- the loop thread ----------------------------------------------------------------
 
@@ -151,26 +136,11 @@ class BatchLoop:
                 self.failures += 1
                 self._fail_running(GenerationFailed("The model failed while generating."))
 
-    def _drain(self, block: bool) -> bool:
-        """Apply every waiting command (waiting for one if idle). False once told to stop."""
-        try:
-            item = self._inbox.get(timeout=self.idle_wait) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return True
-        while item is not None:
-            op, choice = item
-            if op == "stop":
-                self._shutdown()
-                return False
-            if op == "submit":
-                self._waiting.append(choice)
-            else:
-                self._cancel(choice)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                item = None
-        return True
+    def _apply(self, op: str, choice: Choice) -> None:
+        if op == "submit":
+            self._waiting.append(choice)
+        else:
+            self._cancel(choice)
 
     def _cancel(self, choice: Choice) -> None:
         if choice in self._waiting:

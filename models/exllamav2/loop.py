@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from config.errors import ContextLengthExceeded, FerryError, GenerationFailed, RequestExpired
 from models.exllamav2.results import ChoiceStream
+from models.loop import InboxLoop
 from models.exllamav2.spec import JobSpec, sync_penalty_window
 
 log = logging.getLogger(__name__)
@@ -55,30 +55,21 @@ class Ticket:
     started: bool = False
 
 
-class BatchLoop:
+class BatchLoop(InboxLoop):
+    thread_name = "exl2-loop"
+
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time,
                  idle_wait: float = 0.5, rebuild_wait: float = 1.0):
+        super().__init__(idle_wait)
         self.engine, self.clock = engine, clock
-        self.idle_wait, self.rebuild_wait = idle_wait, rebuild_wait
+        self.rebuild_wait = rebuild_wait
         # Built before the thread exists; from then on only the loop thread touches it.
         self.generator: Any = engine.new_generator()
         self.rebuilds = 0
-        self._inbox: queue.Queue = queue.Queue()
         self._live: dict[int, Ticket] = {}
         self._next_rebuild = 0.0
-        self._thread = threading.Thread(target=self._run, name="exl2-loop", daemon=True)
 
     # --- called from task threads -------------------------------------------------------
-
-    def start(self) -> "BatchLoop":
-        self._thread.start()
-        return self
-
-    def submit(self, ticket: Ticket) -> None:
-        self._inbox.put(("submit", ticket))
-
-    def cancel(self, ticket: Ticket) -> None:
-        self._inbox.put(("cancel", ticket))
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the loop thread between two generator steps (GPU work other than
@@ -87,15 +78,13 @@ class BatchLoop:
         self._inbox.put(("call", (fn, future)))
         return future
 
-    def close(self, timeout: float = 10.0) -> None:
-        self._inbox.put(("stop", None))
-        self._thread.join(timeout)
-
     # --- the loop thread ----------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             try:
+                if self.generator is None and self.clock() >= self._next_rebuild:
+                    self._rebuild()
                 if not self._drain(block=not self._busy()):
                     return
                 self._expire()
@@ -110,30 +99,16 @@ class BatchLoop:
     def _busy(self) -> bool:
         return self.generator is not None and self.generator.num_remaining_jobs() > 0
 
-    def _drain(self, block: bool) -> bool:
-        """Apply every waiting command (waiting for one if idle). False once told to stop."""
-        if self.generator is None and self.clock() >= self._next_rebuild:
-            self._rebuild()
-        try:
-            item = self._inbox.get(timeout=self.idle_wait) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return True
-        while item is not None:
-            op, ticket = item
-            if op == "stop":
-                self._fail_all(GenerationFailed("The worker is shutting down."))
-                return False
-            if op == "submit":
-                self._submit(ticket)
-            elif op == "call":
-                self._call(*ticket)
-            else:
-                self._cancel(ticket)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                item = None
-        return True
+    def _apply(self, op: str, arg: Any) -> None:
+        if op == "submit":
+            self._submit(arg)
+        elif op == "call":
+            self._call(*arg)
+        else:
+            self._cancel(arg)
+
+    def _shutdown(self) -> None:
+        self._fail_all(GenerationFailed("The worker is shutting down."))
 
     def _submit(self, ticket: Ticket) -> None:
         if self.generator is None:
