@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from config.errors import ContextLengthExceeded, InvalidRequest, Unsupported
 from config.settings import ModelEntry
@@ -17,6 +18,16 @@ from models.job import GenerationJob
 Cancelled = Callable[[], bool]
 # Content part types that hold an image: as OpenAI sends it, and as the web passes it on.
 IMAGE_PARTS = ("image_url", "image")
+
+
+def context_exceeded(job: GenerationJob, n_ctx: int, n_prompt: int,
+                     wanted: int) -> ContextLengthExceeded:
+    """The 400 for a prompt and completion that do not fit, worded as OpenAI words it."""
+    field = "messages" if job.messages is not None else "prompt"
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+        f"{n_prompt + wanted} tokens ({n_prompt} in the {field}, {wanted} in the completion). "
+        "Please reduce the length of the prompt or completion.", param=field)
 
 
 class BaseBackend(ABC):
@@ -102,6 +113,22 @@ class Backend(BaseBackend):
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]: ...
 
 
+class EmbeddingOptions(BaseModel):
+    """Options every embedding backend takes (``options`` of its registry entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Inputs per forward pass, and the most the micro-batcher collects at once.
+    batch_size: int = Field(default=32, ge=1)
+    # Inputs gathered for one call when only bulk (Batch API) work waits, sorted by length
+    # into passes of batch_size: less padding than passes in arrival order.
+    max_bulk_inputs: int = Field(default=128, ge=1)
+    # How long the first waiting request waits for others to share its pass (ms).
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    # Compute threads; 0: the runtime's default (one per physical core).
+    n_threads: int = Field(default=0, ge=0)
+
+
 class EmbeddingBackend(BaseBackend):
     """An embedding model, in two steps so that concurrent requests share forward passes:
     ``tokenize`` runs per request and rejects bad input (so a bad request fails alone),
@@ -126,6 +153,12 @@ class EmbeddingBackend(BaseBackend):
     batch_size: int
     max_bulk_inputs: int
     max_wait: float
+
+    def _batching(self, options: EmbeddingOptions) -> None:
+        """Take the micro-batching settings from the entry's options."""
+        self.batch_size = options.batch_size
+        self.max_bulk_inputs = options.max_bulk_inputs
+        self.max_wait = options.max_wait_ms / 1000
 
     @abstractmethod
     def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:

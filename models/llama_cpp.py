@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.errors import ContextLengthExceeded, InvalidRequest
+from config.errors import InvalidRequest
 from config.settings import ModelEntry
 from models import constraints, tools
-from models.base import Backend, Cancelled
+from models.base import Backend, Cancelled, context_exceeded
 from models.constraints import Constraint
 from models.events import Done, Event, Started
 from models.gbnf import compile_gbnf
@@ -152,13 +152,7 @@ class LlamaCppBackend(Backend):
         n_ctx = self.entry.num_ctx
         wanted = job.max_tokens if job.max_tokens is not None else max(0, n_ctx - n_prompt)
         if n_prompt + max(wanted, 1) > n_ctx:
-            field = "messages" if job.messages is not None else "prompt"
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you "
-                f"requested {n_prompt + wanted} tokens ({n_prompt} in the {field}, {wanted} in "
-                "the completion). Please reduce the length of the prompt or completion.",
-                param=field,
-            )
+            raise context_exceeded(job, n_ctx, n_prompt, wanted)
         return wanted
 
     def _grammar(self, constraint: Constraint | None) -> str | None:

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from config.settings import ModelEntry
-from models.base import EmbeddingBackend
+from models.base import EmbeddingBackend, EmbeddingOptions
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,7 @@ def _default_export_dir() -> str:
     return os.path.join(cache, "ferry", "onnx")
 
 
-class OnnxOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # As for the sentence_transformers backend (models/sentence_transformers.py).
-    batch_size: int = Field(default=32, ge=1)
-    max_bulk_inputs: int = Field(default=128, ge=1)
-    max_wait_ms: float = Field(default=5.0, ge=0)
-    # onnxruntime intra-op threads; 0: one per physical core.
-    n_threads: int = Field(default=0, ge=0)
+class OnnxOptions(EmbeddingOptions):
     # Where exported models are kept (one subdirectory per set of weights).
     export_dir: str = Field(default_factory=_default_export_dir)
 
@@ -174,9 +166,7 @@ class OnnxEmbeddingBackend(EmbeddingBackend):
         self.dimensions = self.runner.dimensions
         self.max_tokens = min(entry.num_ctx, layout.max_seq_length)
         self.vocab_size = self.runner.vocab_size
-        self.batch_size = self.options.batch_size
-        self.max_bulk_inputs = self.options.max_bulk_inputs
-        self.max_wait = self.options.max_wait_ms / 1000
+        self._batching(self.options)
 
     def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
         return self.runner.tokenize(texts)

@@ -12,24 +12,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
-
 from config.settings import ModelEntry
-from models.base import EmbeddingBackend
-
-
-class SentenceTransformersOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Inputs per forward pass, and the most the micro-batcher collects at once.
-    batch_size: int = Field(default=32, ge=1)
-    # Inputs gathered for one call when only bulk (Batch API) work waits, sorted by length
-    # into passes of batch_size: less padding than passes in arrival order.
-    max_bulk_inputs: int = Field(default=128, ge=1)
-    # How long the first waiting request waits for others to share its pass (ms).
-    max_wait_ms: float = Field(default=5.0, ge=0)
-    # torch intra-op threads; 0: torch's default (one per physical core).
-    n_threads: int = Field(default=0, ge=0)
+from models.base import EmbeddingBackend, EmbeddingOptions
 
 
 class SentenceTransformersBackend(EmbeddingBackend):
@@ -39,7 +23,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        self.options = SentenceTransformersOptions.model_validate(entry.options)
+        self.options = EmbeddingOptions.model_validate(entry.options)
         if self.options.n_threads:
             torch.set_num_threads(self.options.n_threads)
         path = entry.weights_path()
@@ -52,9 +36,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         self.dimensions = self.model.get_embedding_dimension()
         self.max_tokens = min(entry.num_ctx, self.model.max_seq_length or entry.num_ctx)
         self.vocab_size = len(self.tokenizer)
-        self.batch_size = self.options.batch_size
-        self.max_bulk_inputs = self.options.max_bulk_inputs
-        self.max_wait = self.options.max_wait_ms / 1000
+        self._batching(self.options)
 
     def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]

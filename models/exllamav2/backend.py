@@ -19,10 +19,10 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from config.errors import ContextLengthExceeded, FerryError, GenerationFailed, InvalidRequest
+from config.errors import FerryError, GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
 from models import constraints, tools
-from models.base import Backend, Cancelled
+from models.base import Backend, Cancelled, context_exceeded
 from models.events import Done, Event, Started
 from models.exllamav2.grammar import Grammar, grammar_for
 from models.exllamav2.loop import BatchLoop, Ticket
@@ -172,13 +172,7 @@ class ExLlamaV2Backend(Backend):
         fits_cache = (self.limits.pages(n_prompt + wanted + draft)
                       <= self.limits.pages(self.limits.cache_tokens))
         if not (fits_ctx and fits_cache):
-            field = "messages" if job.messages is not None else "prompt"
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you "
-                f"requested {n_prompt + wanted} tokens ({n_prompt} in the {field}, {wanted} in "
-                "the completion). Please reduce the length of the prompt or completion.",
-                param=field,
-            )
+            raise context_exceeded(job, n_ctx, n_prompt, wanted)
         return wanted
 
     def specs(self, job: GenerationJob, prompt: list[int], max_tokens: int,

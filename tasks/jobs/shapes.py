@@ -136,17 +136,21 @@ class ShapeBase:
         raise NotImplementedError
 
 
-class EmbeddingShape:
-    """``/v1/embeddings``: a list of vectors, as floats or base64 (little-endian float32)."""
-
-    def __init__(self, model: str, encoding_format: str):
-        self.model, self.encoding_format = model, encoding_format
+class _NotStreamed:
+    """Embedding responses: a body, never stream chunks."""
 
     def chunk(self, index: int, ev: events.Event | None) -> dict | None:
         return None
 
     def usage_chunk(self, usage: dict) -> dict:
         return {"usage": usage}
+
+
+class EmbeddingShape(_NotStreamed):
+    """``/v1/embeddings``: a list of vectors, as floats or base64 (little-endian float32)."""
+
+    def __init__(self, model: str, encoding_format: str):
+        self.model, self.encoding_format = model, encoding_format
 
     def body(self, outcome: Outcome) -> dict:
         return self.vectors(outcome.embedded)
@@ -164,18 +168,12 @@ class EmbeddingShape:
                 "usage": {"prompt_tokens": ev.prompt_tokens, "total_tokens": ev.prompt_tokens}}
 
 
-class EmbeddingPartsShape:
+class EmbeddingPartsShape(_NotStreamed):
     """An ``EmbeddingPartsJob``: per part, the status and body ``/v1/embeddings`` would have
     answered that request with, each in its own ``encoding_format``."""
 
     def __init__(self, model: str, formats: list[str]):
         self.model, self.formats = model, formats
-
-    def chunk(self, index: int, ev: events.Event | None) -> dict | None:
-        return None
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return {"usage": usage}
 
     def body(self, outcome: Outcome) -> dict:
         return {"object": "list", "model": self.model, "usage": outcome.usage,
