@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator
 
 import gevent.pool
 
-from config.errors import NotFound
+from config.errors import NotFound, WorkerLost
 from config.settings import Settings
 from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
                                invalid_to_json, parse, read_lines, response_record, scan)
 from tasks.protocol import connect
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
 from tasks.filestore import FileStore
-from web.embeddings import run_parts
+from web.embeddings import Answer, run_parts
 from web.schemas.embeddings import CreateEmbeddingRequest
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,17 @@ EnqueueChunk = Callable[[str, int], None]
 NOT_RUN = (None, None)
 EXPIRED = LineError("batch_expired",
                     "This request could not be executed before the completion window expired.")
+
+
+# A line whose model worker died under it is run again, this many times at most: the worker's
+# death is not the request's fault, but a line that kills every worker must not go on for ever.
+LOST_RETRIES = 2
+
+
+def _lost(answer: Answer | None) -> bool:
+    return (answer is not None and answer[0] == WorkerLost.status
+            and isinstance(answer[2], dict)
+            and (answer[2].get("error") or {}).get("code") == WorkerLost.code)
 
 
 def _record(obj: BatchObject, line: Line, status: int, request_id: str | None,
@@ -134,34 +145,40 @@ class BatchRunner:
         def abandoned() -> bool:
             return stopping() == "cancelling"
 
-        if obj.endpoint == "/v1/embeddings":
-            self._run_embeddings(obj, todo, results, abandoned)
-        else:
-            ran = gevent.pool.Pool(max(len(todo), 1)).map(
-                lambda t: self._run_line(obj, t[1], abandoned), todo)
-            for (k, _), result in zip(todo, ran):
-                results[k] = result
-        return ChunkResult(output=[o for o, _ in results if o], errors=[e for _, e in results if e])
-
-    def _run_line(self, obj: BatchObject, line: Line,
-                  abandoned: Callable[[], bool]) -> tuple[str | None, str | None]:
-        status, request_id, body = dispatch(self.web, obj.endpoint, line.body, abandoned)
-        if status == 499:  # cancelled with its batch
-            return NOT_RUN
-        return _record(obj, line, status, request_id, body)
-
-    def _run_embeddings(self, obj: BatchObject, todo: list[tuple[int, Line]],
-                        results: list[tuple[str | None, str | None]],
-                        abandoned: Callable[[], bool]) -> None:
-        """All of the chunk's embedding lines as one job (per model): see ``run_parts``."""
-        if not todo:
-            return
-        reqs = [CreateEmbeddingRequest.model_validate(line.body) for _, line in todo]
-        with self.web.app_context():
-            answers = run_parts(reqs, abandoned)
-        for (k, line), answer in zip(todo, answers):
+        answers: dict[int, Answer | None] = {}
+        pending = todo
+        for attempt in range(LOST_RETRIES + 1):
+            for (k, _), answer in zip(pending, self._answers(obj, pending, abandoned)):
+                answers[k] = answer
+            pending = [(k, line) for k, line in pending if _lost(answers[k])]
+            if not pending or abandoned():
+                break
+            if attempt < LOST_RETRIES:
+                log.warning("batch %s chunk %d: %d lines lost their model worker; running "
+                            "them again", obj.id, index, len(pending))
+        for k, line in todo:
+            answer = answers[k]
             if answer is not None:  # None: cancelled with its batch
                 results[k] = _record(obj, line, *answer)
+        return ChunkResult(output=[o for o, _ in results if o], errors=[e for _, e in results if e])
+
+    def _answers(self, obj: BatchObject, todo: list[tuple[int, Line]],
+                 abandoned: Callable[[], bool]) -> list[Answer | None]:
+        """Run the lines: each one's status, request id and body, as over HTTP (None for a
+        line cancelled with its batch). A chunk's embedding lines run as one job (per model,
+        ``run_parts``); other lines each as a request to Ferry's handlers, side by side."""
+        if not todo:
+            return []
+        if obj.endpoint == "/v1/embeddings":
+            reqs = [CreateEmbeddingRequest.model_validate(line.body) for _, line in todo]
+            with self.web.app_context():
+                return run_parts(reqs, abandoned)
+
+        def one(line: Line) -> Answer | None:
+            answer = dispatch(self.web, obj.endpoint, line.body, abandoned)
+            return None if answer[0] == 499 else answer  # 499: cancelled with its batch
+
+        return gevent.pool.Pool(len(todo)).map(one, [line for _, line in todo])
 
     def _stop_check(self, obj: BatchObject) -> Callable[[], str | None]:
         """Whether lines should still start: None, "cancelling" or "expired". Reads Redis

@@ -16,6 +16,9 @@ import pytest
 import redis
 import requests
 
+from tasks.protocol import RUNNING_JOBS
+from tests.services import Worker
+
 FINAL = ("completed", "failed", "cancelled", "expired")
 
 
@@ -221,6 +224,35 @@ def test_cancel_recalls_lines_already_queued_or_running(scripted, batch_worker):
     reply = scripted.chat.completions.create(
         model="synthetic", messages=[{"role": "user", "content": json.dumps({"tokens": ["ok"]})}])
     assert reply.choices[0].message.content == "ok"
+
+
+def test_lines_whose_model_worker_dies_are_run_again(client, batch_worker, redis_server, logs):
+    """A model worker killed under a batch line is not the line's fault: the line runs again
+    on a worker that lives (the batch worker's own death is covered below)."""
+    first = Worker("doomed", redis_server.url, logs).start()
+    second = None
+    try:
+        lines = [chat_line(f"d{i}", model="doomed", tokens=["a", "b", "c"], delay=0.3)
+                 for i in range(5)]
+        batch = submit(client, lines, "/v1/chat/completions")
+        r = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 30
+        while not r.zcard(RUNNING_JOBS) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # mid-line
+        first.kill()
+        second = Worker("doomed", redis_server.url, logs).start()
+        done = wait(client, batch.id, timeout=120)
+        assert done.status == "completed"
+        assert (done.request_counts.completed, done.request_counts.failed) == (5, 0)
+        out = records(client, done.output_file_id)
+        assert sorted(r["custom_id"] for r in out) == [f"d{i}" for i in range(5)]
+        assert all(r["response"]["body"]["choices"][0]["message"]["content"] == "abc" for r in out)
+        assert "lost their model worker; running them again" in batch_worker.log.read_text()
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                worker.kill()
 
 
 def test_interactive_requests_overtake_batch_lines(scripted, batch_worker, redis_server,
