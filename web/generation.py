@@ -24,7 +24,9 @@ from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
 from models import events
 from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
-from tasks.protocol import BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK
+from tasks.jobs.store import Refused
+from tasks.protocol import (BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK,
+                            workers_key)
 from web import limits, logs
 from web.merge import MergedSubscription
 from web.relay import Subscription
@@ -104,45 +106,45 @@ def is_bulk() -> bool:
     return bool(request.environ.get(BULK_ENVIRON))
 
 
-def _check_live(entry: ModelEntry) -> None:
-    ferry = current_app.extensions["ferry"]
-    try:
-        live = ferry.relay.live_workers(entry.queue)
-    except redis_lib.RedisError as e:
-        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
-    if not live:
-        raise ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
-
-
 def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None,
-           bulk: bool | None = None) -> JobRecord:
+           bulk: bool | None = None, live: bool = False,
+           subscription: Subscription | None = None) -> JobRecord:
     """Record the job, then enqueue it. The record exists before any worker can start it.
     ``bulk`` (default: whether this request is a batch line) queues it behind interactive
-    work."""
+    work and outside the model's in-flight limit; ``live``: 503 unless a worker serves the
+    model now; ``subscription``: confirmed before the job is enqueued. The checks and the
+    record are one Redis round trip (``JobStore.create``)."""
     ferry = current_app.extensions["ferry"]
-    g.model = prepared.entry.name
+    entry = prepared.entry
+    g.model = entry.name
     bulk = is_bulk() if bulk is None else bulk
     job = prepared.job.model_copy(update={"deadline": deadline})
-    if not bulk:
+    try:
         # Batch lines are paced by the batch worker (chunks x lines in flight) and queue
         # behind interactive work; the in-flight limit protects interactive clients.
-        limits.admit(ferry.redis, ferry.settings, prepared.entry, job.id)
-    try:
-        record = ferry.jobs.create(job_id=job.id, endpoint=prepared.spec.endpoint,
-                                   model=prepared.entry.name, queue=prepared.entry.queue,
-                                   spec=prepared.spec, deadline=deadline, webhook=webhook)
+        record = ferry.jobs.create(
+            job_id=job.id, endpoint=prepared.spec.endpoint, model=entry.name,
+            queue=entry.queue, spec=prepared.spec, deadline=deadline, webhook=webhook,
+            in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
+            live_workers=workers_key(entry.queue) if live else None)
+    except Refused as e:
+        raise limits.refusal(entry, e) from None
     except redis_lib.RedisError as e:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     try:
+        if subscription is not None:
+            subscription.wait_confirmed()
         ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
-                               queue=prepared.entry.queue, task_id=job.id,
+                               queue=entry.queue, task_id=job.id,
                                expires=max(1.0, deadline - time.time()),
                                priority=BULK_PRIORITY if bulk else None)
     except Exception as e:
         ferry.jobs.discard(job.id)
-        limits.release(ferry.redis, prepared.entry.queue, job.id)
+        limits.release(ferry.redis, entry.queue, job.id)
+        if isinstance(e, FerryError):
+            raise
         raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
-    logs.enqueued(job.id, prepared.entry.name)
+    logs.enqueued(job.id, entry.name)
     return record
 
 
@@ -158,13 +160,17 @@ def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) 
     share."""
     ferry = current_app.extensions["ferry"]
     entry = prepared[0].entry
-    _check_live(entry)
     subs: list[Subscription] = []
     deadline = time.time() + ferry.settings.queue_timeout
     try:
         for p in prepared:
-            subs.append(_subscribe(p))
-            record = submit(p, deadline=deadline)
+            sub = _subscribe(p)
+            try:
+                record = submit(p, deadline=deadline, live=True, subscription=sub)
+            except BaseException:
+                sub.close()  # its job was not enqueued
+                raise
+            subs.append(sub)
     except BaseException:
         for sub in subs:
             sub.cancel()
@@ -191,10 +197,10 @@ def run_to_end(prepared: Prepared, *, bulk: bool = False,
     its id and result body, or its failure raised as the ``FerryError`` it ended with. Once
     ``abandoned()`` is true the job is cancelled and ``ClientGone`` raised."""
     ferry = current_app.extensions["ferry"]
-    _check_live(prepared.entry)
     sub = _subscribe(prepared)
     try:
-        record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout, bulk=bulk)
+        record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout, bulk=bulk,
+                        live=True, subscription=sub)
         shape = prepared.spec.shape(record.id, prepared.entry.name, int(record.created))
         outcome = Outcome()
         for ev in follow(sub, abandoned):
@@ -206,7 +212,7 @@ def run_to_end(prepared: Prepared, *, bulk: bool = False,
 
 def _subscribe(prepared: Prepared) -> Subscription:
     ferry, entry, job_id = current_app.extensions["ferry"], prepared.entry, prepared.job.id
-    sub = ferry.relay.subscribe(job_id, entry.queue, entry.name)
+    sub = ferry.relay.subscribe(job_id, entry.queue, entry.name, wait=False)
     # The worker releases the job's admission when it ends; this covers jobs it never runs.
     sub.on_close(lambda: limits.release(ferry.redis, entry.queue, job_id))
     return sub

@@ -1,8 +1,9 @@
 """Admission control: per-model in-flight limits and per-key request rates, both in Redis so
 they hold across web processes.
 
-In-flight requests of a model are a sorted set (member = job id, score = admission time);
-a request leaves it when its subscription closes. Entries older than any request can live
+In-flight requests of a model are a sorted set (member = job id, score = admission time),
+joined in the same script that records the job (``JobStore.create``); a request leaves it
+when its subscription closes. Entries older than any request can live
 (the queue timeout plus an hour of generation) are swept, so a crashed web process cannot
 leak capacity for long.
 """
@@ -14,8 +15,9 @@ import time
 
 import redis as redis_lib
 
-from config.errors import RateLimited, ServiceUnavailable
+from config.errors import FerryError, RateLimited, ServiceUnavailable
 from config.settings import ModelEntry, Settings
+from tasks.jobs.store import InFlight, Refused
 from tasks.protocol import pending_key
 
 STALE_AFTER = 3600.0
@@ -25,21 +27,18 @@ def pending(redis, queue: str) -> int:
     return int(redis.zcard(pending_key(queue)))
 
 
-def admit(redis, settings: Settings, entry: ModelEntry, job_id: str) -> None:
-    """Count the job in, or raise 429 when the model already has ``max_pending`` in flight."""
-    key, now = pending_key(entry.queue), time.time()
-    try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.zremrangebyscore(key, 0, now - settings.queue_timeout - STALE_AFTER)
-        pipe.zcard(key)
-        _, count = pipe.execute()
-        if count >= entry.max_pending:
-            raise RateLimited(
-                f"The model '{entry.name}' has {count} requests in flight, its limit; "
-                "retry shortly.", retry_after=2)
-        redis.zadd(key, {job_id: now})
-    except redis_lib.RedisError as e:
-        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+def in_flight(settings: Settings, entry: ModelEntry) -> InFlight:
+    """The model's in-flight limit, applied when the job is recorded (``JobStore.create``)."""
+    return InFlight(pending_key(entry.queue), entry.max_pending,
+                    time.time() - settings.queue_timeout - STALE_AFTER)
+
+
+def refusal(entry: ModelEntry, refused: Refused) -> FerryError:
+    """The error a client gets for a job ``JobStore.create`` refused."""
+    if refused.reason == "full":
+        return RateLimited(f"The model '{entry.name}' has {refused.count} requests in flight, "
+                           "its limit; retry shortly.", retry_after=2)
+    return ServiceUnavailable(f"No worker is serving the model '{entry.name}' right now.")
 
 
 def release(redis, entry_queue: str, job_id: str) -> None:

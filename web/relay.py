@@ -66,6 +66,13 @@ class _Listener:
     def close(self) -> None:
         self.relay._remove(self)
 
+    def wait_confirmed(self, timeout: float = 5.0) -> None:
+        """Block until Redis has confirmed the channel's subscription: from then on nothing
+        published on it is missed. Closes the listener and raises 503 if it does not come."""
+        if not self.confirmed.wait(timeout):
+            self.close()
+            raise ServiceUnavailable("Redis did not confirm the subscription in time.")
+
 
 class Tap(_Listener):
     """Items are ``(first_seq, events)`` as published, or ``(None, [Failed])`` if the relay
@@ -155,8 +162,12 @@ class Relay:
         now_ms = int(time.time() * 1000)
         return [w.decode() for w in self.redis.zrangebyscore(workers_key(queue), now_ms, "+inf")]
 
-    def subscribe(self, job_id: str, queue: str, model: str = "") -> Subscription:
-        return self._add(Subscription(self, job_id, queue, model))
+    def subscribe(self, job_id: str, queue: str, model: str = "", *,
+                  wait: bool = True) -> Subscription:
+        """``wait=False`` returns as soon as the SUBSCRIBE is sent: the caller may do other
+        round trips while Redis confirms it, and must ``wait_confirmed()`` before anything
+        can publish on the channel (before it enqueues the job)."""
+        return self._add(Subscription(self, job_id, queue, model), wait)
 
     def tap(self, job_id: str) -> Tap:
         return self._add(Tap(self, job_id))
@@ -177,7 +188,7 @@ class Relay:
         if self._watchdog is None or self._watchdog.dead:
             self._watchdog = gevent.spawn(self._watch_loop)
 
-    def _add(self, listener):
+    def _add(self, listener, wait: bool = True):
         subs = self._subs.setdefault(listener.channel, [])
         subs.append(listener)
         try:
@@ -189,9 +200,8 @@ class Relay:
         except redis_lib.RedisError as e:
             listener.close()
             raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
-        if not listener.confirmed.wait(5):
-            listener.close()
-            raise ServiceUnavailable("Redis did not confirm the subscription in time.")
+        if wait:
+            listener.wait_confirmed()
         return listener
 
     def _remove(self, listener: _Listener) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from config.errors import FerryError, JobCancelled, JobExpired, WorkerLost
 from config.settings import Settings
@@ -29,6 +30,46 @@ from models import events
 from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
                             job_key, pending_key, request_cancel)
 
+
+@dataclass(frozen=True)
+class InFlight:
+    """A model's in-flight limit, as ``create`` applies it (``web/limits.py`` builds it)."""
+
+    key: str
+    limit: int
+    # Entries admitted before this (Unix time) are leftovers of a crashed web process.
+    stale_before: float
+
+
+class Refused(Exception):
+    """``create`` recorded nothing: ``reason`` is "full" (``count`` in flight) or
+    "no_worker"."""
+
+    def __init__(self, reason: str, count: int = 0):
+        super().__init__(reason)
+        self.reason, self.count = reason, count
+
+
+# Records a new job, after the checks that may refuse it, in one round trip.
+# KEYS: job, pending jobs, the model's in-flight set, the model's live workers.
+# ARGV: job id, deadline, ttl (ms), now, now (ms), in-flight limit (0: none), stale before,
+# check workers (1/0), then the record's field/value pairs.
+_CREATE = """
+if ARGV[8] == '1' and redis.call('ZCOUNT', KEYS[4], ARGV[5], '+inf') == 0 then
+  return {'no_worker'}
+end
+local limit = tonumber(ARGV[6])
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[7])
+  local n = redis.call('ZCARD', KEYS[3])
+  if n >= limit then return {'full', n} end
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return {'ok'}
+"""
 
 # KEYS: job, pending, running, cancel flag. ARGV: worker, now, job id.
 # Returns {status found} if the job must not start ('late': queued past its deadline), else
@@ -101,6 +142,7 @@ class JobStore:
                  on_end: Callable[[JobRecord], None] | None = None):
         self.redis, self.settings, self.on_end = redis, settings, on_end
         self._start = redis.register_script(_START)
+        self._create = redis.register_script(_CREATE)
         self._finish = redis.register_script(_FINISH)
         self._end = redis.register_script(_END)
         self._position = redis.register_script(_POSITION)
@@ -139,16 +181,24 @@ class JobStore:
     # -- transitions ------------------------------------------------------------------------
 
     def create(self, *, job_id: str, endpoint: str, model: str, queue: str, spec: ResponseSpec,
-               deadline: float, webhook: str | None = None) -> JobRecord:
+               deadline: float, webhook: str | None = None,
+               in_flight: InFlight | None = None, live_workers: str | None = None) -> JobRecord:
+        """Record a queued job. ``in_flight``: count it against the model's in-flight limit
+        (``Refused("full")`` at the limit); ``live_workers``: the model's heartbeat set,
+        ``Refused("no_worker")`` if no worker in it is live. One round trip in all."""
         now = time.time()
         record = JobRecord(id=job_id, endpoint=endpoint, model=model, queue=queue,
                            status="queued", spec=spec, created=now, deadline=deadline,
                            retained_until=now + self.settings.job_ttl, webhook=webhook)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping=record.to_hash())
-        pipe.pexpire(job_key(job_id), self._ttl_ms)
-        pipe.zadd(PENDING_JOBS, {job_id: deadline})
-        pipe.execute()
+        fields = [x for kv in record.to_hash().items() for x in kv]
+        found = self._create(
+            keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else job_key(job_id),
+                  live_workers or job_key(job_id)],
+            args=[job_id, deadline, self._ttl_ms, now, int(now * 1000),
+                  in_flight.limit if in_flight else 0,
+                  in_flight.stale_before if in_flight else 0, 1 if live_workers else 0, *fields])
+        if found[0] != b"ok":
+            raise Refused(found[0].decode(), int(found[1]) if len(found) > 1 else 0)
         return record
 
     def discard(self, job_id: str) -> None:
