@@ -135,6 +135,20 @@ def test_embedding_lines_answer_as_the_endpoint_does(embedder, web, batch_worker
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 5)
 
 
+@pytest.mark.model
+def test_a_chunk_with_many_inputs_is_split_into_jobs_of_at_most_2048(embedder, batch_worker):
+    """A job is never larger than one request may be: 4 lines of 1,000 inputs in one chunk
+    (tests/conftest.py: 4 lines a chunk) run as two jobs of 2,000."""
+    lines = [embed_line(f"big-{i}", [f"word {i} {k}" for k in range(1000)],
+                        encoding_format="base64", dimensions=4) for i in range(4)]
+    done = wait(embedder, submit(embedder, lines, "/v1/embeddings").id)
+    assert done.status == "completed" and done.request_counts.completed == 4
+    out = records(embedder, done.output_file_id)
+    assert [len(r["response"]["body"]["data"]) for r in out] == [1000] * 4
+    jobs = [r["response"]["request_id"] for r in out]
+    assert jobs[0] == jobs[1] and jobs[2] == jobs[3] and jobs[0] != jobs[2]
+
+
 def vec(embedding) -> np.ndarray:
     if isinstance(embedding, str):
         return np.frombuffer(base64.b64decode(embedding), dtype="<f4")

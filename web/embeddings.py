@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+import gevent.pool
 from flask import Blueprint, current_app
 
 from config.errors import FerryError, InvalidRequest
@@ -16,7 +17,7 @@ from config.settings import ModelEntry
 from models.job import EmbeddingJob, EmbeddingPart, EmbeddingPartsJob
 from tasks.jobs.shapes import ResponseSpec
 from web import generation
-from web.schemas.embeddings import CreateEmbeddingRequest
+from web.schemas.embeddings import MAX_INPUTS, CreateEmbeddingRequest
 from web.validation import parse_body
 
 bp = Blueprint("embeddings", __name__)
@@ -45,20 +46,36 @@ Answer = tuple[int, str | None, dict]  # status, request id, body
 
 def run_parts(reqs: list[CreateEmbeddingRequest],
               abandoned: Callable[[], bool] = lambda: False) -> list[Answer | None]:
-    """Many requests as one bulk job per model (the Batch API runs a chunk's lines so): for
-    each, the status, request id and body this endpoint would have answered it with; None
-    for those whose job was cancelled because ``abandoned()`` became true. Runs in an app
-    context, not a request's."""
+    """Many requests as bulk jobs (the Batch API runs a chunk's lines so): per model, jobs of
+    consecutive requests holding at most ``MAX_INPUTS`` inputs together (no larger than one
+    request may be), run side by side. For each request, the status, request id and body
+    this endpoint would have answered it with; None for those whose job was cancelled
+    because ``abandoned()`` became true. Runs in an app context, not a request's."""
     answers: list[Answer | None] = [None] * len(reqs)
-    groups: dict[str, tuple[ModelEntry, list[int]]] = {}
+    work: list[tuple[ModelEntry, list[int]]] = []
+    filling: dict[str, tuple[list[int], list[int]]] = {}  # model: (requests, [inputs])
     for i, req in enumerate(reqs):
         try:
             entry = _embedding_model(req.model)
         except FerryError as e:
             answers[i] = (e.status, None, {"error": e.to_dict()})
             continue
-        groups.setdefault(entry.name, (entry, []))[1].append(i)
-    for entry, idx in groups.values():
+        n = len(req.inputs())
+        idx, count = filling.get(entry.name, ([], [MAX_INPUTS]))
+        if count[0] + n > MAX_INPUTS:
+            idx, count = [], [0]
+            filling[entry.name] = idx, count
+            work.append((entry, idx))
+        idx.append(i)
+        count[0] += n
+
+    app = current_app._get_current_object()  # greenlets start without the app context
+
+    def run(entry: ModelEntry, idx: list[int]) -> None:
+        with app.app_context():
+            run_job(entry, idx)
+
+    def run_job(entry: ModelEntry, idx: list[int]) -> None:
         job = EmbeddingPartsJob(
             id=f"embd-{uuid.uuid4().hex}", model=entry.name,
             parts=[EmbeddingPart(input=reqs[i].inputs(), dimensions=reqs[i].dimensions)
@@ -69,13 +86,15 @@ def run_parts(reqs: list[CreateEmbeddingRequest],
             job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec), bulk=True,
                                                  abandoned=abandoned)
         except generation.ClientGone:
-            continue
+            return
         except FerryError as e:  # the job failed as a whole: so did each of its requests
             for i in idx:
                 answers[i] = (e.status, job.id, {"error": e.to_dict()})
-            continue
+            return
         for i, part in zip(idx, body["data"]):
             answers[i] = (part["status"], job_id, part["body"])
+
+    gevent.pool.Pool(max(len(work), 1)).map(lambda w: run(*w), work)
     return answers
 
 
