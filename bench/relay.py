@@ -42,15 +42,18 @@ TICK = 0.01  # the client's lag probe interval (s)
 
 
 class ProcWatch:
-    """Peak RSS of some processes, sampled from /proc, and CPU time of the first one."""
+    """Peak RSS of some processes, sampled from /proc; CPU time of the first one and of each
+    group in ``cpu`` (label: pids), as shares of one core."""
 
-    def __init__(self, pids: list[int], interval: float = 0.2):
+    def __init__(self, pids: list[int], interval: float = 0.2,
+                 cpu: dict[str, list[int]] | None = None):
         self.pids, self.interval = pids, interval
+        self.cpu_groups = {"web": pids[:1], **(cpu or {})}
         self.peak_rss = {p: 0 for p in pids}
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._cpu0 = self.cpu_seconds(pids[0])
+        self._cpu0 = {k: sum(map(self.cpu_seconds, v)) for k, v in self.cpu_groups.items()}
         self._t0 = time.monotonic()
 
     @staticmethod
@@ -80,8 +83,10 @@ class ProcWatch:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.cpu_share = (self.cpu_seconds(self.pids[0]) - self._cpu0) / (
-            time.monotonic() - self._t0)
+        wall = time.monotonic() - self._t0
+        self.cpu_shares = {k: (sum(map(self.cpu_seconds, v)) - self._cpu0[k]) / wall
+                           for k, v in self.cpu_groups.items()}
+        self.cpu_share = self.cpu_shares["web"]
 
 
 def expected_text(count: int) -> str:
@@ -151,6 +156,8 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
         "tokens_per_s": sum(r.chunks for r in results) / wall, "wall_s": wall,
         "web_rss_peak_mb": watch.peak_rss[web_pid], "web_rss_total_peak_mb": watch.peak_total,
         "web_cpu_share": watch.cpu_share,
+        "workers_cpu_share": watch.cpu_shares.get("workers"),
+        "redis_cpu_share": watch.cpu_shares.get("redis"),
         "client_lag_p99_ms": ms(pct(lags, 99)), "client_lag_max_ms": ms(max(lags, default=0)),
         "client_cpu_share": client_cpu,
     }
@@ -162,31 +169,36 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
     rows = []
     with Stack("relay") as stack:
         stack.redis()
-        stack.workers("synthetic", workers, "-c", str(per_worker), gevent=True)
+        redis_pid = stack.services[-1].proc.pid
+        worker_pids = [w.proc.pid for w in
+                       stack.workers("synthetic", workers, "-c", str(per_worker), gevent=True)]
         web = stack.web()
         web_pid = web_worker_pid(web)
         url = web.url + "/v1/chat/completions"
         asyncio.run(clients(url, 10, 5, rate, 0.1))  # warm up: connections, imports, pools
         for n in levels:
-            with ProcWatch([web_pid, web.proc.pid]) as watch:
+            with ProcWatch([web_pid, web.proc.pid],
+                           cpu={"workers": worker_pids, "redis": [redis_pid]}) as watch:
                 results, lags, wall, client_cpu = asyncio.run(
                     clients(url, n, count, rate, n / open_rate))
             row = level_stats(n, results, lags, wall, client_cpu, watch, web_pid, count, rate)
             rows.append(row)
             print(f"  {n:>5} streams: p99 added {row['added_p99_ms'] or 0:.1f} ms, errors "
                   f"{row['errors']}, incomplete {row['incomplete']}, web RSS "
-                  f"{row['web_rss_total_peak_mb']:.0f} MB, web CPU "
-                  f"{100 * row['web_cpu_share']:.0f}%", flush=True)
+                  f"{row['web_rss_total_peak_mb']:.0f} MB, CPU % web "
+                  f"{100 * row['web_cpu_share']:.0f}, workers {100 * row['workers_cpu_share']:.0f}, "
+                  f"redis {100 * row['redis_cpu_share']:.0f}", flush=True)
     print_table(f"Relay capacity: one web process (gunicorn + gevent); {workers} synthetic worker "
                 f"processes (Celery gevent pool, up to {per_worker} jobs each); {count} tokens per "
                 f"stream at {rate:g} tok/s (nominal gap {1000 / rate:.0f} ms); streams opened at "
                 f"{open_rate:g}/s. CPU % is of one core; {os.cpu_count()} cores in all",
                 ["streams", "ok", "errors", "incomplete", "gap p50 ms", "gap p99 ms",
                  "added p99 ms", "steady added p99", "TTFT p99 ms", "web RSS MB", "web CPU %",
-                 "client lag p99 ms", "client CPU %"],
+                 "workers CPU %", "redis CPU %", "client lag p99 ms", "client CPU %"],
                 [[r["streams"], r["ok"], r["errors"], r["incomplete"], r["gap_p50_ms"],
                   r["gap_p99_ms"], r["added_p99_ms"], r["steady_added_p99_ms"], r["ttft_p99_ms"],
                   r["web_rss_total_peak_mb"], 100 * r["web_cpu_share"],
+                  100 * r["workers_cpu_share"], 100 * r["redis_cpu_share"],
                   r["client_lag_p99_ms"], 100 * r["client_cpu_share"]] for r in rows])
     at = next((r for r in rows if r["streams"] == GOAL_STREAMS), None)
     met = at is not None and at["errors"] == 0 and at["incomplete"] == 0 and \
