@@ -167,20 +167,15 @@ class Runtime:
             self.publisher.flush()
 
     def _embed(self, job: EmbeddingJob) -> Iterator[Event]:
-        tokens = self.backend.tokenize(job.input)
-        check_dimensions(job.dimensions, self.backend.dimensions)
-        n_tokens = sum(map(len, tokens))
-        yield Started(worker="", prompt_tokens=n_tokens)
-        vectors = shorten(self.batcher.embed(tokens, bulk=job.bulk), job.dimensions)
-        yield Embedded(data=to_base64(vectors), count=len(vectors), dimensions=vectors.shape[1],
-                       prompt_tokens=n_tokens)
+        tokens = self._read(job.input, job.dimensions)
+        yield Started(worker="", prompt_tokens=sum(map(len, tokens)))
+        yield self._embedded(self.batcher.embed(tokens, bulk=job.bulk), tokens, job.dimensions)
 
     def _embed_parts(self, job: EmbeddingPartsJob) -> Iterator[Event]:
         tokens: list[list[list[int]] | FerryError] = []
         for part in job.parts:
             try:
-                check_dimensions(part.dimensions, self.backend.dimensions)
-                tokens.append(self.backend.tokenize(part.input))
+                tokens.append(self._read(part.input, part.dimensions))
             except FerryError as e:
                 tokens.append(e)
         ok = [t for t in tokens if not isinstance(t, FerryError)]
@@ -192,12 +187,23 @@ class Runtime:
             if isinstance(t, FerryError):
                 parts.append({"status": t.status, "error": t.to_dict()})
                 continue
-            vectors = shorten(rows[start:start + len(t)], part.dimensions)
+            parts.append(dataclasses.asdict(
+                self._embedded(rows[start:start + len(t)], t, part.dimensions)))
             start += len(t)
-            parts.append({"data": to_base64(vectors), "count": len(t),
-                          "dimensions": vectors.shape[1],
-                          "prompt_tokens": sum(map(len, t))})
         yield EmbeddedParts(parts=parts, prompt_tokens=n_tokens)
+
+    def _read(self, inputs: list[str | list[int]], dimensions: int | None) -> list[list[int]]:
+        """One request's inputs as token ids, after the checks that make it a 400, in the
+        order ``POST /v1/embeddings`` reports them (also for a part of a parts job)."""
+        tokens = self.backend.tokenize(inputs)
+        check_dimensions(dimensions, self.backend.dimensions)
+        return tokens
+
+    @staticmethod
+    def _embedded(rows, tokens: list[list[int]], dimensions: int | None) -> Embedded:
+        vectors = shorten(rows, dimensions)
+        return Embedded(data=to_base64(vectors), count=len(vectors), dimensions=vectors.shape[1],
+                        prompt_tokens=sum(map(len, tokens)))
 
     def _batcher(self) -> MicroBatcher:
         key = stats_key(self.entry.queue)

@@ -109,6 +109,7 @@ def test_embedding_lines_answer_as_the_endpoint_does(embedder, web, batch_worker
                        "encoding_format": "base64"},
         "too-long": {"model": "all-minilm", "input": ["short", "word " * 400]},
         "too-wide": {"model": "all-minilm", "input": "x", "dimensions": 1000},
+        "too-long-and-wide": {"model": "all-minilm", "input": "word " * 400, "dimensions": 1000},
         "bad-token": {"model": "all-minilm", "input": [5, 10 ** 7]},
         "no-model": {"model": "no-such-model", "input": "x"},
         "chat-model": {"model": "smollm2", "input": "x"},
@@ -132,7 +133,7 @@ def test_embedding_lines_answer_as_the_endpoint_does(embedder, web, batch_worker
                 for item in d["data"]:
                     item["embedding"] = type(item["embedding"]).__name__
         assert got[cid]["body"] == expected, cid
-    assert (done.request_counts.completed, done.request_counts.failed) == (3, 5)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 6)
 
 
 @pytest.mark.model
