@@ -113,6 +113,19 @@ class Backend(BaseBackend):
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]: ...
 
 
+def by_length(token_lists: Sequence[list[int]], batch_size: int, dimensions: int,
+              embed_pass: Callable[[list[list[int]]], np.ndarray]) -> np.ndarray:
+    """Rows for ``token_lists`` in their order, computed by ``embed_pass`` in passes of
+    ``batch_size`` over the inputs sorted by length, longest first (as
+    ``SentenceTransformer.encode`` does), so that each pass pads little."""
+    out = np.empty((len(token_lists), dimensions), dtype=np.float32)
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        out[idx] = embed_pass([token_lists[i] for i in idx])
+    return out
+
+
 class EmbeddingOptions(BaseModel):
     """Options every embedding backend takes (``options`` of its registry entry)."""
 

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from config.settings import ModelEntry
-from models.base import EmbeddingBackend, EmbeddingOptions
+from models.base import EmbeddingBackend, EmbeddingOptions, by_length
 
 log = logging.getLogger(__name__)
 
@@ -118,27 +118,23 @@ class Runner:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
 
     def embed(self, token_lists: Sequence[list[int]], batch_size: int) -> np.ndarray:
-        """Rows in input order; passes of ``batch_size`` over the inputs sorted by length
-        (longest first, as ``SentenceTransformer.encode``), so padding stays small."""
-        out = np.empty((len(token_lists), self.dimensions), dtype=np.float32)
-        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = len(token_lists[idx[0]])
-            ids = np.zeros((len(idx), width), dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for row, i in enumerate(idx):
-                n = len(token_lists[i])
-                ids[row, :n] = token_lists[i]
-                mask[row, :n] = 1
-            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                             "token_type_ids": np.zeros_like(ids)})[0]
-            weights = mask[:, :, None].astype(np.float32)
-            rows = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-            if self.normalize:
-                rows /= np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None)
-            out[idx] = rows
-        return out
+        """Rows in input order, in passes of ``batch_size`` over length-sorted inputs."""
+        return by_length(token_lists, batch_size, self.dimensions, self._pass)
+
+    def _pass(self, token_lists: list[list[int]]) -> np.ndarray:
+        width = len(max(token_lists, key=len))
+        ids = np.zeros((len(token_lists), width), dtype=np.int64)
+        mask = np.zeros((len(token_lists), width), dtype=np.int64)
+        for row, tokens in enumerate(token_lists):
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
+        hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                         "token_type_ids": np.zeros_like(ids)})[0]
+        weights = mask[:, :, None].astype(np.float32)
+        rows = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        if self.normalize:
+            rows /= np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None)
+        return rows
 
 
 def exported(layout: Layout, export_dir: str | os.PathLike) -> Path:

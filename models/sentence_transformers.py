@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from config.settings import ModelEntry
-from models.base import EmbeddingBackend, EmbeddingOptions
+from models.base import EmbeddingBackend, EmbeddingOptions, by_length
 
 
 class SentenceTransformersBackend(EmbeddingBackend):
@@ -42,13 +42,10 @@ class SentenceTransformersBackend(EmbeddingBackend):
         return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
 
     def embed(self, token_lists: Sequence[list[int]]) -> np.ndarray:
-        out = np.empty((len(token_lists), self.dimensions), dtype=np.float32)
-        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            features = self.tokenizer.pad({"input_ids": [token_lists[i] for i in idx]},
-                                          return_tensors="pt")
-            with self._torch.inference_mode():
-                rows = self.model(dict(features))["sentence_embedding"]
-            out[idx] = rows.float().numpy()
-        return out
+        return by_length(token_lists, self.batch_size, self.dimensions, self._pass)
+
+    def _pass(self, token_lists: list[list[int]]) -> np.ndarray:
+        features = self.tokenizer.pad({"input_ids": token_lists}, return_tensors="pt")
+        with self._torch.inference_mode():
+            rows = self.model(dict(features))["sentence_embedding"]
+        return rows.float().numpy()
