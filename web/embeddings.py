@@ -52,30 +52,29 @@ def run_parts(reqs: list[CreateEmbeddingRequest],
     this endpoint would have answered it with; None for those whose job was cancelled
     because ``abandoned()`` became true. Runs in an app context, not a request's."""
     answers: list[Answer | None] = [None] * len(reqs)
-    work: list[tuple[ModelEntry, list[int]]] = []
-    filling: dict[str, tuple[list[int], list[int]]] = {}  # model: (requests, [inputs])
+    by_model: dict[str, tuple[ModelEntry, list[int]]] = {}
     for i, req in enumerate(reqs):
         try:
             entry = _embedding_model(req.model)
         except FerryError as e:
             answers[i] = (e.status, None, {"error": e.to_dict()})
             continue
-        n = len(req.inputs())
-        idx, count = filling.get(entry.name, ([], [MAX_INPUTS]))
-        if count[0] + n > MAX_INPUTS:
-            idx, count = [], [0]
-            filling[entry.name] = idx, count
-            work.append((entry, idx))
-        idx.append(i)
-        count[0] += n
+        by_model.setdefault(entry.name, (entry, []))[1].append(i)
+    work: list[tuple[ModelEntry, list[int]]] = []
+    for entry, idx in by_model.values():
+        job, inputs = [], 0
+        for i in idx:
+            n = len(reqs[i].inputs())
+            if job and inputs + n > MAX_INPUTS:
+                work.append((entry, job))
+                job, inputs = [], 0
+            job.append(i)
+            inputs += n
+        work.append((entry, job))
 
     app = current_app._get_current_object()  # greenlets start without the app context
 
     def run(entry: ModelEntry, idx: list[int]) -> None:
-        with app.app_context():
-            run_job(entry, idx)
-
-    def run_job(entry: ModelEntry, idx: list[int]) -> None:
         job = EmbeddingPartsJob(
             id=f"embd-{uuid.uuid4().hex}", model=entry.name,
             parts=[EmbeddingPart(input=reqs[i].inputs(), dimensions=reqs[i].dimensions)
@@ -83,8 +82,9 @@ def run_parts(reqs: list[CreateEmbeddingRequest],
         spec = ResponseSpec(endpoint="/v1/embeddings",
                             part_formats=[reqs[i].encoding_format for i in idx])
         try:
-            job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec), bulk=True,
-                                                 abandoned=abandoned)
+            with app.app_context():
+                job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec),
+                                                     bulk=True, abandoned=abandoned)
         except generation.ClientGone:
             return
         except FerryError as e:  # the job failed as a whole: so did each of its requests
