@@ -14,27 +14,34 @@ from tasks.protocol import BATCH_QUEUE
 BATCH_KEY_PREFIX = "ferry:bq:"
 
 
+def _common() -> dict:
+    """What both of Ferry's Celery apps set alike."""
+    return dict(
+        task_serializer="json",
+        accept_content=["json"],
+        # Results travel over pub/sub as events (or into Redis stores); no result backend.
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("ferry", broker=settings.redis_url,
                  include=["tasks.generation", "tasks.embedding", "tasks.webhooks"])
     app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        # Results travel over pub/sub as events; the result backend is not used.
-        task_ignore_result=True,
+        **_common(),
         # Generation is at-most-once: a stream cannot be resumed by another worker, and its
         # client has already been told of the failure. Ack on receipt, prefetch nothing.
         task_acks_late=False,
-        worker_prefetch_multiplier=1,
         # For the same reason, no unacknowledged copy is kept in Redis: a message is gone
         # once a worker takes it. That also spares a Redis round trip per job in the
         # worker's consumer, its ceiling on jobs per second.
         broker_transport_options={"ack_emulation": False},
         task_default_queue="ferry.default",
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
     )
     app.ferry_settings = settings
     return app
@@ -46,11 +53,8 @@ def make_batch_celery(settings: Settings) -> Celery:
     harmless)."""
     app = Celery("ferry-batch", broker=settings.redis_url, include=["tasks.batches"])
     app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
+        **_common(),
         task_acks_late=True,
-        worker_prefetch_multiplier=1,
         task_default_queue=BATCH_QUEUE,
         broker_transport_options={
             "global_keyprefix": BATCH_KEY_PREFIX,
@@ -58,10 +62,6 @@ def make_batch_celery(settings: Settings) -> Celery:
             # Look for abandoned chunks on every idle poll, not every tenth.
             "unacked_restore_throttle": 1,
         },
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
     )
     app.ferry_settings = settings
     return app
