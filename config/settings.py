@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from config.tenants import ApiKey
+
 DEFAULT_CONFIG = Path(__file__).with_name("ferry.toml")
 
 BackendName = Literal["llama_cpp", "exllamav2", "sentence_transformers", "onnxruntime",
@@ -89,11 +91,21 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(default=300.0, gt=0)
     # Largest request body accepted (bytes).
     max_body_bytes: int = 16 * 1024 * 1024
-    # Bearer keys accepted on /v1 (a JSON list in FERRY_API_KEYS). None configured = open,
-    # as Ollama and llama.cpp's server are by default on loopback.
-    api_keys: list[str] = []
+    # Bearer keys accepted on /v1 (a JSON list in FERRY_API_KEYS, or [[api_keys]] tables):
+    # plain strings, or objects with a name and limits (config/tenants.py). None configured
+    # = open, as Ollama and llama.cpp's server are by default on loopback.
+    api_keys: list[ApiKey] = []
     # Requests per minute per API key; 0 = no limit.
     rate_limit_rpm: int = Field(default=0, ge=0)
+    # Jobs one key may have queued or running at once (batch lines excepted; 0 = no limit):
+    # half a model's default in-flight limit, so one key cannot fill a model's queue alone.
+    key_max_in_flight: int = Field(default=32, ge=0)
+    # Wrong API keys one client address may send per minute before all its keyed requests
+    # get 429 for the rest of that minute: a few typos pass, guessing keys does not.
+    auth_failures_per_minute: int = Field(default=10, ge=1)
+    # When set, /metrics and /ready require ``Authorization: Bearer <admin key>``. Unset,
+    # they stay open: who may scrape them is then the network's business (README, Security).
+    admin_key: str = ""
     # Image URLs in messages are fetched by the server only if the operator turns it on: a
     # server that fetches what clients name can be pointed at internal services.
     fetch_image_urls: bool = False
@@ -144,6 +156,21 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, path: Path) -> Path:
         return path.expanduser()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _plain_keys(cls, keys: Any) -> Any:
+        # Today's plain list (["alice", "bob"]) stays valid: a string is a key with no name.
+        if isinstance(keys, list):
+            return [{"key": k} if isinstance(k, str) else k for k in keys]
+        return keys
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        if len({k.key for k in keys}) != len(keys):
+            raise ValueError("an API key is listed twice")
+        return keys
 
     @field_validator("models")
     @classmethod

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from tasks.batchstore import Chunk
+from web.auth import OWNER_ENVIRON
 from web.generation import ABANDONED_ENVIRON, BULK_ENVIRON
 from web.schemas.chat import CreateChatCompletionRequest
 from web.schemas.completions import CreateCompletionRequest
@@ -99,13 +100,13 @@ def _check_request(obj: dict[str, Any], endpoint: str) -> LineError | None:
     return None
 
 
-def dispatch(app: Flask, endpoint: str, body: dict[str, Any],
+def dispatch(app: Flask, endpoint: str, body: dict[str, Any], owner: str,
              abandoned: Callable[[], bool] = lambda: False) -> tuple[int, str | None, Any]:
-    """POST ``body`` to ``endpoint`` in process, as bulk work: (status, request id, JSON).
-    Once ``abandoned()`` is true the request's job is cancelled, as if its client had left
-    (status 499, no body)."""
+    """POST ``body`` to ``endpoint`` in process, as bulk work of ``owner`` (who needs no key:
+    ``web/auth.py``): (status, request id, JSON). Once ``abandoned()`` is true the request's
+    job is cancelled, as if its client had left (status 499, no body)."""
     environ = EnvironBuilder(path=endpoint, method="POST", json=body,
-                             environ_base={BULK_ENVIRON: True,
+                             environ_base={BULK_ENVIRON: True, OWNER_ENVIRON: owner,
                                            ABANDONED_ENVIRON: abandoned}).get_environ()
     app_iter, status, headers = run_wsgi_app(app, environ, buffered=True)
     try:

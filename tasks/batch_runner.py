@@ -4,6 +4,7 @@ Delivery: a batch worker may die at any point. Chunk tasks are acknowledged late
 dead worker's chunk is run again; its results are stored once (``BatchStore.write_chunk``)
 and the output is assembled from the stored chunks in order, so nothing is lost and nothing
 is duplicated. Finalizing is idempotent too: output files get ids derived from the batch id.
+Every line runs as the batch's owner, and its output files are the owner's.
 Chat and completions lines run side by side, each as a request to Ferry's own handlers in
 process; a chunk's embedding lines run as one job (``web.embeddings.run_parts``), each still
 answered as the endpoint would answer it. Needs gevent (the lines of a chunk are greenlets;
@@ -22,6 +23,7 @@ import gevent.pool
 
 from config.errors import NotFound, WorkerLost
 from config.settings import Settings
+from config.tenants import ANY_OWNER, Tenant
 from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
                                invalid_to_json, parse, read_lines, response_record, scan)
 from tasks.protocol import connect
@@ -74,22 +76,22 @@ class BatchRunner:
     def start(self, batch_id: str, enqueue_chunk: EnqueueChunk) -> None:
         """Validate, then queue every chunk not yet written (again, if this is a rerun).
         A batch cancelled meanwhile still runs its chunks, which then skip their lines."""
-        if self.store.get(batch_id).status == "validating" and not self._validate(batch_id):
+        if self.store.get(batch_id, owner=ANY_OWNER).status == "validating" and not self._validate(batch_id):
             return
         plan = self.store.plan(batch_id)
         if not plan:  # cancelled before it was validated
             self.store.transition(batch_id, "cancelled", "cancelling")
             return
-        if self.store.get(batch_id).status in FINAL:
+        if self.store.get(batch_id, owner=ANY_OWNER).status in FINAL:
             return
         for index in range(len(plan)):
             if not self.store.chunk_written(batch_id, index):
                 enqueue_chunk(batch_id, index)
 
     def _validate(self, batch_id: str) -> bool:
-        obj = self.store.get(batch_id)
+        obj = self.store.get(batch_id, owner=ANY_OWNER)
         try:
-            with self.files.open(obj.input_file_id) as f:
+            with self.files.open(obj.input_file_id, owner=obj.owner) as f:
                 chunks, invalid, total = scan(f, obj.endpoint, self.settings.batch_chunk_lines)
         except NotFound as e:
             self.store.fail(obj.id, [{"code": "invalid_file", "message": e.message,
@@ -109,7 +111,7 @@ class BatchRunner:
     # -- running ---------------------------------------------------------------------------
 
     def run_chunk(self, batch_id: str, index: int) -> None:
-        obj = self.store.get(batch_id)
+        obj = self.store.get(batch_id, owner=ANY_OWNER)
         if obj.status in FINAL:
             return
         if not self.store.chunk_written(batch_id, index):
@@ -123,7 +125,7 @@ class BatchRunner:
 
     def _run(self, obj: BatchObject, index: int) -> ChunkResult:
         chunk = self.store.plan(obj.id)[index]
-        with self.files.open(obj.input_file_id) as f:
+        with self.files.open(obj.input_file_id, owner=obj.owner) as f:
             lines = list(read_lines(f, chunk.start, chunk.end, chunk.first_line))
         invalid = self.store.invalid(obj.id, range(lines[0][0], lines[-1][0] + 1))
         stopping = self._stop_check(obj)
@@ -172,10 +174,10 @@ class BatchRunner:
         if obj.endpoint == "/v1/embeddings":
             reqs = [CreateEmbeddingRequest.model_validate(line.body) for _, line in todo]
             with self.web.app_context():
-                return run_parts(reqs, abandoned)
+                return run_parts(reqs, Tenant(obj.owner), abandoned)
 
         def one(line: Line) -> Answer | None:
-            answer = dispatch(self.web, obj.endpoint, line.body, abandoned)
+            answer = dispatch(self.web, obj.endpoint, line.body, obj.owner, abandoned)
             return None if answer[0] == 499 else answer  # 499: cancelled with its batch
 
         return gevent.pool.Pool(len(todo)).map(one, [line for _, line in todo])
@@ -191,7 +193,7 @@ class BatchRunner:
                 return "expired"
             if now - state["at"] >= 1:
                 state["at"] = now
-                state["value"] = "cancelling" if self.store.get(obj.id).status == "cancelling" else None
+                state["value"] = "cancelling" if self.store.get(obj.id, owner=ANY_OWNER).status == "cancelling" else None
             return state["value"]
 
         return check
@@ -199,10 +201,10 @@ class BatchRunner:
     # -- finalizing ------------------------------------------------------------------------
 
     def finalize(self, batch_id: str) -> None:
-        if self.store.get(batch_id).status in FINAL:
+        if self.store.get(batch_id, owner=ANY_OWNER).status in FINAL:
             return
         self.store.transition(batch_id, "finalizing", "in_progress")
-        obj = self.store.get(batch_id)
+        obj = self.store.get(batch_id, owner=ANY_OWNER)
         output = self._write(obj, "output", lambda r: r.output) if obj.request_counts.completed else None
         errors = self._write(obj, "error", lambda r: r.errors) if obj.request_counts.failed else None
         status = ("cancelled" if obj.status == "cancelling"
@@ -220,4 +222,5 @@ class BatchRunner:
                     yield record.encode() + b"\n"
 
         file_id = f"file-{uuid.uuid5(uuid.NAMESPACE_URL, f'{obj.id}/{kind}').hex}"
-        return self.files.write(lines(), f"{obj.id}_{kind}.jsonl", "batch_output", file_id).id
+        return self.files.write(lines(), f"{obj.id}_{kind}.jsonl", "batch_output", file_id,
+                                obj.owner).id

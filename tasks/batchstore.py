@@ -5,6 +5,9 @@ Lua check-and-set), so a cancel and a worker finishing cannot overwrite each oth
 chunk's results are written once, with its counts, in one Lua script: ``SET NX`` on the
 chunk key, and only if that wrote, the counters move. A chunk run twice (its worker died
 after writing, before acknowledging) therefore changes nothing the second time.
+
+A batch's owner (``config/tenants.py``) is a field of its hash; ``get``, ``list`` and
+``cancel`` take the owner and find nothing of anyone else's. Each owner has its own index.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import uuid
 from typing import Any, Literal
 
 import redis as redis_lib
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from config.errors import NotFound
+from config.errors import InvalidRequest, NotFound
+from config.tenants import ANONYMOUS, ANY_OWNER
 
 Status = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired",
                  "cancelling", "cancelled"]
@@ -79,6 +83,9 @@ class BatchObject(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts = RequestCounts()
     metadata: dict[str, str] | None = None
+    # Whose batch it is (never shown): its lines run, and its output files are stored, as
+    # theirs.
+    owner: str = Field(default=ANONYMOUS, exclude=True)
 
 
 class Chunk(BaseModel):
@@ -98,41 +105,59 @@ def _key(batch_id: str, part: str = "") -> str:
     return f"ferry:batch:{batch_id}{part}"
 
 
+def _index(owner: str) -> str:
+    # The anonymous owner's is the index every batch was in before owners existed.
+    return INDEX if owner == ANONYMOUS else f"{INDEX}:{owner}"
+
+
 class BatchStore:
     def __init__(self, redis: redis_lib.Redis):
         self.redis = redis
         self._transition = redis.register_script(_TRANSITION)
         self._write_chunk = redis.register_script(_WRITE_CHUNK)
 
-    def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str] | None) -> BatchObject:
+    def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str] | None,
+               owner: str) -> BatchObject:
         now = int(time.time())
         static = {"id": f"batch_{uuid.uuid4().hex}", "endpoint": endpoint,
                   "input_file_id": input_file_id, "created_at": now,
                   "expires_at": now + COMPLETION_WINDOW, "metadata": metadata}
         pipe = self.redis.pipeline()
-        pipe.hset(_key(static["id"]), mapping={"static": json.dumps(static), "status": "validating"})
-        pipe.zadd(INDEX, {static["id"]: time.time()})
+        pipe.hset(_key(static["id"]), mapping={"static": json.dumps(static), "status": "validating",
+                                               "owner": owner})
+        pipe.zadd(_index(owner), {static["id"]: time.time()})
         pipe.execute()
-        return self.get(static["id"])
+        return self.get(static["id"], owner=owner)
 
-    def get(self, batch_id: str) -> BatchObject:
+    def get(self, batch_id: str, *, owner: str | None) -> BatchObject:
+        """The batch, if ``owner`` made it (``ANY_OWNER``: whoever did); else ``NotFound``."""
         h = {k.decode(): v.decode() for k, v in self.redis.hgetall(_key(batch_id)).items()}
-        if not h:
+        if not h or (owner is not ANY_OWNER and h.get("owner", ANONYMOUS) != owner):
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         obj: dict[str, Any] = json.loads(h.pop("static"))
         obj["request_counts"] = {k: int(h.get(k, 0)) for k in ("total", "completed", "failed")}
         obj["errors"] = json.loads(h["errors"]) if "errors" in h else None
+        obj["owner"] = h.get("owner", ANONYMOUS)
         for field in ("status", "output_file_id", "error_file_id", *TIMESTAMP_OF.values()):
             if field in h:
                 obj[field] = h[field]
         return BatchObject.model_validate(obj)
 
-    def list(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
-        """Newest first, after the id ``after``."""
-        ids = [i.decode() for i in self.redis.zrevrange(INDEX, 0, -1)]
+    def list(self, owner: str, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
+        """``owner``'s batches newest first, after the id ``after``."""
+        ids = [i.decode() for i in self.redis.zrevrange(_index(owner), 0, -1)]
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
-        return [self.get(i) for i in ids[:limit]], len(ids) > limit
+        return [self.get(i, owner=owner) for i in ids[:limit]], len(ids) > limit
+
+    def cancel(self, batch_id: str, *, owner: str) -> BatchObject:
+        """Ask ``owner``'s batch to stop: it is ``cancelling`` until its running chunks end."""
+        self.get(batch_id, owner=owner)
+        if not self.transition(batch_id, "cancelling", "validating", "in_progress"):
+            status = self.get(batch_id, owner=owner).status
+            if status not in ("cancelling", "cancelled"):
+                raise InvalidRequest(f"Cannot cancel a batch with status '{status}'.")
+        return self.get(batch_id, owner=owner)
 
     def transition(self, batch_id: str, to: Status, *sources: Status) -> bool:
         """Move to ``to`` if the status is one of ``sources``; True if it moved."""

@@ -4,10 +4,15 @@ Shared by the web process (uploads, downloads) and the batch workers (inputs, ou
 which must therefore see the same directory. Content is written to a temporary name and
 renamed, and metadata is written after it, so a file listed is always complete; a file is
 named on disk by its id only (never by the client's filename).
+
+Every file has an owner (``config/tenants.py``), kept with its metadata and never shown; the
+reads, the listing and the delete take the owner and find nothing of anyone else's. Each
+owner's files have an index of their own, so a listing never reads anyone else's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -20,14 +25,30 @@ import redis as redis_lib
 from pydantic import BaseModel
 
 from config.errors import NotFound
+from config.tenants import ANONYMOUS, ANY_OWNER
 
 Purpose = Literal["batch", "batch_output"]
 
+# The anonymous owner's index is the one every file was listed in before owners existed.
 FILES_INDEX = "ferry:files"
 
 
 def _meta_key(file_id: str) -> str:
     return f"ferry:file:{file_id}"
+
+
+def _index(owner: str) -> str:
+    return FILES_INDEX if owner == ANONYMOUS else f"{FILES_INDEX}:{owner}"
+
+
+def _load(raw: bytes | None, owner: str | None) -> FileObject | None:
+    """The file object stored, if ``owner`` may see it (``ANY_OWNER``: anyone)."""
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    if owner is not ANY_OWNER and data.pop("owner", ANONYMOUS) != owner:
+        return None
+    return FileObject.model_validate(data)
 
 
 class FileObject(BaseModel):
@@ -51,14 +72,14 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.root / file_id
 
-    def put(self, source: BinaryIO, filename: str, purpose: Purpose) -> FileObject:
-        """Store an upload under a new id."""
+    def put(self, source: BinaryIO, filename: str, purpose: Purpose, owner: str) -> FileObject:
+        """Store an upload of ``owner`` under a new id."""
         return self.write(iter(lambda: source.read(1024 * 1024), b""), filename, purpose,
-                          f"file-{uuid.uuid4().hex}")
+                          f"file-{uuid.uuid4().hex}", owner)
 
     def write(self, chunks: Iterable[bytes], filename: str, purpose: Purpose,
-              file_id: str) -> FileObject:
-        """Store (or replace: idempotent writers name their file) ``file_id``."""
+              file_id: str, owner: str) -> FileObject:
+        """Store (or replace: idempotent writers name their file) ``file_id``, as ``owner``'s."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
         try:
@@ -73,42 +94,45 @@ class FileStore:
         obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
                          purpose=purpose)
         pipe = self.redis.pipeline()
-        pipe.set(_meta_key(file_id), obj.model_dump_json())
-        pipe.zadd(FILES_INDEX, {file_id: time.time()})
+        pipe.set(_meta_key(file_id), json.dumps({**obj.model_dump(), "owner": owner}))
+        pipe.zadd(_index(owner), {file_id: time.time()})
         pipe.execute()
         return obj
 
-    def get(self, file_id: str) -> FileObject:
-        raw = self.redis.get(_meta_key(file_id))
-        if raw is None:
+    def get(self, file_id: str, *, owner: str | None) -> FileObject:
+        """The file, if ``owner`` has it (else ``NotFound``, as for no file at all)."""
+        obj = _load(self.redis.get(_meta_key(file_id)), owner)
+        if obj is None:
             raise NotFound(f"No such File object: {file_id}", param="file_id")
-        return FileObject.model_validate_json(raw)
+        return obj
 
-    def open(self, file_id: str) -> BinaryIO:
-        self.get(file_id)
+    def open(self, file_id: str, *, owner: str | None) -> BinaryIO:
+        self.get(file_id, owner=owner)
         try:
             return open(self.path(file_id), "rb")
         except FileNotFoundError:
             raise NotFound(f"The content of file {file_id} is missing on this host.",
                            param="file_id") from None
 
-    def list(self, purpose: str | None, order: str, after: str | None,
+    def list(self, owner: str, purpose: str | None, order: str, after: str | None,
              limit: int) -> tuple[list[FileObject], bool]:
-        """Files newest first (``order="desc"``) or oldest first, after the id ``after``."""
-        ids = [i.decode() for i in (self.redis.zrevrange(FILES_INDEX, 0, -1) if order == "desc"
-                                    else self.redis.zrange(FILES_INDEX, 0, -1))]
+        """``owner``'s files newest first (``order="desc"``) or oldest first, after the id
+        ``after``."""
+        index = _index(owner)
+        ids = [i.decode() for i in (self.redis.zrevrange(index, 0, -1) if order == "desc"
+                                    else self.redis.zrange(index, 0, -1))]
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
         raws = self.redis.mget([_meta_key(i) for i in ids]) if ids else []
-        objs = [FileObject.model_validate_json(r) for r in raws if r is not None]
+        objs = [o for o in (_load(r, owner) for r in raws) if o is not None]
         if purpose is not None:
             objs = [o for o in objs if o.purpose == purpose]
         return objs[:limit], len(objs) > limit
 
-    def delete(self, file_id: str) -> None:
-        self.get(file_id)
+    def delete(self, file_id: str, *, owner: str) -> None:
+        self.get(file_id, owner=owner)
         pipe = self.redis.pipeline()
         pipe.delete(_meta_key(file_id))
-        pipe.zrem(FILES_INDEX, file_id)
+        pipe.zrem(_index(owner), file_id)
         pipe.execute()
         self.path(file_id).unlink(missing_ok=True)

@@ -33,6 +33,11 @@ def pending_key(queue: str) -> str:
     return f"ferry:pending:{queue}"
 
 
+def owner_pending_key(owner: str) -> str:
+    """The same, per owner (an API key's digest): its jobs in flight over all models."""
+    return f"ferry:pending-owner:{owner}"
+
+
 def workers_key(queue: str) -> str:
     return f"ferry:workers:{queue}"
 

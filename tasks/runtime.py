@@ -25,6 +25,7 @@ from celery import Celery
 
 from config.errors import FerryError, GenerationFailed
 from config.settings import ModelEntry, Settings
+from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobStatus
 from tasks.jobs.shapes import Outcome
 from tasks.jobs.store import JobStore
@@ -221,7 +222,7 @@ class Runtime:
 
     def _safe_get(self, job_id: str):
         try:
-            return self.jobs.get(job_id)
+            return self.jobs.get(job_id, owner=ANY_OWNER)
         except redis_lib.RedisError:
             return None
 

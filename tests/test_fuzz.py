@@ -4,6 +4,8 @@ inputs are generated.
 
 Bodies that name a model are pointed at the scripted model most of the time, so valid bodies
 go through the queue and a worker (which is running, so a 503 would be a real failure).
+It runs twice: against the open web, and against one with API keys on, sending a key (every
+store then takes a tenant's owner), with fewer examples to keep the time modest.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import schemathesis
 from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.conftest import MAX_FILE_BYTES
+from tests.services import Web
+
+FUZZ_KEY = "fuzz-tenant-key"
 
 
 @pytest.fixture(scope="module")
@@ -26,28 +33,48 @@ def operations(web, synthetic_worker):
     return ops
 
 
-def check(web, case, retarget: bool) -> None:
+@pytest.fixture(scope="module")
+def keyed_web(redis_server, logs, files_dir):
+    web = Web(redis_server.url, logs, FERRY_API_KEYS=f'["{FUZZ_KEY}"]',
+              FERRY_FILES_DIR=str(files_dir), FERRY_MAX_FILE_BYTES=str(MAX_FILE_BYTES)).start()
+    yield web
+    web.stop()
+
+
+def check(web, case, retarget: bool, headers: dict | None = None) -> None:
     body = case.body
     if retarget and isinstance(body, dict) and "model" in body:
         body = {**body, "model": "synthetic"}
     url = web.url + case.formatted_path
     has_body = isinstance(body, (dict, list, str, int, float, bool)) or body is None and \
         case.method.upper() == "POST"
-    r = requests.request(case.method, url, json=body if has_body else None, timeout=30)
+    r = requests.request(case.method, url, json=body if has_body else None, headers=headers,
+                         timeout=30)
     assert r.status_code < 500, (case.method, case.formatted_path, body, r.status_code, r.text)
+    if headers:  # the key is good on every endpoint
+        assert r.status_code != 401, (case.method, case.formatted_path, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_input_gets_a_server_error(web, operations, mode):
+def fuzz(web, operations, mode, examples: int, headers: dict | None = None) -> None:
     for op in operations:
         if mode == GenerationMode.NEGATIVE and not len(op.body):
             continue  # no body: nothing schema-violating to generate beyond the path
 
         @given(case=op.as_strategy(generation_mode=mode), retarget=st.booleans())
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
         def run(case, retarget):
-            check(web, case, retarget)
+            check(web, case, retarget, headers)
 
         run()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_gets_a_server_error(web, operations, mode):
+    fuzz(web, operations, mode, 40)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_gets_a_server_error_with_keys_on(keyed_web, operations, mode):
+    fuzz(keyed_web, operations, mode, 15, {"Authorization": f"Bearer {FUZZ_KEY}"})

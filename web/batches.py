@@ -9,6 +9,7 @@ from config.errors import InvalidRequest, NotFound
 from tasks.batchstore import BatchStore
 from tasks.filestore import FileStore
 from tasks.protocol import BATCH_QUEUE, BATCH_START_TASK
+from web.auth import current_tenant
 from web.schemas.batches import CreateBatchRequest, ListBatchesRequest
 from web.validation import parse_body, validate
 
@@ -23,14 +24,16 @@ def batches() -> BatchStore:
 def create_batch():
     req = parse_body(CreateBatchRequest)
     ferry = current_app.extensions["ferry"]
+    owner = current_tenant().owner
     try:
-        source = FileStore(ferry.relay.redis, ferry.settings.files_dir).get(req.input_file_id)
+        source = FileStore(ferry.relay.redis, ferry.settings.files_dir).get(req.input_file_id,
+                                                                            owner=owner)
     except NotFound:
         raise InvalidRequest(f"No such file: {req.input_file_id}.", param="input_file_id") from None
     if source.purpose != "batch":
         raise InvalidRequest(f"File {source.id} was not uploaded for purpose 'batch'.",
                              param="input_file_id")
-    batch = batches().create(req.endpoint, req.input_file_id, req.metadata)
+    batch = batches().create(req.endpoint, req.input_file_id, req.metadata, owner)
     ferry.batch_celery.send_task(BATCH_START_TASK, args=[batch.id], queue=BATCH_QUEUE)
     return jsonify(batch.model_dump())
 
@@ -38,20 +41,15 @@ def create_batch():
 @bp.get("/v1/batches")
 def list_batches():
     q = validate(ListBatchesRequest, request.args.to_dict())
-    found, has_more = batches().list(q.after, q.limit)
+    found, has_more = batches().list(current_tenant().owner, q.after, q.limit)
     return jsonify(q.page([b.model_dump() for b in found], has_more))
 
 
 @bp.get("/v1/batches/<batch_id>")
 def retrieve_batch(batch_id: str):
-    return jsonify(batches().get(batch_id).model_dump())
+    return jsonify(batches().get(batch_id, owner=current_tenant().owner).model_dump())
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str):
-    store = batches()
-    if not store.transition(batch_id, "cancelling", "validating", "in_progress"):
-        status = store.get(batch_id).status
-        if status not in ("cancelling", "cancelled"):
-            raise InvalidRequest(f"Cannot cancel a batch with status '{status}'.")
-    return jsonify(store.get(batch_id).model_dump())
+    return jsonify(batches().cancel(batch_id, owner=current_tenant().owner).model_dump())

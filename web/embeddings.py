@@ -14,6 +14,7 @@ from flask import Blueprint, current_app
 
 from config.errors import FerryError, InvalidRequest
 from config.settings import ModelEntry
+from config.tenants import Tenant
 from models.job import EmbeddingJob, EmbeddingPart, EmbeddingPartsJob
 from tasks.jobs.shapes import ResponseSpec
 from web import generation
@@ -44,9 +45,9 @@ def prepare(req: CreateEmbeddingRequest) -> generation.Prepared:
 Answer = tuple[int, str | None, dict]  # status, request id, body
 
 
-def run_parts(reqs: list[CreateEmbeddingRequest],
+def run_parts(reqs: list[CreateEmbeddingRequest], tenant: Tenant,
               abandoned: Callable[[], bool] = lambda: False) -> list[Answer | None]:
-    """Many requests as bulk jobs (the Batch API runs a chunk's lines so): per model, jobs of
+    """Many requests of ``tenant`` as bulk jobs (the Batch API runs a chunk's lines so): per model, jobs of
     consecutive requests holding at most ``MAX_INPUTS`` inputs together (no larger than one
     request may be), run side by side. For each request, the status, request id and body
     this endpoint would have answered it with; None for those whose job was cancelled
@@ -84,7 +85,8 @@ def run_parts(reqs: list[CreateEmbeddingRequest],
         try:
             with app.app_context():
                 job_id, body = generation.run_to_end(generation.Prepared(entry, job, spec),
-                                                     bulk=True, abandoned=abandoned)
+                                                     tenant=tenant, bulk=True,
+                                                     abandoned=abandoned)
         except generation.ClientGone:
             return
         except FerryError as e:  # the job failed as a whole: so did each of its requests

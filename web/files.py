@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, jsonify, request, send_file
 
 from config.errors import InvalidRequest, PayloadTooLarge
 from tasks.filestore import FileStore
+from web.auth import current_tenant
 from web.schemas.files import CreateFileRequest, ListFilesRequest
 from web.validation import validate
 
@@ -24,7 +25,8 @@ def store() -> FileStore:
 
 @bp.post("/v1/files")
 def create_file():
-    limit = current_app.extensions["ferry"].settings.max_file_bytes
+    tenant = current_tenant()
+    limit = tenant.max_file_bytes or current_app.extensions["ferry"].settings.max_file_bytes
     request.max_content_length = limit + FORM_OVERHEAD
     form = request.form
     if any(k.startswith("expires_after") for k in form):
@@ -36,17 +38,18 @@ def create_file():
         raise InvalidRequest("Missing the 'file' part of the form.", param="file")
     upload.stream.seek(0, os.SEEK_END)
     if upload.stream.tell() > limit:
-        raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.", param="file")
+        raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes "
+                              "(max_file_bytes).", param="file")
     upload.stream.seek(0)
     obj = store().put(upload.stream, os.path.basename(upload.filename or "upload.jsonl"),
-                      req.purpose)
+                      req.purpose, tenant.owner)
     return jsonify(obj.model_dump())
 
 
 @bp.get("/v1/files")
 def list_files():
     q = validate(ListFilesRequest, request.args.to_dict())
-    files, has_more = store().list(q.purpose, q.order, q.after, q.limit)
+    files, has_more = store().list(current_tenant().owner, q.purpose, q.order, q.after, q.limit)
     return jsonify({"object": "list", "data": [f.model_dump() for f in files],
                     "first_id": files[0].id if files else None,
                     "last_id": files[-1].id if files else None, "has_more": has_more})
@@ -54,18 +57,18 @@ def list_files():
 
 @bp.get("/v1/files/<file_id>")
 def retrieve_file(file_id: str):
-    return jsonify(store().get(file_id).model_dump())
+    return jsonify(store().get(file_id, owner=current_tenant().owner).model_dump())
 
 
 @bp.get("/v1/files/<file_id>/content")
 def retrieve_file_content(file_id: str):
-    files = store()
-    obj = files.get(file_id)
-    return send_file(files.open(file_id), mimetype="application/octet-stream",
+    files, owner = store(), current_tenant().owner
+    obj = files.get(file_id, owner=owner)
+    return send_file(files.open(file_id, owner=owner), mimetype="application/octet-stream",
                      download_name=obj.filename, as_attachment=True)
 
 
 @bp.delete("/v1/files/<file_id>")
 def delete_file(file_id: str):
-    store().delete(file_id)
+    store().delete(file_id, owner=current_tenant().owner)
     return jsonify({"id": file_id, "object": "file", "deleted": True})

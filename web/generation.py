@@ -20,6 +20,7 @@ from flask import Response, current_app, g, request
 
 from config.errors import FerryError, ServiceUnavailable, rebuild
 from config.settings import ModelEntry
+from config.tenants import Tenant
 from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
 from models import events
@@ -28,6 +29,7 @@ from tasks.jobs.store import Refused
 from tasks.protocol import (BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK,
                             workers_key)
 from web import limits, logs
+from web.auth import current_tenant
 from web.merge import MergedSubscription
 from web.relay import Subscription
 
@@ -106,14 +108,14 @@ def is_bulk() -> bool:
     return bool(request.environ.get(BULK_ENVIRON))
 
 
-def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None,
+def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str | None = None,
            bulk: bool | None = None, live: bool = False,
            subscription: Subscription | None = None) -> JobRecord:
-    """Record the job, then enqueue it. The record exists before any worker can start it.
-    ``bulk`` (default: whether this request is a batch line) queues it behind interactive
-    work and outside the model's in-flight limit; ``live``: 503 unless a worker serves the
-    model now; ``subscription``: confirmed before the job is enqueued. The checks and the
-    record are one Redis round trip (``JobStore.create``)."""
+    """Record the job as ``tenant``'s, then enqueue it. The record exists before any worker
+    can start it. ``bulk`` (default: whether this request is a batch line) queues it behind
+    interactive work and outside the model's and the tenant's in-flight limits; ``live``:
+    503 unless a worker serves the model now; ``subscription``: confirmed before the job is
+    enqueued. The checks and the record are one Redis round trip (``JobStore.create``)."""
     ferry = current_app.extensions["ferry"]
     entry = prepared.entry
     g.model = entry.name
@@ -124,11 +126,12 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None,
         # behind interactive work; the in-flight limit protects interactive clients.
         record = ferry.jobs.create(
             job_id=job.id, endpoint=prepared.spec.endpoint, model=entry.name,
-            queue=entry.queue, spec=prepared.spec, deadline=deadline, webhook=webhook,
-            in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
+            queue=entry.queue, spec=prepared.spec, deadline=deadline, owner=tenant.owner,
+            webhook=webhook, in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
+            owner_in_flight=None if bulk else limits.owner_in_flight(ferry.settings, tenant),
             live_workers=workers_key(entry.queue) if live else None)
     except Refused as e:
-        raise limits.refusal(entry, e) from None
+        raise limits.refusal(entry, e, tenant) from None
     except redis_lib.RedisError as e:
         raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
     try:
@@ -140,7 +143,7 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None,
                                priority=BULK_PRIORITY if bulk else None)
     except Exception as e:
         ferry.jobs.discard(job.id)
-        limits.release(ferry.redis, entry.queue, job.id)
+        limits.release(ferry.redis, entry.queue, job.id, tenant.owner)
         if isinstance(e, FerryError):
             raise
         raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
@@ -160,13 +163,15 @@ def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) 
     share."""
     ferry = current_app.extensions["ferry"]
     entry = prepared[0].entry
+    tenant = current_tenant()
     subs: list[Subscription] = []
     deadline = time.time() + ferry.settings.queue_timeout
     try:
         for p in prepared:
-            sub = _subscribe(p)
+            sub = _subscribe(p, tenant)
             try:
-                record = submit(p, deadline=deadline, live=True, subscription=sub)
+                record = submit(p, tenant=tenant, deadline=deadline, live=True,
+                                subscription=sub)
             except BaseException:
                 sub.close()  # its job was not enqueued
                 raise
@@ -191,15 +196,17 @@ def respond_all(prepared: list[Prepared], *, stream: bool, include_usage: bool) 
         return Response(status=499)
 
 
-def run_to_end(prepared: Prepared, *, bulk: bool = False,
+def run_to_end(prepared: Prepared, *, tenant: Tenant, bulk: bool = False,
                abandoned: Callable[[], bool] = lambda: False) -> tuple[str, dict]:
-    """Run a job with no client connection to answer (the Batch API's in-process work):
-    its id and result body, or its failure raised as the ``FerryError`` it ended with. Once
-    ``abandoned()`` is true the job is cancelled and ``ClientGone`` raised."""
+    """Run a job of ``tenant`` with no client connection to answer (the Batch API's
+    in-process work): its id and result body, or its failure raised as the ``FerryError``
+    it ended with. Once ``abandoned()`` is true the job is cancelled and ``ClientGone``
+    raised."""
     ferry = current_app.extensions["ferry"]
-    sub = _subscribe(prepared)
+    sub = _subscribe(prepared, tenant)
     try:
-        record = submit(prepared, deadline=time.time() + ferry.settings.queue_timeout, bulk=bulk,
+        record = submit(prepared, tenant=tenant,
+                        deadline=time.time() + ferry.settings.queue_timeout, bulk=bulk,
                         live=True, subscription=sub)
         shape = prepared.spec.shape(record.id, prepared.entry.name, int(record.created))
         outcome = Outcome()
@@ -210,11 +217,11 @@ def run_to_end(prepared: Prepared, *, bulk: bool = False,
         sub.close()
 
 
-def _subscribe(prepared: Prepared) -> Subscription:
+def _subscribe(prepared: Prepared, tenant: Tenant) -> Subscription:
     ferry, entry, job_id = current_app.extensions["ferry"], prepared.entry, prepared.job.id
     sub = ferry.relay.subscribe(job_id, entry.queue, entry.name, wait=False)
     # The worker releases the job's admission when it ends; this covers jobs it never runs.
-    sub.on_close(lambda: limits.release(ferry.redis, entry.queue, job_id))
+    sub.on_close(lambda: limits.release(ferry.redis, entry.queue, job_id, tenant.owner))
     return sub
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from flask import Response
 
 from config.errors import NotFound, ServiceUnavailable
+from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord
 from tasks.jobs.store import JobStore
 from models import events
@@ -87,7 +88,7 @@ class Follower:
                 return
 
     def _check_ended(self) -> Iterator[tuple[int, events.Event]]:
-        record = self.jobs.get(self.job_id)
+        record = self.jobs.get(self.job_id, owner=ANY_OWNER)  # the watcher may see it
         if record is not None and not record.done:
             return
         yield from self._from_buffer()

@@ -25,6 +25,7 @@ from config.errors import FerryError, InvalidRequest, NotFound
 from tasks.jobs.record import JobRecord
 from tasks import webhooks
 from web import generation, job_events
+from web.auth import current_tenant
 from web.schemas.jobs import CreateJobRequest
 from web.validation import parse_body, validate
 
@@ -69,7 +70,7 @@ def _not_found(job_id: str) -> NotFound:
 
 
 def _find(job_id: str) -> JobRecord:
-    record = current_app.extensions["ferry"].jobs.get(job_id)
+    record = current_app.extensions["ferry"].jobs.get(job_id, owner=current_tenant().owner)
     if record is None:
         raise _not_found(job_id)
     return record
@@ -96,7 +97,8 @@ def create_job():
         prepared = family.prepare(body)
     if req.webhook is not None:
         webhooks.check_url(req.webhook, allow_private=ferry.settings.webhook_allow_private)
-    record = generation.submit(prepared, deadline=time.time() + ferry.settings.job_deadline,
+    record = generation.submit(prepared, tenant=current_tenant(),
+                               deadline=time.time() + ferry.settings.job_deadline,
                                webhook=req.webhook)
     return jsonify(_public(record)), 202, {"Location": f"/v1/jobs/{record.id}",
                                            "X-Request-Id": record.id}
@@ -115,13 +117,14 @@ def retrieve_job(job_id: str):
 @bp.post("/v1/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     ferry = current_app.extensions["ferry"]
-    record = ferry.jobs.cancel(job_id)
+    owner = current_tenant().owner
+    record = ferry.jobs.cancel(job_id, owner=owner)
     if record is None:
         raise _not_found(job_id)
     until = time.monotonic() + CANCEL_WAIT
     while not record.done and time.monotonic() < until:
         time.sleep(0.05)
-        record = ferry.jobs.get(job_id) or record
+        record = ferry.jobs.get(job_id, owner=owner) or record
     return jsonify(_public(record))
 
 

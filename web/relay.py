@@ -27,6 +27,7 @@ import redis as redis_lib
 
 from config.errors import FerryError, ServiceUnavailable, WorkerLost
 from config.settings import Settings
+from config.tenants import ANY_OWNER
 from tasks.jobs.store import JobStore
 from models import events
 from tasks.protocol import events_channel, workers_key
@@ -143,7 +144,7 @@ class Subscription(_Listener):
     def cancel(self) -> None:
         """Ask the worker to stop (or never start) this job."""
         try:
-            self.relay.jobs.cancel(self.job_id)
+            self.relay.jobs.cancel(self.job_id, owner=ANY_OWNER)  # the request's own job
         except redis_lib.RedisError as e:
             log.warning("could not cancel %s: %s", self.job_id, e)
 

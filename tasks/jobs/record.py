@@ -35,6 +35,8 @@ class JobRecord(BaseModel):
     finished: float | None = None
     worker: str | None = None
     webhook: str | None = None
+    # Who submitted it (``config/tenants.py``); "" for records made before owners existed.
+    owner: str = ""
     # The body the synchronous endpoint returns (completed, or cancelled while running).
     result: dict[str, Any] | None = None
     # The OpenAI error object (failed, expired).

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 from config.errors import FerryError, JobCancelled, JobExpired, WorkerLost
 from config.settings import Settings
+from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
 from models import events
 from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
-                            job_key, pending_key, request_cancel)
+                            job_key, owner_pending_key, pending_key, request_cancel)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ class InFlight:
 
 
 class Refused(Exception):
-    """``create`` recorded nothing: ``reason`` is "full" (``count`` in flight) or
-    "no_worker"."""
+    """``create`` recorded nothing: ``reason`` is "full" (``count`` in flight), "owner_full"
+    (the owner's limit) or "no_worker"."""
 
     def __init__(self, reason: str, count: int = 0):
         super().__init__(reason)
@@ -51,21 +52,28 @@ class Refused(Exception):
 
 
 # Records a new job, after the checks that may refuse it, in one round trip.
-# KEYS: job, pending jobs, the model's in-flight set, the model's live workers.
-# ARGV: job id, deadline, ttl (ms), now, now (ms), in-flight limit (0: none), stale before,
-# check workers (1/0), then the record's field/value pairs.
+# KEYS: job, pending jobs, the model's in-flight set, the model's live workers, the owner's
+# in-flight set. ARGV: job id, deadline, ttl (ms), now, now (ms), model in-flight limit (0:
+# none), stale before, check workers (1/0), owner in-flight limit (0: none), owner stale
+# before, then the record's field/value pairs. Both limits are checked before either set is
+# joined, so a refused job holds no place in either.
 _CREATE = """
 if ARGV[8] == '1' and redis.call('ZCOUNT', KEYS[4], ARGV[5], '+inf') == 0 then
   return {'no_worker'}
 end
-local limit = tonumber(ARGV[6])
-if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], 0, ARGV[7])
-  local n = redis.call('ZCARD', KEYS[3])
-  if n >= limit then return {'full', n} end
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+local sets = {{KEYS[3], tonumber(ARGV[6]), ARGV[7], 'full'},
+              {KEYS[5], tonumber(ARGV[9]), ARGV[10], 'owner_full'}}
+for _, s in ipairs(sets) do
+  if s[2] > 0 then
+    redis.call('ZREMRANGEBYSCORE', s[1], 0, s[3])
+    local n = redis.call('ZCARD', s[1])
+    if n >= s[2] then return {s[4], n} end
+  end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+for _, s in ipairs(sets) do
+  if s[2] > 0 then redis.call('ZADD', s[1], ARGV[4], ARGV[1]) end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return {'ok'}
@@ -151,9 +159,14 @@ class JobStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> JobRecord | None:
+    def get(self, job_id: str, *, owner: str | None) -> JobRecord | None:
+        """The job, if ``owner`` made it (``ANY_OWNER``: whoever did); None otherwise, as
+        if it did not exist."""
         raw = self.redis.hgetall(job_key(job_id))
-        return JobRecord.from_hash(raw) if raw else None
+        record = JobRecord.from_hash(raw) if raw else None
+        if record is None or (owner is not ANY_OWNER and record.owner != owner):
+            return None
+        return record
 
     def position(self, record: JobRecord) -> int | None:
         """Jobs ahead of a queued one in its Celery queue. 0 also when a worker has already
@@ -181,22 +194,29 @@ class JobStore:
     # -- transitions ------------------------------------------------------------------------
 
     def create(self, *, job_id: str, endpoint: str, model: str, queue: str, spec: ResponseSpec,
-               deadline: float, webhook: str | None = None,
-               in_flight: InFlight | None = None, live_workers: str | None = None) -> JobRecord:
-        """Record a queued job. ``in_flight``: count it against the model's in-flight limit
-        (``Refused("full")`` at the limit); ``live_workers``: the model's heartbeat set,
+               deadline: float, owner: str, webhook: str | None = None,
+               in_flight: InFlight | None = None, owner_in_flight: InFlight | None = None,
+               live_workers: str | None = None) -> JobRecord:
+        """Record a queued job of ``owner``. ``in_flight``: count it against the model's
+        in-flight limit (``Refused("full")`` at the limit); ``owner_in_flight``: against its
+        owner's (``Refused("owner_full")``); ``live_workers``: the model's heartbeat set,
         ``Refused("no_worker")`` if no worker in it is live. One round trip in all."""
         now = time.time()
         record = JobRecord(id=job_id, endpoint=endpoint, model=model, queue=queue,
                            status="queued", spec=spec, created=now, deadline=deadline,
-                           retained_until=now + self.settings.job_ttl, webhook=webhook)
+                           retained_until=now + self.settings.job_ttl, webhook=webhook,
+                           owner=owner)
         fields = [x for kv in record.to_hash().items() for x in kv]
+        unused = job_key(job_id)
         found = self._create(
-            keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else job_key(job_id),
-                  live_workers or job_key(job_id)],
+            keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else unused,
+                  live_workers or unused,
+                  owner_in_flight.key if owner_in_flight else unused],
             args=[job_id, deadline, self._ttl_ms, now, int(now * 1000),
                   in_flight.limit if in_flight else 0,
-                  in_flight.stale_before if in_flight else 0, 1 if live_workers else 0, *fields])
+                  in_flight.stale_before if in_flight else 0, 1 if live_workers else 0,
+                  owner_in_flight.limit if owner_in_flight else 0,
+                  owner_in_flight.stale_before if owner_in_flight else 0, *fields])
         if found[0] != b"ok":
             raise Refused(found[0].decode(), int(found[1]) if len(found) > 1 else 0)
         return record
@@ -228,11 +248,11 @@ class JobStore:
             status, time.time(), _json(result), _json(error), job_id])
         return self._ended(job_id, done)
 
-    def cancel(self, job_id: str) -> JobRecord | None:
+    def cancel(self, job_id: str, *, owner: str | None) -> JobRecord | None:
         """A queued job is cancelled at once and never runs; a running one is asked to stop
         (its worker ends it, within one decode step, as ``cancelled`` with its partial
-        output). None if there is no such job."""
-        record = self.get(job_id)
+        output). None if there is no such job of ``owner``."""
+        record = self.get(job_id, owner=owner)
         if record is None or record.done:
             return record
         # Tell the workers in any case: the job may start between the read and the script.
@@ -241,7 +261,7 @@ class JobStore:
             self._end_unreported(job_id, "queued", "cancelled", PENDING_JOBS,
                                  JobCancelled("The job was cancelled before it started."),
                                  keep_error=False)
-        return self.get(job_id)
+        return self.get(job_id, owner=owner)
 
     def expire(self, job_id: str) -> bool:
         return self._end_unreported(
@@ -263,7 +283,7 @@ class JobStore:
         live: dict[str, set[str]] = {}
         for raw in self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
                                             now - self.settings.worker_timeout):
-            record = self.get(raw.decode())
+            record = self.get(raw.decode(), owner=ANY_OWNER)
             if record is None or record.status != "in_progress":
                 self.redis.zrem(RUNNING_JOBS, raw)
                 continue
@@ -286,11 +306,13 @@ class JobStore:
     def _ended(self, job_id: str, done) -> bool:
         if not done:
             return False
-        record = self.get(job_id)
+        record = self.get(job_id, owner=ANY_OWNER)
         if record is not None:
-            # Its place in the model's in-flight limit (``web/limits.py``) is free again,
-            # whichever way it ended (a Celery task that expired never reaches a worker).
+            # Its place in the model's and its owner's in-flight limits (``web/limits.py``)
+            # is free again, whichever way it ended (an expired Celery task never reaches a
+            # worker).
             self.redis.zrem(pending_key(record.queue), job_id)
+            self.redis.zrem(owner_pending_key(record.owner), job_id)
             if self.on_end is not None:
                 self.on_end(record)
         return True
