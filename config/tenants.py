@@ -55,7 +55,7 @@ class Tenant:
     @property
     def label(self) -> str:
         """How errors name the caller: its name, else a short prefix of its owner digest."""
-        return f"'{self.name}'" if self.name else f"'{self.owner[:8]}…'"
+        return f"'{self.name}'" if self.name else f"'{self.owner[:8]}...'"
 
 
 ANONYMOUS_TENANT = Tenant(ANONYMOUS)

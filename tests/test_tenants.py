@@ -21,9 +21,11 @@ from tests.conftest import BATCH_ENV
 from tests.jobclient import CHAT, scripted
 from tests.services import BatchWorker, RedisServer, Web, Worker
 
-ALICE, BOB, ADMIN = "alice-secret-key-1", "bob-secret-key-2", "admin-secret-key-3"
+ALICE, BOB, CAROL = "alice-secret-key-1", "bob-secret-key-2", "carol-secret-key-4"
+ADMIN = "admin-secret-key-3"
 KEYS = json.dumps([ALICE, {"key": BOB, "name": "bob", "max_in_flight": 2, "rpm": 1000,
-                           "max_file_bytes": 2000}])
+                           "max_file_bytes": 2000},
+                   {"key": CAROL, "name": "carol", "rpm": 3}])
 FINAL = ("completed", "failed", "cancelled", "expired")
 # Wrong keys an address may send per minute here.
 FAILURES = 3
@@ -208,6 +210,16 @@ def test_per_key_upload_limit(web, bob, alice):
     assert upload(alice, web, big)["bytes"] == len(data)
 
 
+def test_per_key_request_rate(web, alice):
+    if time.time() % 60 > 55:  # the limit counts fixed minutes: start well within one
+        time.sleep(60 - time.time() % 60)
+    carol = session(CAROL)
+    codes = [carol.get(web.url + "/v1/models", timeout=10) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    assert "3 requests per minute" in codes[3].json()["error"]["message"]
+    assert alice.get(web.url + "/v1/models", timeout=10).status_code == 200
+
+
 def raw_get(web, path: str, key: str | None, source: str) -> int:
     """GET from a loopback address of our choice: wrong keys are counted per address, and
     those sent here must not hold up the other tests (from 127.0.0.1)."""
@@ -304,3 +316,33 @@ def test_a_key_listed_twice_is_refused(monkeypatch):
     monkeypatch.setenv("FERRY_API_KEYS", json.dumps(["same", {"key": "same", "name": "x"}]))
     with pytest.raises(ValidationError, match="listed twice"):
         load_settings()
+
+
+def test_objects_stored_before_owners_are_the_anonymous_owners(stack, tmp_path):
+    """Records written before owners existed (no owner field) belong to the anonymous owner,
+    the one owner of a Ferry without keys."""
+    from config.errors import NotFound
+    from config.tenants import ANONYMOUS
+    from tasks.batchstore import BatchStore
+    from tasks.filestore import FileStore
+
+    r = redis.Redis.from_url(stack[0].url)
+    legacy = {"id": "file-legacy", "object": "file", "bytes": 1, "created_at": 1,
+              "filename": "x.jsonl", "purpose": "batch", "status": "processed"}
+    r.set("ferry:file:file-legacy", json.dumps(legacy))
+    r.zadd("ferry:files", {"file-legacy": 1})
+    r.hset("ferry:batch:batch_legacy", mapping={"status": "completed", "static": json.dumps({
+        "id": "batch_legacy", "endpoint": CHAT, "input_file_id": "file-legacy",
+        "created_at": 1, "expires_at": 2, "metadata": None})})
+    r.zadd("ferry:batches", {"batch_legacy": 1})
+    files, batches = FileStore(r, tmp_path), BatchStore(r)
+    assert files.get("file-legacy", owner=ANONYMOUS).id == "file-legacy"
+    assert [f.id for f in files.list(ANONYMOUS, None, "desc", None, 10)[0]] == ["file-legacy"]
+    assert batches.get("batch_legacy", owner=ANONYMOUS).status == "completed"
+    assert "batch_legacy" in [b.id for b in batches.list(ANONYMOUS, None, 10)[0]]
+    with pytest.raises(NotFound):
+        files.get("file-legacy", owner=owner_of(ALICE))
+    with pytest.raises(NotFound):
+        batches.get("batch_legacy", owner=owner_of(ALICE))
+    assert "file-legacy" not in [f.id for f in files.list(owner_of(ALICE), None, "desc", None,
+                                                          100)[0]]

@@ -311,8 +311,10 @@ class JobStore:
             # Its place in the model's and its owner's in-flight limits (``web/limits.py``)
             # is free again, whichever way it ended (an expired Celery task never reaches a
             # worker).
-            self.redis.zrem(pending_key(record.queue), job_id)
-            self.redis.zrem(owner_pending_key(record.owner), job_id)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(pending_key(record.queue), job_id)
+            pipe.zrem(owner_pending_key(record.owner), job_id)
+            pipe.execute()
             if self.on_end is not None:
                 self.on_end(record)
         return True
