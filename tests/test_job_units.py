@@ -30,7 +30,7 @@ class Buffer:
                 if seq > after:
                     yield seq, ev
 
-    def get(self, job_id):
+    def get(self, job_id, *, owner):
         return None
 
 
