@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import time
 
 import pytest
@@ -352,3 +353,24 @@ def test_objects_stored_before_owners_are_the_anonymous_owners(stack, tmp_path):
         batches.get("batch_legacy", owner=owner_of(ALICE))
     assert "file-legacy" not in [f.id for f in files.list(owner_of(ALICE), None, "desc", None,
                                                           100)[0]]
+
+
+def test_the_cli_sends_its_key(web, tmp_path):
+    import subprocess
+    import sys
+
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(scripted(tokens=["cl", "i"])))
+    cli = [sys.executable, "-m", "web.cli", "--url", web.url]
+    run = subprocess.run([*cli, "--api-key", ALICE, "submit", str(request)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["choices"][0]["message"]["content"] == "cli"
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(chat_line("c", tokens=["batch"])) + "\n")
+    run = subprocess.run([*cli, "batch", str(src), "--endpoint", CHAT, "-o", str(out),
+                          "--poll", "0.2"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FERRY_API_KEY": ALICE})
+    assert run.returncode == 0, run.stderr
+    [record] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert record["response"]["body"]["choices"][0]["message"]["content"] == "batch"

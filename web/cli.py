@@ -8,13 +8,14 @@
 A request file holds the body of an OpenAI request (the endpoint is told by its fields:
 ``messages`` chat, ``prompt`` completions, ``input`` embeddings) or a whole job
 ``{"endpoint", "body", "webhook"?}``. It talks to the server only through the HTTP API
-(``--url`` or ``$FERRY_URL``, default http://127.0.0.1:8000). Ctrl-C stops watching, not
-the job. Exit status: 0 if the job completed, 1 if it did not, 2 on a usage or HTTP error.
+(``--url`` or ``$FERRY_URL``, default http://127.0.0.1:8000), with ``--api-key`` or
+``$FERRY_API_KEY`` when the server has keys. Ctrl-C stops watching, not the job. Exit status: 0 if the job completed, 1 if it did not, 2 on a usage or HTTP error.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,8 +50,16 @@ def load_job(path: str, endpoint: str | None, webhook: str | None) -> dict:
     return job
 
 
-def call(method: str, url: str, **kw) -> dict:
-    r = requests.request(method, url, timeout=30, **kw)
+def session(api_key: str | None) -> requests.Session:
+    """Every request of one run goes through this, with the key if there is one."""
+    http = requests.Session()
+    if api_key:
+        http.headers["Authorization"] = f"Bearer {api_key}"
+    return http
+
+
+def request_json(http: requests.Session, method: str, url: str, **kw) -> dict:
+    r = http.request(method, url, timeout=30, **kw)
     if r.status_code >= 400:
         try:
             message = r.json()["error"]["message"]
@@ -60,14 +69,15 @@ def call(method: str, url: str, **kw) -> dict:
     return r.json()
 
 
-def events(base: str, job_id: str, after: int = -1) -> Iterator[tuple[str, dict]]:
+def events(http: requests.Session, base: str, job_id: str,
+           after: int = -1) -> Iterator[tuple[str, dict]]:
     """The job's events from after ``after``; reconnects (resuming at the last event seen)
     when the connection drops."""
     for attempt in range(6):
         try:
             headers = {"Last-Event-ID": str(after)} if after >= 0 else {}
-            with requests.get(f"{base}/v1/jobs/{job_id}/events", headers=headers, stream=True,
-                              timeout=(10, 60)) as r:
+            with http.get(f"{base}/v1/jobs/{job_id}/events", headers=headers, stream=True,
+                          timeout=(10, 60)) as r:
                 if r.status_code >= 400:
                     raise CliError(f"HTTP {r.status_code}: {r.text}")
                 fields: dict[str, str] = {}
@@ -86,8 +96,8 @@ def events(base: str, job_id: str, after: int = -1) -> Iterator[tuple[str, dict]
     raise CliError("lost the connection to the server")
 
 
-def follow(base: str, job_id: str, quiet: bool) -> None:
-    for kind, data in events(base, job_id):
+def follow(http: requests.Session, base: str, job_id: str, quiet: bool) -> None:
+    for kind, data in events(http, base, job_id):
         if kind == "delta" and data["index"] == 0 and not quiet:
             print(data["text"], end="", file=sys.stderr, flush=True)
         elif kind == "error":
@@ -109,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "a job, follow its events, print the result.")
     p.add_argument("--url", default=os.environ.get("FERRY_URL", "http://127.0.0.1:8000"),
                    help="the server (default: $FERRY_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("FERRY_API_KEY"),
+                   help="sent as 'Authorization: Bearer <key>' (default: $FERRY_API_KEY)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="submit a request file as a job, follow it, print the result")
     s.add_argument("file", help="a JSON request body or job ('-': standard input)")
@@ -132,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks")
     args = p.parse_args(argv)
     base = args.url.rstrip("/")
+    http = session(args.api_key)
+    call = functools.partial(request_json, http)
     try:
         if args.command == "batch":
-            return cli_batch.run(call, base, args.file, args.endpoint, args.output,
+            return cli_batch.run(call, http, base, args.file, args.endpoint, args.output,
                                  args.errors, args.poll)
         if args.command == "status":
             print(json.dumps(call("GET", f"{base}/v1/jobs/{args.job_id}"), indent=2))
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             job_id = args.job_id
         try:
-            follow(base, job_id, args.quiet)
+            follow(http, base, job_id, args.quiet)
         except KeyboardInterrupt:
             print(f"\nstopped watching; the job goes on: ferry status {job_id}", file=sys.stderr)
             return 1

@@ -19,8 +19,8 @@ def progress(batch: dict, width: int = 30) -> str:
             f"({counts.get('failed') or 0} failed) {batch['status']:<11}")
 
 
-def download(call, base: str, file_id: str, path: str | None) -> None:
-    r = requests.get(f"{base}/v1/files/{file_id}/content", timeout=60)
+def download(http: requests.Session, base: str, file_id: str, path: str | None) -> None:
+    r = http.get(f"{base}/v1/files/{file_id}/content", timeout=60)
     r.raise_for_status()
     if path is None or path == "-":
         sys.stdout.write(r.text)
@@ -29,8 +29,8 @@ def download(call, base: str, file_id: str, path: str | None) -> None:
             f.write(r.text)
 
 
-def run(call, base: str, path: str, endpoint: str, output: str | None, errors: str | None,
-        poll: float) -> int:
+def run(call, http: requests.Session, base: str, path: str, endpoint: str, output: str | None,
+        errors: str | None, poll: float) -> int:
     with open(path, "rb") as f:
         uploaded = call("POST", f"{base}/v1/files", files={"file": (path, f)},
                         data={"purpose": "batch"})
@@ -47,7 +47,7 @@ def run(call, base: str, path: str, endpoint: str, output: str | None, errors: s
         return 1
     print(progress(batch), file=sys.stderr)
     if batch.get("output_file_id"):
-        download(call, base, batch["output_file_id"], output)
+        download(http, base, batch["output_file_id"], output)
     if batch.get("error_file_id") and errors:
-        download(call, base, batch["error_file_id"], errors)
+        download(http, base, batch["error_file_id"], errors)
     return 0 if batch["status"] == "completed" else 1
