@@ -71,25 +71,29 @@ class BatchRunner:
         self.web = create_app(settings.model_copy(
             update={"queue_timeout": settings.batch_line_timeout}))
 
+    def _batch(self, batch_id: str) -> BatchObject:
+        """The batch, whoever owns it: the runner works for every owner."""
+        return self.store.get(batch_id, owner=ANY_OWNER)
+
     # -- validating ------------------------------------------------------------------------
 
     def start(self, batch_id: str, enqueue_chunk: EnqueueChunk) -> None:
         """Validate, then queue every chunk not yet written (again, if this is a rerun).
         A batch cancelled meanwhile still runs its chunks, which then skip their lines."""
-        if self.store.get(batch_id, owner=ANY_OWNER).status == "validating" and not self._validate(batch_id):
+        if self._batch(batch_id).status == "validating" and not self._validate(batch_id):
             return
         plan = self.store.plan(batch_id)
         if not plan:  # cancelled before it was validated
             self.store.transition(batch_id, "cancelled", "cancelling")
             return
-        if self.store.get(batch_id, owner=ANY_OWNER).status in FINAL:
+        if self._batch(batch_id).status in FINAL:
             return
         for index in range(len(plan)):
             if not self.store.chunk_written(batch_id, index):
                 enqueue_chunk(batch_id, index)
 
     def _validate(self, batch_id: str) -> bool:
-        obj = self.store.get(batch_id, owner=ANY_OWNER)
+        obj = self._batch(batch_id)
         try:
             with self.files.open(obj.input_file_id, owner=obj.owner) as f:
                 chunks, invalid, total = scan(f, obj.endpoint, self.settings.batch_chunk_lines)
@@ -111,7 +115,7 @@ class BatchRunner:
     # -- running ---------------------------------------------------------------------------
 
     def run_chunk(self, batch_id: str, index: int) -> None:
-        obj = self.store.get(batch_id, owner=ANY_OWNER)
+        obj = self._batch(batch_id)
         if obj.status in FINAL:
             return
         if not self.store.chunk_written(batch_id, index):
@@ -193,7 +197,8 @@ class BatchRunner:
                 return "expired"
             if now - state["at"] >= 1:
                 state["at"] = now
-                state["value"] = "cancelling" if self.store.get(obj.id, owner=ANY_OWNER).status == "cancelling" else None
+                cancelling = self._batch(obj.id).status == "cancelling"
+                state["value"] = "cancelling" if cancelling else None
             return state["value"]
 
         return check
@@ -201,10 +206,10 @@ class BatchRunner:
     # -- finalizing ------------------------------------------------------------------------
 
     def finalize(self, batch_id: str) -> None:
-        if self.store.get(batch_id, owner=ANY_OWNER).status in FINAL:
+        if self._batch(batch_id).status in FINAL:
             return
         self.store.transition(batch_id, "finalizing", "in_progress")
-        obj = self.store.get(batch_id, owner=ANY_OWNER)
+        obj = self._batch(batch_id)
         output = self._write(obj, "output", lambda r: r.output) if obj.request_counts.completed else None
         errors = self._write(obj, "error", lambda r: r.errors) if obj.request_counts.failed else None
         status = ("cancelled" if obj.status == "cancelling"

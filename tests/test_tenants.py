@@ -115,7 +115,10 @@ def chat_line(cid: str, **script) -> dict:
 
 def test_files_are_seen_only_by_their_owner(web, alice, bob):
     f = upload(alice, web, [chat_line("a", tokens=["x"])])
-    listed = lambda who: [x["id"] for x in who.get(web.url + "/v1/files", timeout=10).json()["data"]]  # noqa: E731
+
+    def listed(who):
+        return [x["id"] for x in who.get(web.url + "/v1/files", timeout=10).json()["data"]]
+
     assert f["id"] in listed(alice) and f["id"] not in listed(bob)
     for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
         assert_not_found(bob.request(method, f"{web.url}/v1/files/{f['id']}{path}", timeout=10))
@@ -129,7 +132,10 @@ def test_batches_are_seen_only_by_their_owner(web, alice, bob):
                                                  "endpoint": CHAT, "completion_window": "24h"},
                  timeout=10)
     assert r.status_code in (400, 404) and r.json()["error"]["param"] == "input_file_id"
-    ids = lambda who: [b["id"] for b in who.get(web.url + "/v1/batches", timeout=10).json()["data"]]  # noqa: E731
+
+    def ids(who):
+        return [b["id"] for b in who.get(web.url + "/v1/batches", timeout=10).json()["data"]]
+
     assert batch["id"] in ids(alice) and batch["id"] not in ids(bob)
     assert_not_found(bob.get(f"{web.url}/v1/batches/{batch['id']}", timeout=10))
     assert_not_found(bob.post(f"{web.url}/v1/batches/{batch['id']}/cancel", timeout=10))

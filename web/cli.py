@@ -9,7 +9,8 @@ A request file holds the body of an OpenAI request (the endpoint is told by its 
 ``messages`` chat, ``prompt`` completions, ``input`` embeddings) or a whole job
 ``{"endpoint", "body", "webhook"?}``. It talks to the server only through the HTTP API
 (``--url`` or ``$FERRY_URL``, default http://127.0.0.1:8000), with ``--api-key`` or
-``$FERRY_API_KEY`` when the server has keys. Ctrl-C stops watching, not the job. Exit status: 0 if the job completed, 1 if it did not, 2 on a usage or HTTP error.
+``$FERRY_API_KEY`` when the server has keys. Ctrl-C stops watching, not the job. Exit
+status: 0 if the job completed, 1 if it did not, 2 on a usage or HTTP error.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ Answer = tuple[int, str | None, dict]  # status, request id, body
 
 def run_parts(reqs: list[CreateEmbeddingRequest], tenant: Tenant,
               abandoned: Callable[[], bool] = lambda: False) -> list[Answer | None]:
-    """Many requests of ``tenant`` as bulk jobs (the Batch API runs a chunk's lines so): per model, jobs of
-    consecutive requests holding at most ``MAX_INPUTS`` inputs together (no larger than one
+    """Many requests of ``tenant`` as bulk jobs (the Batch API runs a chunk's lines so): per
+    model, jobs of consecutive requests holding at most ``MAX_INPUTS`` inputs together (no larger than one
     request may be), run side by side. For each request, the status, request id and body
     this endpoint would have answered it with; None for those whose job was cancelled
     because ``abandoned()`` became true. Runs in an app context, not a request's."""

@@ -2,10 +2,10 @@
 per-address wrong-key counts, all in Redis so they hold across web processes.
 
 In-flight requests of a model (and of a key) are a sorted set (member = job id, score =
-admission time), joined in the same script that records the job (``JobStore.create``); a request leaves it
-when its subscription closes. Entries older than any request can live
-(the queue timeout plus an hour of generation) are swept, so a crashed web process cannot
-leak capacity for long.
+admission time), joined in the same script that records the job (``JobStore.create``); a
+request leaves it when its subscription closes or its job ends. Entries older than any
+request can live (the queue timeout plus an hour of generation) are swept, so a crashed web
+process cannot leak capacity for long.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def auth_failed(redis, address: str) -> None:
 
 
 def owner_in_flight(settings: Settings, tenant: Tenant) -> InFlight | None:
-    """The key's own in-flight limit (all models), applied with the model's (``JobStore.create``)."""
+    """The key's own in-flight limit (over all models), applied with the model's."""
     if not tenant.max_in_flight:
         return None
     return InFlight(owner_pending_key(tenant.owner), tenant.max_in_flight,
