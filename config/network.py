@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from urllib3.util import parse_url
 
-from config.errors import InvalidRequest
+from config.errors import HostNotFound, InvalidRequest
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -81,7 +81,7 @@ def target(url: str, *, allow_private: bool, param: str, what: str) -> Target:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise InvalidRequest(f"The {what}'s host '{host}' does not resolve.", param=param) from None
+        raise HostNotFound(f"The {what}'s host '{host}' does not resolve.", param=param) from None
     addresses: list[str] = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from celery import shared_task
 
 from config import network
-from config.errors import InvalidRequest
+from config.errors import HostNotFound, InvalidRequest
 from config.settings import Settings
 from tasks.app import make_webhook_celery
 from tasks.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
@@ -53,10 +53,19 @@ def notifier(settings: Settings) -> Callable:
     return notify
 
 
-def _attempt(target: network.Target, job: dict, timeout: float) -> str | None:
-    """One POST. None when delivered or not worth retrying, else why it should be retried."""
+def _attempt(url: str, job: dict, settings: Settings) -> str | None:
+    """Check the URL afresh and POST. None when delivered or not worth retrying, else why
+    it should be retried."""
     try:
-        reply = network.send(target, "POST", timeout=timeout, body=json.dumps(job).encode(),
+        target = check_url(url, allow_private=settings.webhook_allow_private)
+    except HostNotFound as e:
+        return e.message  # a resolver hiccup must not lose the webhook
+    except InvalidRequest as e:
+        log.warning("webhook of job %s not sent: %s", job["id"], e.message)
+        return None
+    try:
+        reply = network.send(target, "POST", timeout=settings.webhook_timeout,
+                             body=json.dumps(job).encode(),
                              headers={"User-Agent": "ferry-webhook", "X-Ferry-Job-Id": job["id"],
                                       "Content-Type": "application/json"})
     except InvalidRequest as e:
@@ -74,12 +83,7 @@ def _attempt(target: network.Target, job: dict, timeout: float) -> str | None:
 @shared_task(name=WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)
 def deliver(self, url: str, job: dict) -> None:
     settings = self.app.ferry_settings
-    try:
-        target = check_url(url, allow_private=settings.webhook_allow_private)
-    except InvalidRequest as e:
-        log.warning("webhook of job %s not sent: %s", job["id"], e.message)
-        return
-    failure = _attempt(target, job, settings.webhook_timeout)
+    failure = _attempt(url, job, settings)
     if failure is None:
         return
     attempt = self.request.retries
