@@ -7,6 +7,7 @@ import http.server
 import threading
 import time
 
+import openai
 import pytest
 
 from config import load_settings
@@ -125,3 +126,12 @@ def test_slow_drip_server_cannot_stretch_the_fetch():
         assert time.monotonic() - start < 1.5
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("url", ["http://[::1/a.png", "http://[zz]/a.png", "http://[::1]x/a.png"])
+def test_bad_ipv6_literal_image_url_is_a_400_naming_the_part(client, url):
+    """Checked in the web process before any job exists (these were 500s)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="synthetic-vision", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": url}}]}])
+    assert e.value.body["param"] == "messages[0].content[1].image_url.url"
