@@ -120,7 +120,7 @@ def _parse(url: str, param: str, what: str) -> tuple[str, str, int, str]:
     port = _DEFAULT_PORTS[parts.scheme] if port is None else port
     their_port = _DEFAULT_PORTS[parts.scheme] if theirs.port is None else theirs.port
     if (theirs.scheme, (theirs.host or "").strip("[]"), their_port) != (parts.scheme, host, port):
-        raise InvalidRequest(f"The {what} is ambiguous: URL parsers disagree on its host.",
+        raise InvalidRequest(f"The {what} is ambiguous: URL parsers disagree on where it points.",
                              param=param)
     if port == 0:
         raise malformed

@@ -7,7 +7,8 @@ worker: a slow or dead receiver holds up nothing but its own retries.
 At least once, a crash of the webhook worker included: a delivery and a pending retry stay
 unacknowledged in Redis until they end, and another worker takes them once the dead one's
 ``webhook_visibility_timeout`` has passed. So a receiver may see a job twice (after a
-timeout that hid a success, or a crash after a success), never a job that did not end.
+timeout that hid a success, a crash after a success, or a crash between queueing a retry and
+acknowledging the attempt it replaces), never a job that did not end.
 
 The URL is checked when the job is submitted and again, after a fresh DNS lookup, before
 each attempt, which then connects to an address that check approved (``config/network.py``:

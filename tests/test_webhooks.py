@@ -11,10 +11,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import redis
 
 from config import load_settings
 from config.errors import InvalidRequest
-from tasks.app import make_webhook_celery
+from tasks.app import WEBHOOK_KEY_PREFIX, make_webhook_celery
 from tasks.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
 from tasks.webhooks import check_url
 from tests.jobclient import cancel, get, scripted, submit, submitted
@@ -165,18 +166,22 @@ KILL_ENV = {"FERRY_WEBHOOK_ALLOW_PRIVATE": "1", "FERRY_WEBHOOK_BACKOFF": "3",
 def test_a_pending_retry_survives_a_killed_webhook_worker(tmp_path, receiver):
     """The receiver fails the first attempt; the webhook worker is SIGKILLed while it holds
     the retry (3 s away); a new worker delivers it once the visibility timeout (6 s) passed."""
-    redis = RedisServer(tmp_path).start()
-    web = Web(redis.url, tmp_path, **KILL_ENV).start()
-    worker = Worker("synthetic", redis.url, tmp_path, **KILL_ENV).start()
-    first = Webhooks(redis.url, tmp_path, **KILL_ENV).start()
-    second = Webhooks(redis.url, tmp_path / "second", **KILL_ENV)
+    own_redis = RedisServer(tmp_path).start()
+    web = Web(own_redis.url, tmp_path, **KILL_ENV).start()
+    worker = Worker("synthetic", own_redis.url, tmp_path, **KILL_ENV).start()
+    first = Webhooks(own_redis.url, tmp_path, **KILL_ENV).start()
+    second = Webhooks(own_redis.url, tmp_path / "second", **KILL_ENV)
     (tmp_path / "second").mkdir()
     try:
         receiver.statuses = [503]
         job = submitted(web, scripted(tokens=["k"]), webhook=receiver.url + "/hook")
         receiver.wait(1)
-        # The retry is a second message, which the worker takes and holds until it is due.
-        wait_for(lambda: first.log.read_text().count("Task ferry.webhook[") >= 2, 10,
+        # The retry is a second message, which the worker takes and holds until it is due;
+        # the first is acknowledged just after (a kill in between would deliver both: at
+        # least once). Kill when the retry is all the worker holds.
+        unacked = redis.Redis.from_url(own_redis.url)
+        wait_for(lambda: first.log.read_text().count("Task ferry.webhook[") >= 2
+                 and unacked.hlen(WEBHOOK_KEY_PREFIX + "unacked") <= 1, 10,
                  "the retry held by the webhook worker")
         first.kill()
         killed = time.monotonic()
@@ -193,17 +198,17 @@ def test_a_pending_retry_survives_a_killed_webhook_worker(tmp_path, receiver):
         time.sleep(2)
         assert len(receiver.posts) == 2, "delivered once it succeeded, and not again"
     finally:
-        for service in (second, first, worker, web, redis):
+        for service in (second, first, worker, web, own_redis):
             service.stop()
 
 
 def test_a_host_that_does_not_resolve_at_delivery_is_retried(tmp_path):
     """DNS failing at the moment of delivery (the name resolved when the job was submitted)
     is a reason to try again, not to drop the webhook."""
-    redis = RedisServer(tmp_path).start()
-    sender = Webhooks(redis.url, tmp_path, FERRY_WEBHOOK_RETRIES="1").start()
+    own_redis = RedisServer(tmp_path).start()
+    sender = Webhooks(own_redis.url, tmp_path, FERRY_WEBHOOK_RETRIES="1").start()
     try:
-        celery = make_webhook_celery(load_settings(redis_url=redis.url))
+        celery = make_webhook_celery(load_settings(redis_url=own_redis.url))
         celery.send_task(WEBHOOK_TASK, args=["http://ferry-test.invalid/hook", {"id": "job-dns"}],
                          queue=WEBHOOK_QUEUE)
         wait_for(lambda: "job-dns given up after 2 attempts" in sender.log.read_text(), 15,
@@ -211,7 +216,7 @@ def test_a_host_that_does_not_resolve_at_delivery_is_retried(tmp_path):
         assert "does not resolve" in sender.log.read_text()
     finally:
         sender.stop()
-        redis.stop()
+        own_redis.stop()
 
 
 def test_visibility_timeout_must_outlast_the_longest_retry():
