@@ -41,6 +41,12 @@ class Unsupported(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class HostNotFound(InvalidRequest):
+    """A URL's host does not resolve (now: a webhook sender tries again later)."""
+
+    code = "host_not_found"
+
+
 class AuthenticationFailed(FerryError):
     status = 401
     type = "authentication_error"

@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     webhook_timeout: float = Field(default=10.0, gt=0)
     # Attempts after the first, backing off 1, 2, 4, 8, 16 s: rides out a receiver restart.
     webhook_retries: int = Field(default=5, ge=0)
+    # Seconds before the first retry, doubled for each one after.
+    webhook_backoff: float = Field(default=1.0, gt=0)
+    # A delivery (or pending retry) its webhook worker took and did not finish within this
+    # many seconds is presumed lost with the worker and handed out again: it bounds the delay
+    # a worker crash adds. Must exceed the longest backoff plus an attempt (checked below).
+    webhook_visibility_timeout: float = Field(default=120.0, gt=0)
     # Webhooks to private, loopback and link-local addresses are refused, so that a webhook
     # cannot reach into the operator's network (SSRF); tests and one-host setups allow them.
     webhook_allow_private: bool = False
@@ -182,6 +188,16 @@ class Settings(BaseSettings):
                     raise ValueError(f"model name or alias {name!r} is used twice")
                 seen.add(name)
         return models
+
+    @model_validator(mode="after")
+    def _webhook_retries_fit(self) -> "Settings":
+        # A message held longer than the visibility timeout is handed out a second time while
+        # the first worker still holds it: every long retry would be delivered twice.
+        longest = self.webhook_backoff * 2 ** max(self.webhook_retries - 1, 0) + self.webhook_timeout
+        if self.webhook_visibility_timeout <= longest:
+            raise ValueError(f"webhook_visibility_timeout must exceed the longest webhook "
+                             f"backoff plus webhook_timeout ({longest:g} s)")
+        return self
 
     @classmethod
     def settings_customise_sources(

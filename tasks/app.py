@@ -5,13 +5,15 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings
-from tasks.protocol import BATCH_QUEUE
+from tasks.protocol import BATCH_QUEUE, WEBHOOK_QUEUE
 
 # Kombu keeps unacknowledged messages in one hash per key prefix and hands out again any
 # older than its visibility timeout. Batch chunks want that (a dead worker's chunk is rerun,
 # after ``batch_visibility_timeout``); model jobs must not (they are at-most-once), so the
 # batch queue's keys live under their own prefix.
 BATCH_KEY_PREFIX = "ferry:bq:"
+# Webhook deliveries want it too (at least once), with a timeout of their own.
+WEBHOOK_KEY_PREFIX = "ferry:wq:"
 
 
 def _common() -> dict:
@@ -31,7 +33,7 @@ def _common() -> dict:
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("ferry", broker=settings.redis_url,
-                 include=["tasks.generation", "tasks.embedding", "tasks.webhooks"])
+                 include=["tasks.generation", "tasks.embedding"])
     app.conf.update(
         **_common(),
         # Generation is at-most-once: a stream cannot be resumed by another worker, and its
@@ -60,6 +62,34 @@ def make_batch_celery(settings: Settings) -> Celery:
             "global_keyprefix": BATCH_KEY_PREFIX,
             "visibility_timeout": settings.batch_visibility_timeout,
             # Look for abandoned chunks on every idle poll, not every tenth.
+            "unacked_restore_throttle": 1,
+        },
+    )
+    app.ferry_settings = settings
+    return app
+
+
+def make_webhook_celery(settings: Settings) -> Celery:
+    """The webhook sender's Celery app: at least once, across worker crashes.
+
+    A delivery is acknowledged when it ends, a retry being a new message with an ETA that
+    the worker holds, unacknowledged, until it is due. Both stay in Redis meanwhile, so when
+    the worker is killed another one takes them ``webhook_visibility_timeout`` after the dead
+    one did (the settings make that longer than any backoff plus an attempt, or a pending
+    retry would be handed out twice).
+    """
+    app = Celery("ferry-webhooks", broker=settings.redis_url, include=["tasks.webhooks"])
+    app.conf.update(
+        **_common(),
+        task_acks_late=True,
+        # Were the pool's process to die under a delivery, hand it out again, not drop it.
+        task_reject_on_worker_lost=True,
+        task_default_queue=WEBHOOK_QUEUE,
+        broker_transport_options={
+            "global_keyprefix": WEBHOOK_KEY_PREFIX,
+            "visibility_timeout": settings.webhook_visibility_timeout,
+            # Look for abandoned deliveries every 2 s (one ZRANGE), not every 100.
+            "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,
         },
     )

@@ -48,7 +48,7 @@ class Runtime:
         self.settings, self.entry, self.name = settings, entry, name
         self.redis = connect(settings.redis_url, health_check_interval=10)
         self.backend = load_backend(entry)
-        self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(celery))
+        self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(settings))
         self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
                                    log_ttl_ms=self.jobs.events_ttl_ms)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None

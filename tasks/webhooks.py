@@ -1,39 +1,46 @@
 """Webhooks: the final job object, POSTed to the submitter's URL when a job ends.
 
-Delivered by a Celery task on a queue of its own (``ferry.webhooks``, served by
-``python -m tasks.worker --webhooks``), never from a web request or a model worker: a slow
-or dead receiver holds up nothing but its own retries. At least once: a receiver may see a
-job twice (after a timeout that hid a success), never a job that did not end.
+Delivered by a Celery task on an app and queue of their own (``make_webhook_celery``,
+served by ``python -m tasks.worker --webhooks``), never from a web request or a model
+worker: a slow or dead receiver holds up nothing but its own retries.
 
-Addresses are checked when the job is submitted and again, after a fresh DNS lookup, before
-each attempt; redirects are not followed. (A name that resolves to a public address when
-checked and to a private one a moment later can still slip through between the check and
-the connect: operators who need that closed route webhooks through an egress proxy.)
+At least once, a crash of the webhook worker included: a delivery and a pending retry stay
+unacknowledged in Redis until they end, and another worker takes them once the dead one's
+``webhook_visibility_timeout`` has passed. So a receiver may see a job twice (after a
+timeout that hid a success, a crash after a success, or a crash between queueing a retry and
+acknowledging the attempt it replaces), never a job that did not end.
+
+The URL is checked when the job is submitted and again, after a fresh DNS lookup, before
+each attempt, which then connects to an address that check approved (``config/network.py``:
+no DNS rebinding, no URL two parsers read differently); redirects are not followed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
-import requests
-from celery import Celery, shared_task
+from celery import shared_task
 
-from config.errors import InvalidRequest
-from config.network import public_addresses
+from config import network
+from config.errors import HostNotFound, InvalidRequest
+from config.settings import Settings
+from tasks.app import make_webhook_celery
 from tasks.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
 
 
-def check_url(url: str, *, allow_private: bool) -> None:
-    """Raise ``InvalidRequest`` (param ``webhook``) unless ``url`` is http(s) and every
-    address its host resolves to is public (or ``allow_private``)."""
-    public_addresses(url, allow_private=allow_private, param="webhook", what="webhook")
+def check_url(url: str, *, allow_private: bool) -> network.Target:
+    """The checked target (param ``webhook``), or ``InvalidRequest`` unless ``url`` is an
+    unambiguous http(s) URL whose host resolves only to public addresses (or ``allow_private``)."""
+    return network.target(url, allow_private=allow_private, param="webhook", what="webhook")
 
 
-def notifier(celery: Celery) -> Callable:
+def notifier(settings: Settings) -> Callable:
     """``JobStore.on_end``: queue the delivery of a job's webhook, if it has one."""
+    celery = make_webhook_celery(settings)
 
     def notify(record) -> None:
         if not record.webhook:
@@ -47,32 +54,37 @@ def notifier(celery: Celery) -> Callable:
     return notify
 
 
-def _attempt(url: str, job: dict, timeout: float) -> str | None:
-    """One POST. None when delivered or not worth retrying, else why it should be retried."""
+def _attempt(url: str, job: dict, settings: Settings) -> str | None:
+    """Check the URL afresh and POST. None when delivered or not worth retrying, else why
+    it should be retried."""
     try:
-        r = requests.post(url, json=job, timeout=timeout, allow_redirects=False,
-                          headers={"User-Agent": "ferry-webhook", "X-Ferry-Job-Id": job["id"]})
-    except requests.RequestException as e:
-        return f"{type(e).__name__}: {e}"
-    if 200 <= r.status_code < 300:
-        log.info("webhook of job %s delivered (HTTP %d)", job["id"], r.status_code)
+        target = check_url(url, allow_private=settings.webhook_allow_private)
+    except HostNotFound as e:
+        return e.message  # a resolver hiccup must not lose the webhook
+    except InvalidRequest as e:
+        log.warning("webhook of job %s not sent: %s", job["id"], e.message)
         return None
-    if r.status_code >= 500 or r.status_code in (408, 429):
-        return f"HTTP {r.status_code}"
+    try:
+        reply = network.send(target, "POST", timeout=settings.webhook_timeout,
+                             body=json.dumps(job).encode(),
+                             headers={"User-Agent": "ferry-webhook", "X-Ferry-Job-Id": job["id"],
+                                      "Content-Type": "application/json"})
+    except InvalidRequest as e:
+        return e.message
+    if 200 <= reply.status < 300:
+        log.info("webhook of job %s delivered (HTTP %d)", job["id"], reply.status)
+        return None
+    if reply.status >= 500 or reply.status in (408, 429):
+        return f"HTTP {reply.status}"
     log.warning("webhook of job %s refused by the receiver (HTTP %d); not retried",
-                job["id"], r.status_code)
+                job["id"], reply.status)
     return None
 
 
 @shared_task(name=WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)
 def deliver(self, url: str, job: dict) -> None:
     settings = self.app.ferry_settings
-    try:
-        check_url(url, allow_private=settings.webhook_allow_private)
-    except InvalidRequest as e:
-        log.warning("webhook of job %s not sent: %s", job["id"], e.message)
-        return
-    failure = _attempt(url, job, settings.webhook_timeout)
+    failure = _attempt(url, job, settings)
     if failure is None:
         return
     attempt = self.request.retries
@@ -80,5 +92,6 @@ def deliver(self, url: str, job: dict) -> None:
         log.warning("webhook of job %s given up after %d attempts: %s", job["id"], attempt + 1,
                     failure)
         return
-    log.info("webhook of job %s failed (%s); retrying in %d s", job["id"], failure, 2 ** attempt)
-    raise self.retry(countdown=2 ** attempt)
+    delay = settings.webhook_backoff * 2 ** attempt
+    log.info("webhook of job %s failed (%s); retrying in %g s", job["id"], failure, delay)
+    raise self.retry(countdown=delay)

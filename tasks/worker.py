@@ -21,7 +21,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from config import Registry, load_settings
 from models import backend_class
-from tasks.app import make_celery
+from tasks.app import make_celery, make_webhook_celery
 from tasks.protocol import WEBHOOK_QUEUE
 from tasks.runtime import Runtime
 
@@ -57,7 +57,7 @@ def webhooks_main(extra: list[str]) -> None:
     os.environ.pop("FERRY_WORKER_MODEL", None)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.worker_main([
+    make_webhook_celery(settings).worker_main([
         "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         "--without-mingle", "--loglevel", "INFO", *extra,

@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     celery = make_celery(settings)
-    jobs = JobStore(redis, settings, on_end=webhooks.notifier(celery))
+    jobs = JobStore(redis, settings, on_end=webhooks.notifier(settings))
     ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs,
                   make_batch_celery(settings))
     app.extensions["ferry"] = ferry

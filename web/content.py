@@ -62,10 +62,13 @@ def checked_image_url(url: str, settings: Settings, param: str) -> str:
             raise InvalidRequest(f"The data URL says {mime}, but its bytes are not a {mime} "
                                  "image.", param=param)
         return url
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and parts.hostname:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a bracketed host that is no IPv6 address, or an unclosed bracket
+        parts = None
+    if parts is not None and parts.scheme in ("http", "https") and parts.hostname:
         return url
-    if "://" in url[:16]:
+    if parts is None or "://" in url[:16]:
         raise InvalidRequest("Image URLs must be http(s) URLs with a host, or data URLs.",
                              param=param)
     return _bare_base64(url, settings, param)

@@ -1,22 +1,18 @@
 """Image inputs: base64 data URLs decoded, http(s) URLs fetched under limits.
 
-Fetching is off unless ``FERRY_FETCH_IMAGE_URLS`` is set. When on, the host must resolve to
-public addresses (``config/network.py``), the connection goes to the address that was
-checked (the URL's host is sent as Host/SNI), redirects are not followed, and both the size
-and the total time are capped.
+Fetching is off unless ``FERRY_FETCH_IMAGE_URLS`` is set. When on, it goes through
+``config/network.py`` as webhooks do: public addresses only, the connection pinned to the
+address that was checked, no redirects, and ``image_fetch_timeout`` over the whole transfer;
+the size is capped by ``max_image_bytes``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import time
-from urllib.parse import urlsplit
 
-import urllib3
-
+from config import network
 from config.errors import InvalidRequest
-from config.network import public_addresses
 from config.settings import Settings
 
 
@@ -43,31 +39,10 @@ def _from_data_url(url: str, limit: int, param: str) -> bytes:
 
 
 def _fetch(url: str, settings: Settings, param: str) -> bytes:
-    host, port, addresses = public_addresses(url, allow_private=settings.fetch_allow_private,
-                                             param=param, what="image URL")
-    scheme = url.split(":", 1)[0]
-    deadline = time.monotonic() + settings.image_fetch_timeout
-    kw = {"server_hostname": host, "assert_hostname": host} if scheme == "https" else {}
-    pool = urllib3.connection_from_url(f"{scheme}://{addresses[0]}:{port}", retries=False,
-                                       timeout=settings.image_fetch_timeout, **kw)
-    parts = urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        resp = pool.urlopen("GET", path, headers={"Host": host, "User-Agent": "ferry"},
-                            redirect=False, preload_content=False)
-        if resp.status != 200:
-            raise InvalidRequest(f"Fetching the image gave HTTP {resp.status}.", param=param)
-        data = bytearray()
-        for chunk in resp.stream(65536):
-            data += chunk
-            if len(data) > settings.max_image_bytes:
-                raise InvalidRequest(f"The image is larger than {settings.max_image_bytes} "
-                                     "bytes.", param=param)
-            if time.monotonic() > deadline:
-                raise InvalidRequest("Fetching the image took too long.", param=param)
-        return bytes(data)
-    except urllib3.exceptions.HTTPError as e:
-        raise InvalidRequest(f"The image could not be fetched: {e}", param=param) from None
-    finally:
-        pool.close()
-
+    target = network.target(url, allow_private=settings.fetch_allow_private, param=param,
+                            what="image URL")
+    reply = network.send(target, "GET", timeout=settings.image_fetch_timeout,
+                         headers={"User-Agent": "ferry"}, max_bytes=settings.max_image_bytes)
+    if reply.status != 200:
+        raise InvalidRequest(f"Fetching the image gave HTTP {reply.status}.", param=param)
+    return reply.body
