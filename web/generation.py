@@ -126,7 +126,7 @@ def submit(prepared: Prepared, *, deadline: float, webhook: str | None = None,
             job_id=job.id, endpoint=prepared.spec.endpoint, model=entry.name,
             queue=entry.queue, spec=prepared.spec, deadline=deadline, webhook=webhook,
             in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
-            live_workers=workers_key(entry.queue) if live else None)
+            live_workers=workers_key(entry.queue) if live else None, bulk=bulk)
     except Refused as e:
         raise limits.refusal(entry, e) from None
     except redis_lib.RedisError as e:

@@ -11,7 +11,15 @@ never report on (cancelled or expired before starting, worker dead) also writes 
 terminal ``Failed`` event to the replay buffer and the channel, numbered after the last event
 there, so every job's event stream still ends with Done or Failed.
 
-The record expires ``job_ttl`` after creation (later writes keep that expiry).
+The record expires at its ``retained_until``, ``job_ttl`` after creation (an absolute
+PEXPIREAT, so the promise and the deletion cannot drift apart by a round trip; later writes
+keep that expiry). A result larger than ``job_result_max_bytes`` is not kept: the record
+says so in ``result_omitted`` (the synchronous reply, built from the events, is whole).
+
+Queued jobs are also kept, per queue and lane (interactive or bulk, Celery's priority lists),
+in a sorted set by creation time: ``position`` is one ZCOUNT there, never a scan of Celery's
+list. The lane's key is stored on the job, and every transition out of ``queued`` removes
+the job from it in the same script (single-instance Redis: the scripts touch that key by name).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
 from models import events
 from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
-                            job_key, pending_key, request_cancel)
+                            job_key, pending_key, queued_key, request_cancel)
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,9 @@ class Refused(Exception):
 
 
 # Records a new job, after the checks that may refuse it, in one round trip.
-# KEYS: job, pending jobs, the model's in-flight set, the model's live workers.
-# ARGV: job id, deadline, ttl (ms), now, now (ms), in-flight limit (0: none), stale before,
-# check workers (1/0), then the record's field/value pairs.
+# KEYS: job, pending jobs, the model's in-flight set, the model's live workers, the lane.
+# ARGV: job id, deadline, expiry (Unix ms), now, now (ms), in-flight limit (0: none), stale
+# before, check workers (1/0), created before this are gone (lane), then the record's fields.
 _CREATE = """
 if ARGV[8] == '1' and redis.call('ZCOUNT', KEYS[4], ARGV[5], '+inf') == 0 then
   return {'no_worker'}
@@ -65,9 +73,11 @@ if limit > 0 then
   if n >= limit then return {'full', n} end
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'lane', KEYS[5], unpack(ARGV, 10))
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[9])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
 return {'ok'}
 """
 
@@ -81,15 +91,19 @@ local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 if deadline and tonumber(ARGV[2]) > deadline then return {'late'} end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started', ARGV[2], 'worker', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if lane then redis.call('ZREM', lane, ARGV[3]) end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return {'in_progress', redis.call('EXISTS', KEYS[4]), redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id.
+# KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id,
+# why the result is not kept or ''.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'result_omitted', ARGV[6]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 redis.call('ZREM', KEYS[2], ARGV[5])
 return 1
@@ -104,6 +118,8 @@ if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then retur
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 redis.call('ZREM', KEYS[2], ARGV[8])
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if lane then redis.call('ZREM', lane, ARGV[8]) end
 local seq = 0
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -116,24 +132,16 @@ redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PUBLISH', KEYS[4], out)
 return 1
 """
-
-# How many messages are ahead of a task in a Celery queue. Kombu's Redis transport LPUSHes
-# messages and workers BRPOP them, so the next one out is at the tail. A message is found by
-# its header ``"id": "<task id>"`` (user text sits in the body, base64-encoded, and in
-# ``argsrepr``, where JSON escapes its quotes). KEYS: queue. ARGV: needle. -1: not in the list.
+# Jobs ahead of a queued one (see ``position``). KEYS: job, the queue's interactive lane.
+# ARGV: job id. -1: the job has no lane (not queued).
 _POSITION = """
-local i = redis.call('LLEN', KEYS[1]) - 1
-local ahead = 0
-while i >= 0 do
-  local lo = math.max(0, i - 499)
-  local items = redis.call('LRANGE', KEYS[1], lo, i)
-  for j = #items, 1, -1 do
-    if string.find(items[j], ARGV[1], 1, true) then return ahead end
-    ahead = ahead + 1
-  end
-  i = lo - 1
-end
-return -1
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if not lane then return -1 end
+local score = redis.call('ZSCORE', lane, ARGV[1])
+if not score then return 0 end
+local ahead = redis.call('ZCOUNT', lane, '-inf', '(' .. score)
+if lane ~= KEYS[2] then ahead = ahead + redis.call('ZCARD', KEYS[2]) end
+return ahead
 """
 
 
@@ -146,7 +154,6 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._end = redis.register_script(_END)
         self._position = redis.register_script(_POSITION)
-        self._ttl_ms = int(settings.job_ttl * 1000)
         self.events_ttl_ms = int(min(settings.job_events_ttl, settings.job_ttl) * 1000)
 
     # -- reading ----------------------------------------------------------------------------
@@ -156,13 +163,16 @@ class JobStore:
         return JobRecord.from_hash(raw) if raw else None
 
     def position(self, record: JobRecord) -> int | None:
-        """Jobs ahead of a queued one in its Celery queue. 0 also when a worker has already
-        taken the message (prefetched it) but not started it; messages other workers took
-        are not counted as ahead. None unless queued."""
+        """Jobs ahead of a queued one: those of its lane created before it and not yet
+        started, and for a bulk job every queued interactive one too (Celery takes those
+        first). Approximate: order of creation stands for order of enqueueing, and a job
+        a worker has taken but not yet marked started still counts. O(log n), one round
+        trip. None unless queued."""
         if record.status != "queued":
             return None
-        ahead = self._position(keys=[record.queue], args=[f'"id": "{record.id}"'])
-        return max(int(ahead), 0)
+        ahead = self._position(keys=[job_key(record.id), queued_key(record.queue, bulk=False)],
+                               args=[record.id])
+        return None if ahead < 0 else int(ahead)
 
     def replay(self, job_id: str, after: int = -1) -> Iterator[tuple[int, events.Event]]:
         """The job's events kept in its replay buffer with a sequence number above ``after``."""
@@ -182,10 +192,12 @@ class JobStore:
 
     def create(self, *, job_id: str, endpoint: str, model: str, queue: str, spec: ResponseSpec,
                deadline: float, webhook: str | None = None,
-               in_flight: InFlight | None = None, live_workers: str | None = None) -> JobRecord:
+               in_flight: InFlight | None = None, live_workers: str | None = None,
+               bulk: bool = False) -> JobRecord:
         """Record a queued job. ``in_flight``: count it against the model's in-flight limit
         (``Refused("full")`` at the limit); ``live_workers``: the model's heartbeat set,
-        ``Refused("no_worker")`` if no worker in it is live. One round trip in all."""
+        ``Refused("no_worker")`` if no worker in it is live; ``bulk``: its lane (see the
+        module docstring). One round trip in all."""
         now = time.time()
         record = JobRecord(id=job_id, endpoint=endpoint, model=model, queue=queue,
                            status="queued", spec=spec, created=now, deadline=deadline,
@@ -193,10 +205,11 @@ class JobStore:
         fields = [x for kv in record.to_hash().items() for x in kv]
         found = self._create(
             keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else job_key(job_id),
-                  live_workers or job_key(job_id)],
-            args=[job_id, deadline, self._ttl_ms, now, int(now * 1000),
+                  live_workers or job_key(job_id), queued_key(queue, bulk)],
+            args=[job_id, deadline, int(record.retained_until * 1000), now, int(now * 1000),
                   in_flight.limit if in_flight else 0,
-                  in_flight.stale_before if in_flight else 0, 1 if live_workers else 0, *fields])
+                  in_flight.stale_before if in_flight else 0, 1 if live_workers else 0,
+                  now - self.settings.job_ttl, *fields])
         if found[0] != b"ok":
             raise Refused(found[0].decode(), int(found[1]) if len(found) > 1 else 0)
         return record
@@ -223,9 +236,17 @@ class JobStore:
 
     def finish(self, job_id: str, status: JobStatus, *, result: dict | None = None,
                error: dict | None = None) -> bool:
-        """The worker ends a job it ran (the only way out of ``in_progress`` but a dead worker)."""
+        """The worker ends a job it ran (the only way out of ``in_progress`` but a dead worker).
+        A result over ``job_result_max_bytes`` is replaced by a note in ``result_omitted``."""
+        stored, omitted = _json(result), ""
+        limit = self.settings.job_result_max_bytes
+        if len(stored) > limit:
+            stored, omitted = "", (
+                f"The result ({len(stored)} bytes) is larger than the {limit} bytes kept per "
+                "job (FERRY_JOB_RESULT_MAX_BYTES): it went to the synchronous client and the "
+                "job's event stream only.")
         done = self._finish(keys=[job_key(job_id), RUNNING_JOBS], args=[
-            status, time.time(), _json(result), _json(error), job_id])
+            status, time.time(), stored, _json(error), job_id, omitted])
         return self._ended(job_id, done)
 
     def cancel(self, job_id: str) -> JobRecord | None:
