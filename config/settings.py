@@ -150,9 +150,10 @@ class Settings(BaseSettings):
     # An ended batch's record is kept this long (seconds), then deleted: a month to come back
     # for its results, not for ever.
     batch_retention: float = Field(default=30 * 86400.0, gt=0)
-    # Batch output and error files expire this long after they are written (OpenAI keeps
-    # them 30 days); uploads expire only when their expires_after says so.
-    batch_output_ttl: float = Field(default=30 * 86400.0, gt=0)
+    # Files expire this long after they are written unless an upload's expires_after says
+    # otherwise (OpenAI's default for batch files, inputs and outputs alike): then their
+    # metadata and content on disk are deleted.
+    file_ttl: float = Field(default=30 * 86400.0, gt=0)
     # Redis must not evict keys: an evicted queue list or job record is lost work nobody is
     # told about. With anything but ``noeviction``, web and workers refuse to start unless
     # this is set (an operator who accepts the risk, e.g. a managed Redis with its own policy).

@@ -306,4 +306,5 @@ class BatchRunner:
                     yield record.encode() + b"\n"
 
         file_id = f"file-{uuid.uuid5(uuid.NAMESPACE_URL, f'{obj.id}/{kind}').hex}"
-        return self.files.write(lines(), f"{obj.id}_{kind}.jsonl", "batch_output", file_id).id
+        return self.files.write(lines(), f"{obj.id}_{kind}.jsonl", "batch_output", file_id,
+                                self.settings.file_ttl).id

@@ -29,6 +29,7 @@ from config import load_settings  # noqa: E402
 from tasks.app import make_batch_celery  # noqa: E402
 from tasks.batch_runner import BatchRunner  # noqa: E402
 from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
+from tasks.redis_check import EvictingRedis  # noqa: E402
 
 settings = load_settings()
 app = make_batch_celery(settings)
@@ -57,7 +58,10 @@ def _start_redelivery(**_):
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.ferry_batches = BatchRunner(settings)
+    try:
+        app.ferry_batches = BatchRunner(settings)
+    except EvictingRedis as e:
+        sys.exit(f"ferry batch worker: {e}")
     app.worker_main([
         "worker", "-Q", BATCH_QUEUE, "-P", "gevent", "-c", str(settings.batch_chunk_concurrency),
         # One chunk reserved ahead of each running one: with every slot busy, the consumer

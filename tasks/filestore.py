@@ -4,6 +4,9 @@ Shared by the web process (uploads, downloads) and the batch workers (inputs, ou
 which must therefore see the same directory. Content is written to a temporary name and
 renamed, and metadata is written after it, so a file listed is always complete; a file is
 named on disk by its id only (never by the client's filename).
+
+Every file has an ``expires_at``; past it the file is gone for readers at once, and the
+janitor (``sweep_expired``) deletes its metadata and its content on disk.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from config.errors import NotFound
 Purpose = Literal["batch", "batch_output"]
 
 FILES_INDEX = "ferry:files"
+# Files by expiry time (``sweep_expired``).
+FILES_EXPIRING = "ferry:files:expiring"
 
 
 def _meta_key(file_id: str) -> str:
@@ -51,14 +56,16 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.root / file_id
 
-    def put(self, source: BinaryIO, filename: str, purpose: Purpose) -> FileObject:
-        """Store an upload under a new id."""
+    def put(self, source: BinaryIO, filename: str, purpose: Purpose,
+            lifetime: float) -> FileObject:
+        """Store an upload under a new id, for ``lifetime`` seconds."""
         return self.write(iter(lambda: source.read(1024 * 1024), b""), filename, purpose,
-                          f"file-{uuid.uuid4().hex}")
+                          f"file-{uuid.uuid4().hex}", lifetime)
 
     def write(self, chunks: Iterable[bytes], filename: str, purpose: Purpose,
-              file_id: str) -> FileObject:
-        """Store (or replace: idempotent writers name their file) ``file_id``."""
+              file_id: str, lifetime: float) -> FileObject:
+        """Store (or replace: idempotent writers name their file) ``file_id``, to expire
+        ``lifetime`` seconds from now."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
         try:
@@ -70,19 +77,22 @@ class FileStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename,
-                         purpose=purpose)
+        now = int(time.time())
+        obj = FileObject(id=file_id, bytes=size, created_at=now, filename=filename,
+                         purpose=purpose, expires_at=now + int(lifetime))
         pipe = self.redis.pipeline()
         pipe.set(_meta_key(file_id), obj.model_dump_json())
         pipe.zadd(FILES_INDEX, {file_id: time.time()})
+        pipe.zadd(FILES_EXPIRING, {file_id: obj.expires_at})
         pipe.execute()
         return obj
 
     def get(self, file_id: str) -> FileObject:
         raw = self.redis.get(_meta_key(file_id))
-        if raw is None:
+        obj = None if raw is None else FileObject.model_validate_json(raw)
+        if obj is None or _expired(obj):
             raise NotFound(f"No such File object: {file_id}", param="file_id")
-        return FileObject.model_validate_json(raw)
+        return obj
 
     def open(self, file_id: str) -> BinaryIO:
         self.get(file_id)
@@ -100,15 +110,33 @@ class FileStore:
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
         raws = self.redis.mget([_meta_key(i) for i in ids]) if ids else []
-        objs = [FileObject.model_validate_json(r) for r in raws if r is not None]
+        objs = [o for o in (FileObject.model_validate_json(r) for r in raws if r is not None)
+                if not _expired(o)]
         if purpose is not None:
             objs = [o for o in objs if o.purpose == purpose]
         return objs[:limit], len(objs) > limit
 
     def delete(self, file_id: str) -> None:
         self.get(file_id)
+        self._remove(file_id)
+
+    def sweep_expired(self) -> int:
+        """Delete the files past their ``expires_at``, metadata and content; how many."""
+        due = [i.decode() for i in self.redis.zrangebyscore(FILES_EXPIRING, "-inf", time.time(),
+                                                            start=0, num=500)]
+        for file_id in due:
+            self._remove(file_id)
+        return len(due)
+
+    def _remove(self, file_id: str) -> None:
+        # Metadata first: a reader never finds metadata whose content is gone.
         pipe = self.redis.pipeline()
         pipe.delete(_meta_key(file_id))
         pipe.zrem(FILES_INDEX, file_id)
+        pipe.zrem(FILES_EXPIRING, file_id)
         pipe.execute()
         self.path(file_id).unlink(missing_ok=True)
+
+
+def _expired(obj: FileObject) -> bool:
+    return obj.expires_at is not None and obj.expires_at <= time.time()

@@ -22,7 +22,8 @@ from celery.signals import worker_ready, worker_shutdown
 from config import Registry, load_settings
 from models import backend_class
 from tasks.app import make_celery
-from tasks.protocol import WEBHOOK_QUEUE
+from tasks.protocol import WEBHOOK_QUEUE, connect
+from tasks.redis_check import EvictingRedis, check_eviction_policy
 from tasks.runtime import Runtime
 
 settings = load_settings()
@@ -55,8 +56,6 @@ def _stop(**_):
 def webhooks_main(extra: list[str]) -> None:
     """The webhook sender: deliveries wait on the network, so threads, several at a time."""
     os.environ.pop("FERRY_WORKER_MODEL", None)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.worker_main([
         "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
@@ -67,12 +66,16 @@ def webhooks_main(extra: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit("usage: python -m tasks.worker <model> | --webhooks  [celery worker options]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_eviction_policy(connect(settings.redis_url), settings.allow_redis_eviction)
+    except EvictingRedis as e:
+        sys.exit(f"ferry worker: {e}")
     if argv[0] == "--webhooks":
         return webhooks_main(argv[1:])
     name, extra = argv[0], argv[1:]
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pool, concurrency = backend_class(entry).worker_pool(entry)
     app.worker_main([
         "worker", "-Q", entry.queue, "-P", pool, "-c", str(concurrency), "--prefetch-multiplier", "1",

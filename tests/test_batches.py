@@ -396,6 +396,10 @@ def test_a_chunk_message_lost_in_transit_is_queued_again(scripted, batch_worker,
     assert [x["custom_id"] for x in records(scripted, done.output_file_id)] == \
         [f"l{i}" for i in range(48)]
     assert f"batch {batch.id} made no progress" in batch_worker.log.read_text()
+    # Its output expires as OpenAI's does (FERRY_FILE_TTL), and so does its record.
+    out = scripted.files.retrieve(done.output_file_id)
+    assert out.expires_at == out.created_at + 30 * 86400
+    assert 29 * 86400 < r.ttl(f"ferry:batch:{batch.id}") <= 30 * 86400
 
 
 def test_deleting_the_input_file_mid_run_fails_the_batch(scripted, batch_worker):

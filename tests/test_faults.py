@@ -234,3 +234,25 @@ def test_killed_worker_holds_no_unstarted_jobs(stack, tmp_path):
         first.kill()
         if second is not None:
             second.kill()
+
+
+def test_an_evicting_redis_is_refused_at_start(tmp_path):
+    """A Redis that evicts keys when full would drop queued jobs silently: web and workers
+    refuse to start on it, and say why, unless the operator accepts it."""
+    evicting = RedisServer(tmp_path, extra=("--maxmemory", "64mb",
+                                            "--maxmemory-policy", "allkeys-lru")).start()
+    started = []
+    try:
+        for service in (Web(evicting.url, tmp_path), Worker("doomed", evicting.url, tmp_path)):
+            with pytest.raises(RuntimeError, match="process exited"):
+                started.append(service)
+                service.start()
+            assert "maxmemory-policy is 'allkeys-lru'" in service.log.read_text()
+        accepted = Web(evicting.url, tmp_path / "accepted", FERRY_ALLOW_REDIS_EVICTION="1")
+        (tmp_path / "accepted").mkdir()
+        started.append(accepted)
+        accepted.start()
+        assert "Starting anyway" in accepted.log.read_text()
+    finally:
+        for service in (*started, evicting):
+            service.kill()

@@ -216,9 +216,12 @@ class JobStore:
 
     def discard(self, job_id: str) -> None:
         """Forget a job that could not be enqueued (its submitter got an error instead)."""
+        lane = self.redis.hget(job_key(job_id), "lane")
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(job_key(job_id))
         pipe.zrem(PENDING_JOBS, job_id)
+        if lane is not None:
+            pipe.zrem(lane.decode(), job_id)
         pipe.execute()
 
     def start(self, job_id: str, worker: str) -> tuple[JobRecord, bool] | None:
