@@ -77,8 +77,15 @@ def main(argv: list[str]) -> None:
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name
     pool, concurrency = backend_class(entry).worker_pool(entry)
+    pool_option = ["-P", pool]
+    if pool == "threads":
+        # Celery's threads pool, woken when a thread frees (tasks/thread_pool.py). A pool
+        # class is named by the setting: -P takes only Celery's own pool names.
+        app.conf.worker_pool = "tasks.thread_pool:TaskPool"
+        pool_option = []
     app.worker_main([
-        "worker", "-Q", entry.queue, "-P", pool, "-c", str(concurrency), "--prefetch-multiplier", "1",
+        "worker", "-Q", entry.queue, *pool_option, "-c", str(concurrency),
+        "--prefetch-multiplier", "1",
         "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         # Liveness is Ferry's own heartbeat (tasks/runtime.py), not Celery's events.
         "--without-mingle", "--without-heartbeat", "--loglevel", "INFO", *extra,
