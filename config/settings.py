@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     batch_visibility_timeout: float = Field(default=4500.0, gt=0)
     # How long a batch line may wait in a model's queue (interactive requests go first).
     batch_line_timeout: float = Field(default=3600.0, gt=0)
+    # Retries of a chunk that fails (an error, not a dead worker), backing off 1, 2, 4 ... 60
+    # s: about five minutes of a transient fault (a Redis restart) before its lines are
+    # reported failed, so that its batch still ends.
+    batch_chunk_retries: int = Field(default=10, ge=0)
     # Requests per batch input file (OpenAI's limit): validation stops reading past it, so a
     # file of millions of tiny lines cannot make a worker hold them all.
     batch_max_lines: int = Field(default=50_000, ge=1)

@@ -16,8 +16,7 @@ from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIES = 10
-RETRY = dict(bind=True, ignore_result=True, acks_late=True, max_retries=MAX_RETRIES)
+RETRY = dict(bind=True, ignore_result=True, acks_late=True, max_retries=10)
 
 
 @shared_task(name=BATCH_START_TASK, autoretry_for=(Exception,), retry_backoff=True,
@@ -31,12 +30,14 @@ def start(self, batch_id: str) -> None:
 
 @shared_task(name=BATCH_CHUNK_TASK, **RETRY)
 def run_chunk(self, batch_id: str, index: int) -> None:
+    retries = self.app.ferry_settings.batch_chunk_retries
     try:
         self.app.ferry_batches.run_chunk(batch_id, index)
     except Exception as e:
-        if self.request.retries < MAX_RETRIES:  # backing off 1, 2, 4 ... 60 s
-            raise self.retry(exc=e, countdown=min(60, 2 ** self.request.retries)) from None
+        if self.request.retries < retries:  # backing off 1, 2, 4 ... 60 s
+            raise self.retry(exc=e, countdown=min(60, 2 ** self.request.retries),
+                             max_retries=retries) from None
         # Out of retries: without this the chunk is never written and its batch never ends.
         log.exception("batch %s chunk %d failed %d times; giving up", batch_id, index,
-                      MAX_RETRIES + 1)
+                      retries + 1)
         self.app.ferry_batches.give_up(batch_id, index, f"{type(e).__name__}: {e}")

@@ -34,7 +34,7 @@ def check_eviction_policy(client: redis_lib.Redis, allow: bool, wait: float = 10
             log.warning("could not read Redis's maxmemory-policy (%s); make sure it is "
                         "noeviction", e)
             return
-        except redis_lib.ConnectionError as e:
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as e:
             if time.monotonic() > deadline:
                 log.warning("Redis is unreachable (%s): its maxmemory-policy is unchecked", e)
                 return

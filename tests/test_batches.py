@@ -424,3 +424,18 @@ def test_an_input_file_over_the_line_limit_fails_without_being_read_whole(client
     (err,) = done.errors.data
     assert err.code == "too_many_requests_in_file" and err.line == 50_001
     assert "FERRY_BATCH_MAX_LINES" in err.message
+
+
+def test_a_chunk_that_fails_every_retry_ends_its_batch(scripted, batch_worker, redis_server):
+    """Chunks retry failures (FERRY_BATCH_CHUNK_RETRIES, 2 here); one that fails them all
+    must not leave its batch in_progress for ever. White box: deleting the batch's plan from
+    Redis makes every chunk fail."""
+    r = redis.Redis.from_url(redis_server.url)
+    lines = [chat_line(f"r{i}", tokens=["x"], delay=0.2) for i in range(64)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.status == "in_progress", timeout=60)
+    r.delete(f"ferry:batch:{batch.id}:plan")
+    done = wait(scripted, batch.id, timeout=60)
+    assert done.status == "failed"
+    assert [e.code for e in done.errors.data] == ["batch_chunk_failed"]
+    assert "giving up" in batch_worker.log.read_text()
