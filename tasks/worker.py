@@ -29,6 +29,8 @@ from tasks.runtime import Runtime
 settings = load_settings()
 app = make_celery(settings)
 log = logging.getLogger("ferry.worker")
+# Celery's threads pool, woken when a thread frees (no prefetch: see tasks/thread_pool.py).
+THREAD_POOL = "tasks.thread_pool:TaskPool"
 
 
 @worker_ready.connect
@@ -56,8 +58,9 @@ def _stop(**_):
 def webhooks_main(extra: list[str]) -> None:
     """The webhook sender: deliveries wait on the network, so threads, several at a time."""
     os.environ.pop("FERRY_WORKER_MODEL", None)
+    app.conf.worker_pool = THREAD_POOL
     app.worker_main([
-        "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
+        "worker", "-Q", WEBHOOK_QUEUE, "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         "--without-mingle", "--loglevel", "INFO", *extra,
     ])
@@ -81,7 +84,7 @@ def main(argv: list[str]) -> None:
     if pool == "threads":
         # Celery's threads pool, woken when a thread frees (tasks/thread_pool.py). A pool
         # class is named by the setting: -P takes only Celery's own pool names.
-        app.conf.worker_pool = "tasks.thread_pool:TaskPool"
+        app.conf.worker_pool = THREAD_POOL
         pool_option = []
     app.worker_main([
         "worker", "-Q", entry.queue, *pool_option, "-c", str(concurrency),
