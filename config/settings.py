@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     # ...and capped at this many entries (one per published batch of events) per job, so one
     # huge job cannot fill Redis; a longer job's earliest events can no longer be replayed.
     job_events_max: int = Field(default=10000, ge=16)
+    # Largest result kept in a job's record (bytes of JSON): a long chat answer is tens of KB,
+    # a 2,048-input embedding result megabytes, and a record lives a day. A bigger result is
+    # answered in full to its synchronous client and left out of the record (it says so).
+    job_result_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Seconds per webhook delivery attempt: a receiver should acknowledge quickly, work later.
     webhook_timeout: float = Field(default=10.0, gt=0)
     # Attempts after the first, backing off 1, 2, 4, 8, 16 s: rides out a receiver restart.
@@ -152,11 +156,42 @@ class Settings(BaseSettings):
     # embedding worker's passes full; each line still queues behind interactive requests.
     batch_chunk_concurrency: int = Field(default=4, ge=1)
     # Seconds after which a chunk taken by a worker but not committed is presumed lost with
-    # its worker and handed out again. Must exceed the longest chunk.
-    batch_visibility_timeout: float = Field(default=1800.0, gt=0)
+    # its worker and handed out again; a batch with no progress for this long has its
+    # unwritten chunks queued again. Must exceed the longest chunk: a line's wait in the
+    # queue (batch_line_timeout) plus its run, so an hour and a quarter.
+    batch_visibility_timeout: float = Field(default=4500.0, gt=0)
     # How long a batch line may wait in a model's queue (interactive requests go first).
     batch_line_timeout: float = Field(default=3600.0, gt=0)
+    # Retries of a chunk that fails (an error, not a dead worker), backing off 1, 2, 4 ... 60
+    # s: about five minutes of a transient fault (a Redis restart) before its lines are
+    # reported failed, so that its batch still ends.
+    batch_chunk_retries: int = Field(default=10, ge=0)
+    # Requests per batch input file (OpenAI's limit): validation stops reading past it, so a
+    # file of millions of tiny lines cannot make a worker hold them all.
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    # An ended batch's record is kept this long (seconds), then deleted: a month to come back
+    # for its results, not for ever.
+    batch_retention: float = Field(default=30 * 86400.0, gt=0)
+    # Files expire this long after they are written unless an upload's expires_after says
+    # otherwise (OpenAI's default for batch files, inputs and outputs alike): then their
+    # metadata and content on disk are deleted.
+    file_ttl: float = Field(default=30 * 86400.0, gt=0)
+    # Redis must not evict keys: an evicted queue list or job record is lost work nobody is
+    # told about. With anything but ``noeviction``, web and workers refuse to start unless
+    # this is set (an operator who accepts the risk, e.g. a managed Redis with its own policy).
+    allow_redis_eviction: bool = False
     models: list[ModelEntry] = []
+
+    @model_validator(mode="after")
+    def _chunks_outlive_lines(self) -> "Settings":
+        # A chunk whose lines may still be waiting when its visibility timeout passes would
+        # be handed to a second worker and run twice.
+        if self.batch_visibility_timeout <= self.batch_line_timeout:
+            raise ValueError(
+                f"batch_visibility_timeout ({self.batch_visibility_timeout:g} s) must exceed "
+                f"batch_line_timeout ({self.batch_line_timeout:g} s), or a chunk still "
+                "running is handed to a second worker")
+        return self
 
     @field_validator("files_dir")
     @classmethod

@@ -39,6 +39,14 @@ def make_celery(settings: Settings) -> Celery:
         # Generation is at-most-once: a stream cannot be resumed by another worker, and its
         # client has already been told of the failure. Ack on receipt, prefetch nothing.
         task_acks_late=False,
+        # With acks on receipt a message a worker holds exists nowhere else. Celery's
+        # prefetch count (multiplier x pool size) would let a threads pool whose threads are
+        # all busy take that many more messages and hold them unstarted, lost with the
+        # worker if it is killed, and out of reach of an idle worker meanwhile. Without
+        # prefetch a worker takes a message only for a free thread, which starts it at once:
+        # a job not yet started stays in the queue's list for any live worker
+        # (tests/test_faults.py measures it). Celery >= 5.6, Redis broker.
+        worker_disable_prefetch=True,
         # For the same reason, no unacknowledged copy is kept in Redis: a message is gone
         # once a worker takes it. That also spares a Redis round trip per job in the
         # worker's consumer, its ceiling on jobs per second.

@@ -136,9 +136,20 @@ def error_record(batch_id: str, line: Line, error: LineError) -> str:
                       separators=(",", ":"))
 
 
-def scan(f: BinaryIO, endpoint: str, chunk_lines: int) -> tuple[list[Chunk], dict[int, Line], int]:
-    """Validate a whole input file: its chunks (``chunk_lines`` non-blank lines each), the
-    lines that are errors (by line number) and the number of requests."""
+class TooManyLines(Exception):
+    """The input file has more than ``limit`` requests; ``line`` is where reading stopped."""
+
+    def __init__(self, limit: int, line: int):
+        super().__init__(f"more than {limit} requests")
+        self.limit, self.line = limit, line
+
+
+def scan(f: BinaryIO, endpoint: str, chunk_lines: int,
+         max_lines: int) -> tuple[list[Chunk], dict[int, Line], int]:
+    """Validate a whole input file, one line at a time: its chunks (``chunk_lines`` non-blank
+    lines each), the lines that are errors (by line number) and the number of requests.
+    What it keeps grows with the requests, so past ``max_lines`` of them it stops reading
+    and raises ``TooManyLines``."""
     chunks: list[Chunk] = []
     invalid: dict[int, Line] = {}
     seen: set[str] = set()
@@ -146,6 +157,8 @@ def scan(f: BinaryIO, endpoint: str, chunk_lines: int) -> tuple[list[Chunk], dic
     for number, raw in enumerate(f, start=1):
         end = offset + len(raw)
         if raw.strip():
+            if total == max_lines:
+                raise TooManyLines(max_lines, number)
             if in_chunk == 0:
                 start, first = offset, number
             line = parse(number, raw, endpoint)

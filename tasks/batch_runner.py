@@ -5,6 +5,15 @@ dead worker's chunk is run again; its results are stored once (``BatchStore.writ
 and the output is assembled from the stored chunks in order, so nothing is lost and nothing
 is duplicated. Finalizing is idempotent too: output files get ids derived from the batch id.
 Every line runs as the batch's owner, and its output files are the owner's.
+
+A batch always ends. Kombu's Redis transport takes a message off its list (BRPOP) before it
+records it as unacknowledged (``QoS.append``, a second round trip): a worker killed between
+the two loses that message for good, and no visibility timeout brings it back. So the batch
+workers also sweep for stalled batches (``resume_stalled``): no chunk written and none
+running for a visibility timeout means their unwritten work is queued again (harmless, as
+above). A chunk that cannot run (its input file deleted, or its retries spent) ends its
+batch ``failed``, or has its lines reported as failed (``give_up``), instead of leaving it
+``in_progress``.
 Chat and completions lines run side by side, each as a request to Ferry's own handlers in
 process; a chunk's embedding lines run as one job (``web.embeddings.run_parts``), each still
 answered as the endpoint would answer it. Needs gevent (the lines of a chunk are greenlets;
@@ -24,8 +33,9 @@ import gevent.pool
 from config.errors import NotFound, WorkerLost
 from config.settings import Settings
 from config.tenants import ANY_OWNER, Tenant
-from tasks.batch_lines import (Line, LineError, dispatch, error_record, invalid_from_json,
-                               invalid_to_json, parse, read_lines, response_record, scan)
+from tasks.batch_lines import (Line, LineError, TooManyLines, dispatch, error_record,
+                               invalid_from_json, invalid_to_json, parse, read_lines,
+                               response_record, scan)
 from tasks.protocol import connect
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
 from tasks.filestore import FileStore
@@ -35,6 +45,7 @@ from web.schemas.embeddings import CreateEmbeddingRequest
 log = logging.getLogger(__name__)
 
 EnqueueChunk = Callable[[str, int], None]
+EnqueueStart = Callable[[str], None]
 NOT_RUN = (None, None)
 EXPIRED = LineError("batch_expired",
                     "This request could not be executed before the completion window expired.")
@@ -64,7 +75,7 @@ class BatchRunner:
 
         self.settings = settings
         redis = connect(settings.redis_url)
-        self.store = BatchStore(redis)
+        self.store = BatchStore(redis, settings.batch_retention)
         self.files = FileStore(redis, settings.files_dir)
         # Ferry's web app, in process: lines are its requests. They may wait in a model's
         # queue for as long as interactive requests keep coming first.
@@ -96,10 +107,17 @@ class BatchRunner:
         obj = self._batch(batch_id)
         try:
             with self.files.open(obj.input_file_id, owner=obj.owner) as f:
-                chunks, invalid, total = scan(f, obj.endpoint, self.settings.batch_chunk_lines)
+                chunks, invalid, total = scan(f, obj.endpoint, self.settings.batch_chunk_lines,
+                                              self.settings.batch_max_lines)
         except NotFound as e:
             self.store.fail(obj.id, [{"code": "invalid_file", "message": e.message,
                                       "param": "input_file_id", "line": None}])
+            return False
+        except TooManyLines as e:
+            self.store.fail(obj.id, [{
+                "code": "too_many_requests_in_file", "param": "input_file_id", "line": e.line,
+                "message": f"The input file has more than {e.limit} requests, the limit per "
+                           "batch (FERRY_BATCH_MAX_LINES); reading stopped at this line."}])
             return False
         if total == len(invalid):
             errors = [line.error.to_dict(n) for n, line in sorted(invalid.items())][:1000]
@@ -119,13 +137,81 @@ class BatchRunner:
         if obj.status in FINAL:
             return
         if not self.store.chunk_written(batch_id, index):
-            result = self._run(obj, index)
+            beat = gevent.spawn(self._beat, batch_id)
+            try:
+                result = self._run(obj, index)
+            except NotFound as e:  # the input file was deleted under the batch
+                self.store.fail(batch_id, [{"code": "invalid_file", "message": e.message,
+                                            "param": "input_file_id", "line": None}])
+                log.warning("batch %s failed: %s", batch_id, e.message)
+                return
+            finally:
+                beat.kill()
             if self.store.write_chunk(batch_id, index, result) is None:
                 log.info("batch %s chunk %d was already written; this run is dropped",
                          batch_id, index)
         done, total = self.store.chunks_done(batch_id)
         if total and done >= total:
             self.finalize(batch_id)
+
+    def _beat(self, batch_id: str) -> None:
+        """While a chunk runs, its batch is making progress (``resume_stalled`` leaves it)."""
+        while True:
+            gevent.sleep(self.settings.batch_visibility_timeout / 4)
+            try:
+                self.store.touch(batch_id)
+            except Exception as e:  # the next beat tries again
+                log.warning("batch %s: could not record progress: %s", batch_id, e)
+
+    def give_up(self, batch_id: str, index: int, error: str) -> None:
+        """A chunk that failed every retry: its lines are reported as failed, so that its
+        batch still ends (failed outright if even its input can no longer be read)."""
+        obj = self._batch(batch_id)
+        if obj.status in FINAL or self.store.chunk_written(batch_id, index):
+            return
+        err = LineError("batch_chunk_failed", f"This request could not be run: {error}")
+        try:
+            chunk = self.store.plan(batch_id)[index]
+            with self.files.open(obj.input_file_id, owner=obj.owner) as f:
+                lines = [parse(n, raw, obj.endpoint)
+                         for n, raw in read_lines(f, chunk.start, chunk.end, chunk.first_line)]
+        except (NotFound, IndexError) as e:
+            self.store.fail(batch_id, [{"code": "batch_chunk_failed", "param": None,
+                                        "line": None, "message": f"{error} ({e})"}])
+            return
+        result = ChunkResult(errors=[error_record(batch_id, line, err) for line in lines])
+        self.store.write_chunk(batch_id, index, result)
+        done, total = self.store.chunks_done(batch_id)
+        if total and done >= total:
+            self.finalize(batch_id)
+
+    def resume_stalled(self, enqueue_start: EnqueueStart, enqueue_chunk: EnqueueChunk) -> None:
+        """Queue again the unfinished work of batches with no progress for a visibility
+        timeout (see the module docstring). Any number of workers may sweep: one claims
+        each stalled batch."""
+        before = time.time() - self.settings.batch_visibility_timeout
+        for batch_id in self.store.stalled(before):
+            if not self.store.claim_stalled(batch_id, before):
+                continue
+            try:
+                obj = self._batch(batch_id)
+            except NotFound:
+                self.store.forget(batch_id)
+                continue
+            if obj.status in FINAL:
+                self.store.forget(batch_id)
+                continue
+            plan = self.store.plan(batch_id)
+            if not plan:  # not validated yet: its start task was lost
+                log.warning("batch %s stalled while %s; starting it again", batch_id, obj.status)
+                enqueue_start(batch_id)
+                continue
+            todo = [i for i in range(len(plan)) if not self.store.chunk_written(batch_id, i)]
+            log.warning("batch %s made no progress for %g s; queueing %d chunks again",
+                        batch_id, self.settings.batch_visibility_timeout, len(todo))
+            # Every chunk written but not finalized: one chunk task finalizes it.
+            for index in todo or [0]:
+                enqueue_chunk(batch_id, index)
 
     def _run(self, obj: BatchObject, index: int) -> ChunkResult:
         chunk = self.store.plan(obj.id)[index]
@@ -228,4 +314,4 @@ class BatchRunner:
 
         file_id = f"file-{uuid.uuid5(uuid.NAMESPACE_URL, f'{obj.id}/{kind}').hex}"
         return self.files.write(lines(), f"{obj.id}_{kind}.jsonl", "batch_output", file_id,
-                                obj.owner).id
+                                obj.owner, self.settings.file_ttl).id

@@ -8,6 +8,9 @@ else is imported; chunks run ``batch_chunk_concurrency`` at a time.
 Chunks are acknowledged when done; a chunk taken by a worker that died stays unacknowledged
 and is handed out again once older than ``batch_visibility_timeout``. Kombu sweeps for those
 only from its event loop, which a gevent worker does not run, so ``_redeliver`` does it.
+A message lost between kombu's BRPOP and its unacknowledged record is beyond that: the same
+sweep queues again the work of batches that made no progress for a visibility timeout
+(``BatchRunner.resume_stalled``).
 """
 
 from gevent import monkey
@@ -25,7 +28,8 @@ from celery.signals import worker_ready  # noqa: E402
 from config import load_settings  # noqa: E402
 from tasks.app import make_batch_celery  # noqa: E402
 from tasks.batch_runner import BatchRunner  # noqa: E402
-from tasks.protocol import BATCH_QUEUE  # noqa: E402
+from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
+from tasks.redis_check import EvictingRedis  # noqa: E402
 
 settings = load_settings()
 app = make_batch_celery(settings)
@@ -38,6 +42,10 @@ def _redeliver() -> None:
         try:
             with app.connection_for_write() as conn:
                 conn.default_channel.qos.restore_visible(num=1000, interval=1)
+            app.ferry_batches.resume_stalled(
+                lambda batch: app.send_task(BATCH_START_TASK, args=[batch], queue=BATCH_QUEUE),
+                lambda batch, index: app.send_task(BATCH_CHUNK_TASK, args=[batch, index],
+                                                   queue=BATCH_QUEUE))
         except Exception as e:  # the next sweep tries again
             log.warning("could not look for abandoned chunks: %s", e)
         gevent.sleep(period)
@@ -50,7 +58,10 @@ def _start_redelivery(**_):
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.ferry_batches = BatchRunner(settings)
+    try:
+        app.ferry_batches = BatchRunner(settings)
+    except EvictingRedis as e:
+        sys.exit(f"ferry batch worker: {e}")
     app.worker_main([
         "worker", "-Q", BATCH_QUEUE, "-P", "gevent", "-c", str(settings.batch_chunk_concurrency),
         # One chunk reserved ahead of each running one: with every slot busy, the consumer

@@ -8,6 +8,11 @@ after writing, before acknowledging) therefore changes nothing the second time.
 
 A batch's owner (``config/tenants.py``) is a field of its hash; ``get``, ``list`` and
 ``cancel`` take the owner and find nothing of anyone else's. Each owner has its own index.
+
+Every batch not yet ended is in ``ACTIVE``, scored by its last sign of progress (created, a
+chunk written, a chunk still running: ``touch``). A batch whose score falls a visibility
+timeout behind is stalled: its unwritten work was lost (``BatchRunner.resume_stalled``).
+An ended batch is kept ``batch_retention`` seconds, then its record goes (``EXPIRING``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ TIMESTAMP_OF = {"in_progress": "in_progress_at", "finalizing": "finalizing_at",
                 "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
 COMPLETION_WINDOW = 24 * 3600
 INDEX = "ferry:batches"
+ACTIVE = "ferry:batches:active"
+# Ended batches ("<id> <owner>") by the time their record expires (the janitor drops them
+# from their owner's index then).
+EXPIRING = "ferry:batches:expiring"
 # Chunk results outlive any batch (24 h window), then go, even if a batch never finalized.
 CHUNK_TTL = 7 * 24 * 3600
 
@@ -46,11 +55,21 @@ return 0
 """
 _WRITE_CHUNK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[4]) then
+  redis.call('ZADD', KEYS[3], 'XX', ARGV[5], ARGV[6])
   redis.call('HINCRBY', KEYS[2], 'completed', ARGV[2])
   redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
   return redis.call('HINCRBY', KEYS[2], 'chunks_done', 1)
 end
 return -1
+"""
+# Claims a stalled batch for one sweeper: moves its score to now if it is still below ARGV[1].
+_CLAIM_STALLED = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if score and tonumber(score) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
 """
 
 
@@ -111,10 +130,12 @@ def _index(owner: str) -> str:
 
 
 class BatchStore:
-    def __init__(self, redis: redis_lib.Redis):
-        self.redis = redis
+    def __init__(self, redis: redis_lib.Redis, retention: float = 30 * 86400.0):
+        # ``retention``: seconds an ended batch's record is kept (settings.batch_retention).
+        self.redis, self.retention = redis, retention
         self._transition = redis.register_script(_TRANSITION)
         self._write_chunk = redis.register_script(_WRITE_CHUNK)
+        self._claim_stalled = redis.register_script(_CLAIM_STALLED)
 
     def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str] | None,
                owner: str) -> BatchObject:
@@ -126,6 +147,7 @@ class BatchStore:
         pipe.hset(_key(static["id"]), mapping={"static": json.dumps(static), "status": "validating",
                                                "owner": owner})
         pipe.zadd(_index(owner), {static["id"]: time.time()})
+        pipe.zadd(ACTIVE, {static["id"]: time.time()})
         pipe.execute()
         return self.get(static["id"], owner=owner)
 
@@ -148,7 +170,13 @@ class BatchStore:
         ids = [i.decode() for i in self.redis.zrevrange(_index(owner), 0, -1)]
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
-        return [self.get(i, owner=owner) for i in ids[:limit]], len(ids) > limit
+        found = []
+        for i in ids[:limit]:
+            try:
+                found.append(self.get(i, owner=owner))
+            except NotFound:  # expired a moment ago; the janitor drops it from the index
+                pass
+        return found, len(ids) > limit
 
     def cancel(self, batch_id: str, *, owner: str) -> BatchObject:
         """Ask ``owner``'s batch to stop: it is ``cancelling`` until its running chunks end."""
@@ -165,16 +193,21 @@ class BatchStore:
                                      args=[to, TIMESTAMP_OF[to], int(time.time()), *sources]))
 
     def fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
+        """End the batch as ``failed`` with ``errors`` (validation, or its input file gone
+        while it ran)."""
         self.redis.hset(_key(batch_id), "errors", json.dumps({"object": "list", "data": errors}))
-        self.transition(batch_id, "failed", "validating", "cancelling")
+        if self.transition(batch_id, "failed", "validating", "cancelling", "in_progress"):
+            self._ended(batch_id)
 
     def set_plan(self, batch_id: str, total: int, chunks: list[Chunk],
                  invalid: dict[int, str]) -> None:
         """What validation found: the chunks to run, and the lines that are errors already."""
         pipe = self.redis.pipeline()
-        pipe.set(_key(batch_id, ":plan"), json.dumps([c.model_dump() for c in chunks]))
+        pipe.set(_key(batch_id, ":plan"), json.dumps([c.model_dump() for c in chunks]),
+                 ex=CHUNK_TTL)
         if invalid:
             pipe.hset(_key(batch_id, ":invalid"), mapping={str(k): v for k, v in invalid.items()})
+            pipe.expire(_key(batch_id, ":invalid"), CHUNK_TTL)
         pipe.hset(_key(batch_id), mapping={"total": total, "chunks": len(chunks)})
         pipe.execute()
 
@@ -194,8 +227,9 @@ class BatchStore:
         """Store a chunk's results once; the number of chunks done, or None if it was
         written before."""
         done = self._write_chunk(
-            keys=[_key(batch_id, f":chunk:{index}"), _key(batch_id)],
-            args=[result.model_dump_json(), len(result.output), len(result.errors), CHUNK_TTL])
+            keys=[_key(batch_id, f":chunk:{index}"), _key(batch_id), ACTIVE],
+            args=[result.model_dump_json(), len(result.output), len(result.errors), CHUNK_TTL,
+                  time.time(), batch_id])
         return None if done == -1 else int(done)
 
     def chunk_written(self, batch_id: str, index: int) -> bool:
@@ -216,6 +250,47 @@ class BatchStore:
         if files:
             self.redis.hset(_key(batch_id), mapping=files)
         if self.transition(batch_id, status, "finalizing", "cancelling", "in_progress"):
-            n = self.chunks_done(batch_id)[1]
-            self.redis.delete(_key(batch_id, ":plan"), _key(batch_id, ":invalid"),
-                              *[_key(batch_id, f":chunk:{i}") for i in range(n)])
+            self._ended(batch_id)
+
+    def _ended(self, batch_id: str) -> None:
+        """Forget the batch's working state; keep its record ``retention`` seconds more."""
+        n = self.chunks_done(batch_id)[1]
+        owner = (self.redis.hget(_key(batch_id), "owner") or ANONYMOUS.encode()).decode()
+        pipe = self.redis.pipeline()
+        pipe.delete(_key(batch_id, ":plan"), _key(batch_id, ":invalid"),
+                    *[_key(batch_id, f":chunk:{i}") for i in range(n)])
+        pipe.zrem(ACTIVE, batch_id)
+        pipe.expire(_key(batch_id), int(self.retention))
+        # The member names the owner's index too: the record is gone when the sweep runs.
+        pipe.zadd(EXPIRING, {f"{batch_id} {owner}": time.time() + self.retention})
+        pipe.execute()
+
+    # -- progress and expiry -----------------------------------------------------------------
+
+    def touch(self, batch_id: str) -> None:
+        """A sign of progress: one of the batch's chunks is running."""
+        self.redis.zadd(ACTIVE, {batch_id: time.time()}, xx=True)
+
+    def stalled(self, before: float, count: int = 100) -> list[str]:
+        """Batches not ended whose last progress is older than ``before``."""
+        return [i.decode() for i in self.redis.zrangebyscore(ACTIVE, "-inf", before,
+                                                             start=0, num=count)]
+
+    def claim_stalled(self, batch_id: str, before: float) -> bool:
+        """Whether this caller is the one to resume a stalled batch (its score moves on)."""
+        return bool(self._claim_stalled(keys=[ACTIVE], args=[before, time.time(), batch_id]))
+
+    def forget(self, batch_id: str) -> None:
+        self.redis.zrem(ACTIVE, batch_id)
+
+    def sweep_expired(self) -> None:
+        """Drop the records whose retention has passed from the list of batches."""
+        due = self.redis.zrangebyscore(EXPIRING, "-inf", time.time(), start=0, num=500)
+        if due:
+            pipe = self.redis.pipeline()
+            for member in due:
+                batch_id, _, owner = member.decode().partition(" ")
+                pipe.zrem(_index(owner or ANONYMOUS), batch_id)
+                pipe.delete(_key(batch_id))
+            pipe.zrem(EXPIRING, *due)
+            pipe.execute()

@@ -81,6 +81,12 @@ def job_key(job_id: str) -> str:
     return f"ferry:job:{job_id}"
 
 
+def queued_key(queue: str, bulk: bool) -> str:
+    """A queue's jobs not yet started, per lane (member = job id, score = creation time):
+    what ``JobStore.position`` counts instead of scanning Celery's list."""
+    return f"ferry:queued:{queue}:{'bulk' if bulk else 'interactive'}"
+
+
 def events_log(job_id: str) -> str:
     """The job's replay buffer: a Redis Stream holding every message published on its
     channel, added in the same pipeline and *before* the PUBLISH (see ``web/job_events.py``)."""

@@ -22,12 +22,15 @@ from celery.signals import worker_ready, worker_shutdown
 from config import Registry, load_settings
 from models import backend_class
 from tasks.app import make_celery, make_webhook_celery
-from tasks.protocol import WEBHOOK_QUEUE
+from tasks.protocol import WEBHOOK_QUEUE, connect
+from tasks.redis_check import EvictingRedis, check_eviction_policy
 from tasks.runtime import Runtime
 
 settings = load_settings()
 app = make_celery(settings)
 log = logging.getLogger("ferry.worker")
+# Celery's threads pool, woken when a thread frees (no prefetch: see tasks/thread_pool.py).
+THREAD_POOL = "tasks.thread_pool:TaskPool"
 
 
 @worker_ready.connect
@@ -55,10 +58,10 @@ def _stop(**_):
 def webhooks_main(extra: list[str]) -> None:
     """The webhook sender: deliveries wait on the network, so threads, several at a time."""
     os.environ.pop("FERRY_WORKER_MODEL", None)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    make_webhook_celery(settings).worker_main([
-        "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
+    sender = make_webhook_celery(settings)
+    sender.conf.worker_pool = THREAD_POOL
+    sender.worker_main([
+        "worker", "-Q", WEBHOOK_QUEUE, "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         "--without-mingle", "--loglevel", "INFO", *extra,
     ])
@@ -67,15 +70,26 @@ def webhooks_main(extra: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit("usage: python -m tasks.worker <model> | --webhooks  [celery worker options]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_eviction_policy(connect(settings.redis_url), settings.allow_redis_eviction)
+    except EvictingRedis as e:
+        sys.exit(f"ferry worker: {e}")
     if argv[0] == "--webhooks":
         return webhooks_main(argv[1:])
     name, extra = argv[0], argv[1:]
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pool, concurrency = backend_class(entry).worker_pool(entry)
+    pool_option = ["-P", pool]
+    if pool == "threads":
+        # Celery's threads pool, woken when a thread frees (tasks/thread_pool.py). A pool
+        # class is named by the setting: -P takes only Celery's own pool names.
+        app.conf.worker_pool = THREAD_POOL
+        pool_option = []
     app.worker_main([
-        "worker", "-Q", entry.queue, "-P", pool, "-c", str(concurrency), "--prefetch-multiplier", "1",
+        "worker", "-Q", entry.queue, *pool_option, "-c", str(concurrency),
+        "--prefetch-multiplier", "1",
         "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         # Liveness is Ferry's own heartbeat (tasks/runtime.py), not Celery's events.
         "--without-mingle", "--without-heartbeat", "--loglevel", "INFO", *extra,

@@ -12,7 +12,8 @@ from tests.services import BatchWorker, RedisServer, Web, Worker
 MAX_FILE_BYTES = 1024 * 1024
 # Small chunks and a short visibility timeout, so that a killed batch worker's chunks are
 # handed out again within seconds (production: tasks/app.py, config/settings.py).
-BATCH_ENV = {"FERRY_BATCH_CHUNK_LINES": "4", "FERRY_BATCH_VISIBILITY_TIMEOUT": "6"}
+BATCH_ENV = {"FERRY_BATCH_CHUNK_LINES": "4", "FERRY_BATCH_VISIBILITY_TIMEOUT": "20",
+             "FERRY_BATCH_LINE_TIMEOUT": "15", "FERRY_BATCH_CHUNK_RETRIES": "2"}
 
 
 @pytest.fixture(scope="session")

@@ -74,10 +74,10 @@ class Service:
 
 
 class RedisServer(Service):
-    def __init__(self, log_dir: Path, port: int | None = None):
+    def __init__(self, log_dir: Path, port: int | None = None, extra: tuple[str, ...] = ()):
         self.port = port or free_port()
         super().__init__([redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                          "--save", "", "--appendonly", "no"], dict(os.environ),
+                          "--save", "", "--appendonly", "no", *extra], dict(os.environ),
                          log_dir / "redis.log")
         self.url = f"redis://127.0.0.1:{self.port}/0"
 

@@ -373,3 +373,69 @@ def test_batch_lines_are_not_refused_by_the_interactive_in_flight_limit(
             {f"t{i}" for i in range(12)}
     finally:
         worker.kill()
+
+
+def test_a_chunk_message_lost_in_transit_is_queued_again(scripted, batch_worker, redis_server):
+    """Kombu takes a message off the list before it records it as unacknowledged; a worker
+    killed in between loses it for good. Removing a queued chunk's message stands for that
+    loss: the batch stalls, and the batch worker's sweep queues the chunk again."""
+    r = redis.Redis.from_url(redis_server.url)
+    lines = [chat_line(f"l{i}", tokens=[f"{i}"], delay=0.05) for i in range(48)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    lost = None
+    deadline = time.monotonic() + 60
+    while lost is None:
+        assert time.monotonic() < deadline, "no chunk was ever waiting in the batch queue"
+        if r.llen("ferry:bq:ferry.batch") >= 2:
+            lost = r.rpop("ferry:bq:ferry.batch")
+        time.sleep(0.01)
+    assert json.loads(lost)["headers"]["task"] == "ferry.batch.chunk"
+    done = wait(scripted, batch.id, timeout=120)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (48, 0)
+    assert [x["custom_id"] for x in records(scripted, done.output_file_id)] == \
+        [f"l{i}" for i in range(48)]
+    assert f"batch {batch.id} made no progress" in batch_worker.log.read_text()
+    # Its output expires as OpenAI's does (FERRY_FILE_TTL), and so does its record.
+    out = scripted.files.retrieve(done.output_file_id)
+    assert out.expires_at == out.created_at + 30 * 86400
+    assert 29 * 86400 < r.ttl(f"ferry:batch:{batch.id}") <= 30 * 86400
+
+
+def test_deleting_the_input_file_mid_run_fails_the_batch(scripted, batch_worker):
+    lines = [chat_line(f"f{i}", tokens=["x"], delay=0.1) for i in range(64)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.request_counts.completed >= 4)
+    scripted.files.delete(batch.input_file_id)
+    done = wait(scripted, batch.id, timeout=60)
+    assert done.status == "failed"
+    assert [e.code for e in done.errors.data] == ["invalid_file"]
+    assert done.errors.data[0].param == "input_file_id"
+
+
+def test_an_input_file_over_the_line_limit_fails_without_being_read_whole(client,
+                                                                          batch_worker):
+    """50,000 requests per batch, as OpenAI: validation stops at the next one."""
+    f = client.files.create(file=("many.jsonl", io.BytesIO(b"{}\n" * 50_100)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    done = wait(client, batch.id, timeout=60)
+    assert done.status == "failed"
+    (err,) = done.errors.data
+    assert err.code == "too_many_requests_in_file" and err.line == 50_001
+    assert "FERRY_BATCH_MAX_LINES" in err.message
+
+
+def test_a_chunk_that_fails_every_retry_ends_its_batch(scripted, batch_worker, redis_server):
+    """Chunks retry failures (FERRY_BATCH_CHUNK_RETRIES, 2 here); one that fails them all
+    must not leave its batch in_progress for ever. White box: deleting the batch's plan from
+    Redis makes every chunk fail."""
+    r = redis.Redis.from_url(redis_server.url)
+    lines = [chat_line(f"r{i}", tokens=["x"], delay=0.2) for i in range(64)]
+    batch = submit(scripted, lines, "/v1/chat/completions")
+    wait(scripted, batch.id, lambda b: b.status == "in_progress", timeout=60)
+    r.delete(f"ferry:batch:{batch.id}:plan")
+    done = wait(scripted, batch.id, timeout=60)
+    assert done.status == "failed"
+    assert [e.code for e in done.errors.data] == ["batch_chunk_failed"]
+    assert "giving up" in batch_worker.log.read_text()

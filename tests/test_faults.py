@@ -177,3 +177,82 @@ def test_overload_is_refused_with_flat_memory(stack):
         t.join(30)
     assert set(codes) == {429}
     assert after - before < 20 * 1024 * 1024, (before, after)
+
+
+def test_killed_worker_holds_no_unstarted_jobs(stack, tmp_path):
+    """A worker whose four threads are all busy takes no more messages: SIGKILLed, it loses
+    only the jobs it was running (``worker_lost``), and the queued ones run on another
+    worker, once each. Every request is answered within seconds of the kill."""
+    redis_server, web, _ = stack
+    model, r = "synthetic-threads", redis.Redis.from_url(redis_server.url)
+    first = Worker(model, redis_server.url, tmp_path).start()
+    answers: dict[str, tuple[int, dict, float]] = {}
+
+    def ask(name: str, **kw) -> None:
+        resp = requests.post(web.url + "/v1/chat/completions", timeout=60,
+                             json={"model": model, "messages": script(**kw)})
+        answers[name] = resp.status_code, resp.json(), time.monotonic()
+
+    threads = [threading.Thread(target=ask, args=(f"hang{i}",), kwargs={"tokens": ["x"],
+                                                                       "hang": True})
+               for i in range(4)]
+    threads += [threading.Thread(target=ask, args=(f"quick{i}",), kwargs={"tokens": [f"q{i}"]})
+                for i in range(4)]
+    second = None
+    try:
+        for t in threads[:4]:
+            t.start()
+        deadline = time.monotonic() + 10
+        while r.zcard("ferry:jobs:running") < 4:
+            assert time.monotonic() < deadline, "the four threads did not all start"
+            time.sleep(0.02)
+        for t in threads[4:]:
+            t.start()
+        deadline = time.monotonic() + 10
+        while r.zcard("ferry:jobs:pending") < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1.0)  # time enough for a prefetching consumer to take them
+        # What the busy worker holds: nothing beyond its four running jobs.
+        assert r.llen(f"ferry.{model}") == 4
+        second = Worker(model, redis_server.url, tmp_path).start()
+        first.kill()
+        killed = time.monotonic()
+        for t in threads:
+            t.join(30)
+        assert set(answers) == {f"hang{i}" for i in range(4)} | {f"quick{i}" for i in range(4)}
+        for i in range(4):
+            status, body, at = answers[f"quick{i}"]
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == f"q{i}"
+            assert at - killed < 10
+            status, body, at = answers[f"hang{i}"]
+            assert (status, body["error"]["code"]) == (503, "worker_lost")
+            assert at - killed < 10
+        assert r.llen(f"ferry.{model}") == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+def test_an_evicting_redis_is_refused_at_start(tmp_path):
+    """A Redis that evicts keys when full would drop queued jobs silently: web and workers
+    refuse to start on it, and say why, unless the operator accepts it."""
+    evicting = RedisServer(tmp_path, extra=("--maxmemory", "64mb",
+                                            "--maxmemory-policy", "allkeys-lru")).start()
+    started = []
+    try:
+        for service in (Web(evicting.url, tmp_path), Worker("doomed", evicting.url, tmp_path)):
+            with pytest.raises(RuntimeError, match="process exited"):
+                started.append(service)
+                service.start()
+            assert "maxmemory-policy is 'allkeys-lru'" in service.log.read_text()
+        accepted = Web(evicting.url, tmp_path / "accepted", FERRY_ALLOW_REDIS_EVICTION="1")
+        (tmp_path / "accepted").mkdir()
+        started.append(accepted)
+        accepted.start()
+        assert "Starting anyway" in accepted.log.read_text()
+    finally:
+        for service in (*started, evicting):
+            service.kill()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import openai
 import pytest
+import redis
 import requests
 
 from tests.conftest import MAX_FILE_BYTES
@@ -65,7 +68,13 @@ def test_too_large_is_413(web, files_dir, size):
 @pytest.mark.parametrize("data,param", [
     ({"purpose": "fine-tune"}, "purpose"),
     ({}, "purpose"),
-    ({"purpose": "batch", "expires_after[anchor]": "created_at"}, "expires_after"),
+    ({"purpose": "batch", "expires_after[anchor]": "created_at"}, "expires_after[seconds]"),
+    ({"purpose": "batch", "expires_after[anchor]": "last_active_at",
+      "expires_after[seconds]": "3600"}, "expires_after[anchor]"),
+    ({"purpose": "batch", "expires_after[anchor]": "created_at",
+      "expires_after[seconds]": "60"}, "expires_after[seconds]"),
+    ({"purpose": "batch", "expires_after[anchor]": "created_at",
+      "expires_after[seconds]": "2592001"}, "expires_after[seconds]"),
 ])
 def test_bad_form_is_400(web, data, param):
     r = requests.post(web.url + "/v1/files", data=data, files={"file": ("a.jsonl", CONTENT)},
@@ -77,3 +86,26 @@ def test_bad_form_is_400(web, data, param):
 def test_missing_file_part_is_400(web):
     r = requests.post(web.url + "/v1/files", data={"purpose": "batch"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+
+
+def test_expires_after_is_honoured_and_the_content_deleted(client, redis_server, files_dir):
+    f = client.files.create(file=("soon.jsonl", io.BytesIO(CONTENT)), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
+    assert f.expires_at == f.created_at + 3600
+    default = upload(client)
+    assert default.expires_at == default.created_at + 30 * 86400  # FERRY_FILE_TTL
+    assert (files_dir / f.id).exists()
+    # Move its expiry to now (white box: the metadata and the expiry index, in Redis).
+    r = redis.Redis.from_url(redis_server.url)
+    meta = json.loads(r.get(f"ferry:file:{f.id}"))
+    r.set(f"ferry:file:{f.id}", json.dumps({**meta, "expires_at": int(time.time())}))
+    r.zadd("ferry:files:expiring", {f.id: int(time.time())})
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+    assert f.id not in {x.id for x in client.files.list()}
+    deadline = time.monotonic() + 5
+    while (files_dir / f.id).exists():  # the janitor deletes it within a sweep or two
+        assert time.monotonic() < deadline, "the expired file is still on disk"
+        time.sleep(0.1)
+    assert not r.exists(f"ferry:file:{f.id}")
+    assert client.files.retrieve(default.id).id == default.id

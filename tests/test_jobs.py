@@ -228,6 +228,32 @@ def test_queue_position(web, synthetic_worker):
         assert wait_status(web, i, "completed")["queue_position"] is None
 
 
+def test_queue_position_of_a_long_queue_of_large_jobs_is_cheap(web, redis_server,
+                                                               synthetic_worker):
+    """Polling positions in a queue holding megabytes costs Redis no scan: no command
+    reaches the slow log (5 ms), and the positions are still right."""
+    r = redis.Redis.from_url(redis_server.url)
+    blocker = hang_until_cancelled(web)
+    pad = "p" * 256 * 1024
+    ids = [submitted(web, scripted(tokens=[str(i)], pad=pad))["id"] for i in range(48)]
+    slower_than = r.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    r.config_set("slowlog-log-slower-than", 5000)
+    r.slowlog_reset()
+    try:
+        assert r.llen("ferry.synthetic") == 48
+        for _ in range(3):
+            positions = [get(web, i).json()["queue_position"] for i in ids]
+            assert positions == list(range(48))
+        slow = [e for e in r.slowlog_get(128)
+                if e["command"].split()[0].upper() in (b"EVALSHA", b"EVAL", b"LRANGE")]
+        assert slow == []
+    finally:
+        r.config_set("slowlog-log-slower-than", slower_than)
+        cancel(web, blocker["id"])
+        for i in ids:
+            cancel(web, i)
+
+
 def test_dead_worker_fails_its_job(web, redis_server, logs):
     doomed = Worker("doomed", redis_server.url, logs).start()
     try:
@@ -246,9 +272,11 @@ def test_dead_worker_fails_its_job(web, redis_server, logs):
 @pytest.fixture(scope="module")
 def strict(redis_server, tmp_path_factory):
     """A web process and a ``scratch`` worker with short limits: jobs expire unless started
-    within 1.5 s, are kept 6 s, and replay at most about a hundred messages."""
+    within 1.5 s, are kept 6 s, replay at most about a hundred messages, and keep results of
+    16 KB at most."""
     logs = tmp_path_factory.mktemp("strict")
-    env = dict(FERRY_JOB_DEADLINE="1.5", FERRY_JOB_TTL="6", FERRY_JOB_EVENTS_MAX="16")
+    env = dict(FERRY_JOB_DEADLINE="1.5", FERRY_JOB_TTL="6", FERRY_JOB_EVENTS_MAX="16",
+               FERRY_JOB_RESULT_MAX_BYTES="16384")
     web = Web(redis_server.url, logs, **env).start()
     worker = Worker("scratch", redis_server.url, logs, **env).start()
     yield web, worker
@@ -278,8 +306,10 @@ def test_expiry(strict):
         assert time.monotonic() < deadline, "the worker ran (or never saw) the expired job"
         time.sleep(0.1)
     assert get(web, late["id"]).json()["status"] == "expired"
-    # After the TTL every trace of the jobs is gone.
-    time.sleep(max(0.0, blocker["retained_until"] - time.time()) + 1)
+    # Once its ``retained_until`` (the published second) has passed, every trace of a job is
+    # gone: no margin, no luck (the record expires at that time exactly, or before).
+    last = max(job["retained_until"] for job in (blocker, late, nobody))
+    time.sleep(max(0.0, last - time.time()) + 0.05)
     for job in (blocker, late, nobody):
         assert get(web, job["id"]).status_code == 404
         assert cancel(web, job["id"]).status_code == 404
@@ -300,6 +330,21 @@ def test_replay_buffer_is_capped_and_says_so(strict):
     tail = events(web, job["id"], last_event_id=1495)
     assert [e.id for e in tail] == list(range(1496, 1503))
     assert tail[-1].event == "done" and tail[-2].event == "finish"
+
+
+def test_a_result_over_the_cap_is_answered_but_not_kept(strict):
+    web, _ = strict
+    body = scripted(model="scratch", count=4000, delay=0)
+    reply = requests.post(web.url + CHAT, json=body, timeout=60)
+    assert reply.status_code == 200
+    assert reply.json()["usage"]["completion_tokens"] == 4000, "the client's answer is whole"
+    assert len(reply.content) > 16384
+    job = get(web, reply.headers["X-Request-Id"]).json()
+    assert job["status"] == "completed" and job["result"] is None
+    assert "FERRY_JOB_RESULT_MAX_BYTES" in job["result_omitted"]
+    small = requests.post(web.url + CHAT, json=scripted(model="scratch", tokens=["ok"]), timeout=60)
+    kept = get(web, small.headers["X-Request-Id"]).json()
+    assert kept["result"] == small.json() and kept["result_omitted"] is None
 
 
 def test_cli_submits_follows_and_prints_the_result(web, synthetic_worker, tmp_path):

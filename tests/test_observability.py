@@ -44,3 +44,9 @@ def test_health_and_ready(web, synthetic_worker):
     body = r.json()
     assert body["workers"]["synthetic"] >= 1 and body["workers"]["unserved"] == 0
     assert r.status_code == 503 and body["status"] == "degraded"
+
+
+def test_metrics_report_redis_memory(web):
+    text = requests.get(web.url + "/metrics", timeout=5).text
+    assert metric(text, "ferry_redis_used_memory_bytes") > 0
+    assert metric(text, "ferry_redis_maxmemory_bytes") == 0  # the tests' Redis has no limit

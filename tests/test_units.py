@@ -83,3 +83,12 @@ def test_duplicate_names_are_rejected():
     with pytest.raises(ValueError, match="used twice"):
         load_settings(models=[{"name": "a", "backend": "synthetic", "weights": ""},
                               {"name": "b", "backend": "synthetic", "weights": "", "aliases": ["a"]}])
+
+
+def test_a_chunk_must_outlive_its_lines_wait():
+    """A chunk still running when its visibility timeout passes is run again elsewhere."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="batch_visibility_timeout"):
+        load_settings(batch_visibility_timeout=1800, batch_line_timeout=3600)
+    assert load_settings().batch_visibility_timeout > load_settings().batch_line_timeout

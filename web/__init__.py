@@ -15,6 +15,7 @@ from config import Registry, Settings, load_settings
 from tasks import webhooks
 from tasks.app import make_batch_celery, make_celery
 from tasks.protocol import connect
+from tasks.redis_check import check_eviction_policy
 from tasks.jobs.store import JobStore
 from web import auth, errors, janitor, logs, metrics
 from web.relay import Relay
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    check_eviction_policy(redis, settings.allow_redis_eviction)
     celery = make_celery(settings)
     jobs = JobStore(redis, settings, on_end=webhooks.notifier(settings))
     ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs,

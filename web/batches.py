@@ -17,7 +17,8 @@ bp = Blueprint("batches", __name__)
 
 
 def batches() -> BatchStore:
-    return BatchStore(current_app.extensions["ferry"].relay.redis)
+    ferry = current_app.extensions["ferry"]
+    return BatchStore(ferry.relay.redis, ferry.settings.batch_retention)
 
 
 @bp.post("/v1/batches")

@@ -16,6 +16,8 @@ bp = Blueprint("files", __name__)
 
 # Room for the multipart framing and the other form fields around the file itself.
 FORM_OVERHEAD = 64 * 1024
+# OpenAI's bounds on ``expires_after[seconds]``: an hour to 30 days.
+EXPIRES_AFTER = (3600, 2_592_000)
 
 
 def store() -> FileStore:
@@ -29,9 +31,7 @@ def create_file():
     limit = tenant.max_file_bytes or current_app.extensions["ferry"].settings.max_file_bytes
     request.max_content_length = limit + FORM_OVERHEAD
     form = request.form
-    if any(k.startswith("expires_after") for k in form):
-        raise InvalidRequest("Ferry does not expire files; omit expires_after.",
-                             param="expires_after")
+    lifetime = _lifetime(form) or current_app.extensions["ferry"].settings.file_ttl
     req = validate(CreateFileRequest, form.to_dict())
     upload = request.files.get("file")
     if upload is None:
@@ -42,8 +42,28 @@ def create_file():
                               "(max_file_bytes).", param="file")
     upload.stream.seek(0)
     obj = store().put(upload.stream, os.path.basename(upload.filename or "upload.jsonl"),
-                      req.purpose, tenant.owner)
+                      req.purpose, tenant.owner, lifetime)
     return jsonify(obj.model_dump())
+
+
+def _lifetime(form) -> int | None:
+    """OpenAI's ``expires_after[anchor]=created_at`` and ``expires_after[seconds]``, in
+    seconds; None if the form has neither."""
+    fields = {k: v for k, v in form.items() if k.startswith("expires_after")}
+    if not fields:
+        return None
+    unknown = set(fields) - {"expires_after[anchor]", "expires_after[seconds]"}
+    if unknown:
+        raise InvalidRequest(f"Unknown field {sorted(unknown)[0]}.", param=sorted(unknown)[0])
+    if fields.get("expires_after[anchor]") != "created_at":
+        raise InvalidRequest("expires_after[anchor] must be 'created_at'.",
+                             param="expires_after[anchor]")
+    low, high = EXPIRES_AFTER
+    seconds = fields.get("expires_after[seconds]", "")
+    if not seconds.isdigit() or not low <= int(seconds) <= high:
+        raise InvalidRequest(f"expires_after[seconds] must be a whole number of seconds from "
+                             f"{low} to {high}.", param="expires_after[seconds]")
+    return int(seconds)
 
 
 @bp.get("/v1/files")

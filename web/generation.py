@@ -129,7 +129,7 @@ def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str 
             queue=entry.queue, spec=prepared.spec, deadline=deadline, owner=tenant.owner,
             webhook=webhook, in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
             owner_in_flight=None if bulk else limits.owner_in_flight(ferry.settings, tenant),
-            live_workers=workers_key(entry.queue) if live else None)
+            live_workers=workers_key(entry.queue) if live else None, bulk=bulk)
     except Refused as e:
         raise limits.refusal(entry, e, tenant) from None
     except redis_lib.RedisError as e:

@@ -1,7 +1,8 @@
 """Ends jobs that nobody else will: queued past their deadline (``expired``), or running on
 a worker that died (``failed``, ``worker_lost``). Their webhooks fire from here, so they
 fire with no client connected. Every web process runs one; the transitions in
-``jobs.store`` are atomic, so a job is ended once however many sweep."""
+``jobs.store`` are atomic, so a job is ended once however many sweep. It also deletes files
+past their ``expires_at`` (metadata and content) and drops expired batches from the list."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import logging
 
 import gevent
 import redis as redis_lib
+
+from tasks.batchstore import BatchStore
+from tasks.filestore import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +25,14 @@ def start(ferry) -> gevent.Greenlet:
 
 
 def _run(ferry) -> None:
+    files = FileStore(ferry.redis, ferry.settings.files_dir)
+    batches = BatchStore(ferry.redis, ferry.settings.batch_retention)
     while True:
         gevent.sleep(INTERVAL)
         try:
             ferry.jobs.sweep(lambda queue: set(ferry.relay.live_workers(queue)))
+            files.sweep_expired()
+            batches.sweep_expired()
         except redis_lib.RedisError as e:
             log.warning("job sweep skipped: %s", e)
         except Exception:

@@ -32,7 +32,7 @@ ACTIVE = Gauge("ferry_active_requests", "Requests waiting for or receiving token
 
 
 class ClusterCollector:
-    """Per-model queue depth and live workers, read from Redis at scrape time."""
+    """Per-model queue depth and live workers, and Redis's memory, read at scrape time."""
 
     def __init__(self, app: Flask):
         self.app = app
@@ -50,6 +50,15 @@ class ClusterCollector:
             return
         yield depth
         yield workers
+        try:
+            memory = ferry.relay.redis.info("memory")
+        except redis_lib.RedisError:
+            return
+        yield GaugeMetricFamily("ferry_redis_used_memory_bytes", "Memory Redis uses",
+                                value=memory["used_memory"])
+        # 0: no limit (Redis then grows until the host runs out).
+        yield GaugeMetricFamily("ferry_redis_maxmemory_bytes", "Redis's maxmemory (0: none)",
+                                value=memory.get("maxmemory", 0))
 
 
 class Timing:

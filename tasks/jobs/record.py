@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -41,6 +42,8 @@ class JobRecord(BaseModel):
     result: dict[str, Any] | None = None
     # The OpenAI error object (failed, expired).
     error: dict[str, Any] | None = None
+    # Why ``result`` is null although the job completed: it was over the size kept per job.
+    result_omitted: str | None = None
 
     @property
     def done(self) -> bool:
@@ -66,9 +69,12 @@ class JobRecord(BaseModel):
             "id": self.id, "object": "job", "endpoint": self.endpoint, "model": self.model,
             "status": self.status, "created_at": _ts(self.created),
             "started_at": _ts(self.started), "finished_at": _ts(self.finished),
-            "expires_at": _ts(self.deadline), "retained_until": _ts(self.retained_until),
+            "expires_at": _ts(self.deadline),
+            # Rounded up: the record is deleted at the exact time, never after this.
+            "retained_until": math.ceil(self.retained_until),
             "queue_position": queue_position if self.status == "queued" else None,
-            "webhook": self.webhook, "result": self.result, "error": self.error,
+            "webhook": self.webhook, "result": self.result,
+            "result_omitted": self.result_omitted, "error": self.error,
         }
 
 

@@ -11,7 +11,15 @@ never report on (cancelled or expired before starting, worker dead) also writes 
 terminal ``Failed`` event to the replay buffer and the channel, numbered after the last event
 there, so every job's event stream still ends with Done or Failed.
 
-The record expires ``job_ttl`` after creation (later writes keep that expiry).
+The record expires at its ``retained_until``, ``job_ttl`` after creation (an absolute
+PEXPIREAT, so the promise and the deletion cannot drift apart by a round trip; later writes
+keep that expiry). A result larger than ``job_result_max_bytes`` is not kept: the record
+says so in ``result_omitted`` (the synchronous reply, built from the events, is whole).
+
+Queued jobs are also kept, per queue and lane (interactive or bulk, Celery's priority lists),
+in a sorted set by creation time: ``position`` is one ZCOUNT there, never a scan of Celery's
+list. The lane's key is stored on the job, and every transition out of ``queued`` removes
+the job from it in the same script (single-instance Redis: the scripts touch that key by name).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
 from models import events
 from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
-                            job_key, owner_pending_key, pending_key, request_cancel)
+                            job_key, owner_pending_key, pending_key, queued_key,
+                            request_cancel)
 
 
 @dataclass(frozen=True)
@@ -53,10 +62,11 @@ class Refused(Exception):
 
 # Records a new job, after the checks that may refuse it, in one round trip.
 # KEYS: job, pending jobs, the model's in-flight set, the model's live workers, the owner's
-# in-flight set. ARGV: job id, deadline, ttl (ms), now, now (ms), model in-flight limit (0:
-# none), stale before, check workers (1/0), owner in-flight limit (0: none), owner stale
-# before, then the record's field/value pairs. Both limits are checked before either set is
-# joined, so a refused job holds no place in either.
+# in-flight set, the lane. ARGV: job id, deadline, expiry (Unix ms), now, now (ms), model
+# in-flight limit (0: none), stale before, check workers (1/0), owner in-flight limit (0:
+# none), owner stale before, created before this are gone (lane), then the record's
+# field/value pairs. Both limits are checked before either set is joined, so a refused job
+# holds no place in either.
 _CREATE = """
 if ARGV[8] == '1' and redis.call('ZCOUNT', KEYS[4], ARGV[5], '+inf') == 0 then
   return {'no_worker'}
@@ -73,9 +83,11 @@ end
 for _, s in ipairs(sets) do
   if s[2] > 0 then redis.call('ZADD', s[1], ARGV[4], ARGV[1]) end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 11))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'lane', KEYS[6], unpack(ARGV, 12))
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[11])
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
 return {'ok'}
 """
 
@@ -89,15 +101,19 @@ local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 if deadline and tonumber(ARGV[2]) > deadline then return {'late'} end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started', ARGV[2], 'worker', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if lane then redis.call('ZREM', lane, ARGV[3]) end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return {'in_progress', redis.call('EXISTS', KEYS[4]), redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id.
+# KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id,
+# why the result is not kept or ''.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'result_omitted', ARGV[6]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 redis.call('ZREM', KEYS[2], ARGV[5])
 return 1
@@ -112,6 +128,8 @@ if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then retur
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 redis.call('ZREM', KEYS[2], ARGV[8])
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if lane then redis.call('ZREM', lane, ARGV[8]) end
 local seq = 0
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -124,24 +142,16 @@ redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PUBLISH', KEYS[4], out)
 return 1
 """
-
-# How many messages are ahead of a task in a Celery queue. Kombu's Redis transport LPUSHes
-# messages and workers BRPOP them, so the next one out is at the tail. A message is found by
-# its header ``"id": "<task id>"`` (user text sits in the body, base64-encoded, and in
-# ``argsrepr``, where JSON escapes its quotes). KEYS: queue. ARGV: needle. -1: not in the list.
+# Jobs ahead of a queued one (see ``position``). KEYS: job, the queue's interactive lane.
+# ARGV: job id. -1: the job has no lane (not queued).
 _POSITION = """
-local i = redis.call('LLEN', KEYS[1]) - 1
-local ahead = 0
-while i >= 0 do
-  local lo = math.max(0, i - 499)
-  local items = redis.call('LRANGE', KEYS[1], lo, i)
-  for j = #items, 1, -1 do
-    if string.find(items[j], ARGV[1], 1, true) then return ahead end
-    ahead = ahead + 1
-  end
-  i = lo - 1
-end
-return -1
+local lane = redis.call('HGET', KEYS[1], 'lane')
+if not lane then return -1 end
+local score = redis.call('ZSCORE', lane, ARGV[1])
+if not score then return 0 end
+local ahead = redis.call('ZCOUNT', lane, '-inf', '(' .. score)
+if lane ~= KEYS[2] then ahead = ahead + redis.call('ZCARD', KEYS[2]) end
+return ahead
 """
 
 
@@ -154,7 +164,6 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._end = redis.register_script(_END)
         self._position = redis.register_script(_POSITION)
-        self._ttl_ms = int(settings.job_ttl * 1000)
         self.events_ttl_ms = int(min(settings.job_events_ttl, settings.job_ttl) * 1000)
 
     # -- reading ----------------------------------------------------------------------------
@@ -169,13 +178,16 @@ class JobStore:
         return record
 
     def position(self, record: JobRecord) -> int | None:
-        """Jobs ahead of a queued one in its Celery queue. 0 also when a worker has already
-        taken the message (prefetched it) but not started it; messages other workers took
-        are not counted as ahead. None unless queued."""
+        """Jobs ahead of a queued one: those of its lane created before it and not yet
+        started, and for a bulk job every queued interactive one too (Celery takes those
+        first). Approximate: order of creation stands for order of enqueueing, and a job
+        a worker has taken but not yet marked started still counts. O(log n), one round
+        trip. None unless queued."""
         if record.status != "queued":
             return None
-        ahead = self._position(keys=[record.queue], args=[f'"id": "{record.id}"'])
-        return max(int(ahead), 0)
+        ahead = self._position(keys=[job_key(record.id), queued_key(record.queue, bulk=False)],
+                               args=[record.id])
+        return None if ahead < 0 else int(ahead)
 
     def replay(self, job_id: str, after: int = -1) -> Iterator[tuple[int, events.Event]]:
         """The job's events kept in its replay buffer with a sequence number above ``after``."""
@@ -196,11 +208,12 @@ class JobStore:
     def create(self, *, job_id: str, endpoint: str, model: str, queue: str, spec: ResponseSpec,
                deadline: float, owner: str, webhook: str | None = None,
                in_flight: InFlight | None = None, owner_in_flight: InFlight | None = None,
-               live_workers: str | None = None) -> JobRecord:
+               live_workers: str | None = None, bulk: bool = False) -> JobRecord:
         """Record a queued job of ``owner``. ``in_flight``: count it against the model's
         in-flight limit (``Refused("full")`` at the limit); ``owner_in_flight``: against its
         owner's (``Refused("owner_full")``); ``live_workers``: the model's heartbeat set,
-        ``Refused("no_worker")`` if no worker in it is live. One round trip in all."""
+        ``Refused("no_worker")`` if no worker in it is live; ``bulk``: its lane (see the
+        module docstring). One round trip in all."""
         now = time.time()
         record = JobRecord(id=job_id, endpoint=endpoint, model=model, queue=queue,
                            status="queued", spec=spec, created=now, deadline=deadline,
@@ -211,21 +224,25 @@ class JobStore:
         found = self._create(
             keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else unused,
                   live_workers or unused,
-                  owner_in_flight.key if owner_in_flight else unused],
-            args=[job_id, deadline, self._ttl_ms, now, int(now * 1000),
+                  owner_in_flight.key if owner_in_flight else unused, queued_key(queue, bulk)],
+            args=[job_id, deadline, int(record.retained_until * 1000), now, int(now * 1000),
                   in_flight.limit if in_flight else 0,
                   in_flight.stale_before if in_flight else 0, 1 if live_workers else 0,
                   owner_in_flight.limit if owner_in_flight else 0,
-                  owner_in_flight.stale_before if owner_in_flight else 0, *fields])
+                  owner_in_flight.stale_before if owner_in_flight else 0,
+                  now - self.settings.job_ttl, *fields])
         if found[0] != b"ok":
             raise Refused(found[0].decode(), int(found[1]) if len(found) > 1 else 0)
         return record
 
     def discard(self, job_id: str) -> None:
         """Forget a job that could not be enqueued (its submitter got an error instead)."""
+        lane = self.redis.hget(job_key(job_id), "lane")
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(job_key(job_id))
         pipe.zrem(PENDING_JOBS, job_id)
+        if lane is not None:
+            pipe.zrem(lane.decode(), job_id)
         pipe.execute()
 
     def start(self, job_id: str, worker: str) -> tuple[JobRecord, bool] | None:
@@ -243,9 +260,17 @@ class JobStore:
 
     def finish(self, job_id: str, status: JobStatus, *, result: dict | None = None,
                error: dict | None = None) -> bool:
-        """The worker ends a job it ran (the only way out of ``in_progress`` but a dead worker)."""
+        """The worker ends a job it ran (the only way out of ``in_progress`` but a dead worker).
+        A result over ``job_result_max_bytes`` is replaced by a note in ``result_omitted``."""
+        stored, omitted = _json(result), ""
+        limit = self.settings.job_result_max_bytes
+        if len(stored) > limit:
+            stored, omitted = "", (
+                f"The result ({len(stored)} bytes) is larger than the {limit} bytes kept per "
+                "job (FERRY_JOB_RESULT_MAX_BYTES): it went to the synchronous client and the "
+                "job's event stream only.")
         done = self._finish(keys=[job_key(job_id), RUNNING_JOBS], args=[
-            status, time.time(), _json(result), _json(error), job_id])
+            status, time.time(), stored, _json(error), job_id, omitted])
         return self._ended(job_id, done)
 
     def cancel(self, job_id: str, *, owner: str | None) -> JobRecord | None:
