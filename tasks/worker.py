@@ -21,7 +21,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from config import Registry, load_settings
 from models import backend_class
-from tasks.app import make_celery
+from tasks.app import log_format, make_celery, worker_argv
 from tasks.protocol import WEBHOOK_QUEUE
 from tasks.runtime import Runtime
 
@@ -55,13 +55,12 @@ def _stop(**_):
 def webhooks_main(extra: list[str]) -> None:
     """The webhook sender: deliveries wait on the network, so threads, several at a time."""
     os.environ.pop("FERRY_WORKER_MODEL", None)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.worker_main([
-        "worker", "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
+    logging.basicConfig(**log_format(settings))
+    app.worker_main(worker_argv(
+        settings, "-Q", WEBHOOK_QUEUE, "-P", "threads", "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
-        "--without-mingle", "--loglevel", "INFO", *extra,
-    ])
+        "--without-mingle", *extra,
+    ))
 
 
 def main(argv: list[str]) -> None:
@@ -72,14 +71,14 @@ def main(argv: list[str]) -> None:
     name, extra = argv[0], argv[1:]
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(**log_format(settings))
     pool, concurrency = backend_class(entry).worker_pool(entry)
-    app.worker_main([
-        "worker", "-Q", entry.queue, "-P", pool, "-c", str(concurrency), "--prefetch-multiplier", "1",
+    app.worker_main(worker_argv(
+        settings, "-Q", entry.queue, "-P", pool, "-c", str(concurrency), "--prefetch-multiplier", "1",
         "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         # Liveness is Ferry's own heartbeat (tasks/runtime.py), not Celery's events.
-        "--without-mingle", "--without-heartbeat", "--loglevel", "INFO", *extra,
-    ])
+        "--without-mingle", "--without-heartbeat", *extra,
+    ))
 
 
 if __name__ == "__main__":
