@@ -41,6 +41,8 @@ class Launch:
         self.width = max(len(p) for p in self.tails)
         self.watch = Watch(plan, self.programs, say)
         self.stopping = False
+        # Redis first (config/supervisord.cpu.conf starts only Redis by itself).
+        self.started = redis_server is None
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -54,13 +56,16 @@ class Launch:
                     self.watch.step(self.supervisord.programs())
                 except StartFailed as e:
                     failed = e
+                    self._show_logs()
+                    say(self._failure(e))
                     self._stop()
+                if not self.started and self.watch.seen["redis"].up:
+                    self.started = self.supervisord.start_all()
             time.sleep(POLL)
         self._show_logs()
         code = self.supervisord.exit_code()
         if failed is not None:
-            say(f"ferry: {failed.program} stopped while starting ({failed.state}): its last "
-                f"lines are above, all of them in {self.plan.log_path(failed.program)}")
+            say(self._failure(failed))
             return 1
         if self.stopping and code == 0:
             say("ferry: stopped")
@@ -68,6 +73,10 @@ class Launch:
         say(f"ferry: supervisord exited with status {code}: see "
             f"{self.plan.log_path('supervisord')}")
         return 1
+
+    def _failure(self, e: StartFailed) -> str:
+        return (f"ferry: {e.program} stopped while starting ({e.state}): its last lines are "
+                f"above, all of them in {self.plan.log_path(e.program)}")
 
     def _stop(self, *_) -> None:
         if not self.stopping:

@@ -48,6 +48,15 @@ class Supervisord:
         if self.proc.poll() is None:
             self.proc.terminate()
 
+    def start_all(self) -> bool:
+        """Start every program not yet started; False while supervisord does not answer."""
+        try:
+            self._proxy().supervisor.startAllProcesses(False)
+            return True
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
+            self._rpc = None
+            return False
+
     def programs(self) -> dict[str, Program]:
         """Every program by name; empty while supervisord does not answer (starting, or gone)."""
         try:

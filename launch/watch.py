@@ -96,7 +96,7 @@ class Watch:
             seen.fatal = True
             self.say(f"ferry: {name} kept exiting as it started; supervisord gave up on it and "
                      f"the others keep serving: see {self.plan.log_path(name)}, then "
-                     f"`supervisorctl -c {self.plan.conf} start {name}`")
+                     f"`supervisorctl -s unix://{self.plan.socket} start {name}`")
         if program.pid and program.pid != seen.pid:
             seen.pid, seen.started, seen.up, seen.fatal = program.pid, program.start, False, False
         if seen.pid and not seen.up and self._is_up(name, program):

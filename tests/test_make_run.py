@@ -86,6 +86,18 @@ def test_port_in_use_is_one_line_and_a_quick_failure(stack):
     assert run.leftovers() == []
 
 
+def test_redis_that_will_not_start_ends_make_run_with_its_reason(stack):
+    started = time.monotonic()
+    run = stack(FERRY_REDIS_MAXMEMORY="lots")
+    assert run.wait(20) == 1
+    assert time.monotonic() - started < 20
+    assert any("argument must be a memory value" in line for line in run.lines), run.output()
+    assert run.lines[-1].startswith("ferry: redis stopped while starting"), run.output()
+    # Nothing else was started: the other programs wait for Redis.
+    assert not any(line.startswith(("web ", "smollm2 ")) for line in run.lines)
+    assert run.leftovers() == []
+
+
 def worker_pid(redis_url: str, model: str) -> int:
     members = redis.Redis.from_url(redis_url).zrange(f"ferry:workers:ferry.{model}", 0, -1)
     (member,) = [m.decode() for m in members]
