@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import http.client
+import signal
 import subprocess
 import sys
 import xmlrpc.client
@@ -25,6 +27,15 @@ class Program:
     start: float
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In supervisord's process, before it starts: a SIGTERM when the launcher dies, so that
+    a launcher killed outright (SIGKILL) still stops everything it started."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Supervisord:
     """supervisord in the foreground. It stays in the launcher's process group, so a
     terminal's Ctrl-C reaches it as well; its programs each get a group of their own
@@ -38,7 +49,8 @@ class Supervisord:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-c", str(self.plan.conf)],
-            env=self.env, cwd=ROOT)
+            env=self.env, cwd=ROOT,
+            preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
 
     def exit_code(self) -> int | None:
         return self.proc.poll()

@@ -71,6 +71,17 @@ def test_start_says_ready_in_few_lines_and_ctrl_c_stops_everything(stack):
         redis.Redis.from_url(run.redis_url, socket_connect_timeout=1).ping()
 
 
+def test_launcher_killed_outright_still_stops_everything(stack):
+    run = stack()
+    run.wait_ready()
+    assert len(run.leftovers()) >= 7  # supervisord and its six programs
+    os.kill(run.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while run.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run.leftovers() == []
+
+
 def test_port_in_use_is_one_line_and_a_quick_failure(stack):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
