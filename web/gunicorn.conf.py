@@ -18,7 +18,7 @@ timeout = 120
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
-loglevel = "info"
+loglevel = os.environ.get("FERRY_LOG_LEVEL", "info")
 
 
 def on_starting(server):
