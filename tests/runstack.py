@@ -1,4 +1,4 @@
-"""``make run``'s launch step (``python -m launch``, what the Makefile runs after the install)
+"""``make run``'s launch step (``python -m tasks.launch``, what the Makefile runs after the install)
 with the test registry, on free loopback ports and a data directory of the test's own.
 
 supervisord gives each of its programs a process group of its own, so killing the launcher's
@@ -36,7 +36,7 @@ class MakeRun:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "MakeRun":
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch"], env=self.env, cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tasks.launch"], env=self.env, cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()

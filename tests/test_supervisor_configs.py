@@ -9,7 +9,7 @@ import shlex
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
-from launch.plan import DEFAULT_CONF, Plan
+from tasks.launch.plan import DEFAULT_CONF, Plan
 from config import load_settings
 from tests.services import ROOT
 

@@ -20,7 +20,7 @@ import redis
 from config import Registry
 from config.errors import ModelNotFound
 from config.settings import DEFAULT_CONFIG
-from launch.plan import Plan
+from tasks.launch.plan import Plan
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from config import Registry, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONF = ROOT / "config" / "supervisord.cpu.conf"
 # The supervisord group whose programs are model workers, each named after its model.
 MODELS_GROUP = "models"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import redis
 import requests
 
-from launch.plan import Plan
-from launch.supervisor import Program
+from tasks.launch.plan import Plan
+from tasks.launch.supervisor import Program
 from tasks.protocol import workers_key
 
 # supervisord's states in which no process of the program runs.

@@ -1,4 +1,4 @@
-"""``make run``'s launcher: ``python -m launch`` checks what would stop Ferry from starting,
+"""``make run``'s launcher: ``python -m tasks.launch`` checks what would stop Ferry from starting,
 starts supervisord in the foreground with ``config/supervisord.cpu.conf`` and tells a person
 what is happening (one line per process as it comes up, then the ready line), with each
 process's own output prefixed by its name.

@@ -1,4 +1,4 @@
-"""``python -m launch [--conf FILE]``: what ``make run`` runs once the install is done.
+"""``python -m tasks.launch [--conf FILE]``: what ``make run`` runs once the install is done.
 
 Exit status: 0 after Ctrl-C (or SIGTERM) stopped everything; 1 when a process failed to
 start or supervisord ended by itself; 2 when a check before the start failed (nothing was
@@ -17,11 +17,11 @@ from pathlib import Path
 import pydantic
 
 from config import load_settings
-from launch import preflight
-from launch.plan import DEFAULT_CONF, Plan
-from launch.supervisor import Supervisord
-from launch.tail import Tail
-from launch.watch import StartFailed, Watch
+from tasks.launch import preflight
+from tasks.launch.plan import DEFAULT_CONF, Plan
+from tasks.launch.supervisor import Supervisord
+from tasks.launch.tail import Tail
+from tasks.launch.watch import StartFailed, Watch
 
 POLL = 0.25
 
@@ -102,7 +102,7 @@ class Launch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tasks.launch", description=__doc__)
     parser.add_argument("--conf", type=Path, default=DEFAULT_CONF,
                         help="the supervisord config (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from launch.plan import ROOT, Plan
+from tasks.launch.plan import ROOT, Plan
 
 
 @dataclass(frozen=True)
