@@ -4,11 +4,17 @@
 use only keywords that the grammar compilers enforce (``KEYWORDS``); anything else would
 make "the output validates" a promise we could not keep, so ``check_schema`` rejects it
 with a 400 naming the keyword, as OpenAI's strict mode does for what it cannot enforce.
+
+A schema is also bounded (``SchemaLimits``): grammar compilers write a counted repetition
+out in full (``maxLength: N`` becomes N nested optional characters) and llama.cpp's GBNF
+parser recurses once per nesting level, so one unbounded schema crashed the worker with
+every request it held. The bounds are checked before anything recursive sees the schema.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,23 @@ KEYWORDS = ASSERTIONS | ANNOTATIONS
 # Keywords whose value is a map of names to schemas, or a list of schemas.
 _SCHEMA_MAPS = {"properties", "$defs", "definitions"}
 _SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
+# Counted repetitions: each is written out that many times in the grammar.
+_REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """What one JSON schema may ask (``FERRY_MAX_SCHEMA_*``, see ``config.settings``).
+
+    ``max_bytes``: the schema as compact JSON. ``max_depth``: subschemas nested in one
+    another (a ``$ref`` counts as one level into its target, so a chain of references is as
+    deep as it reads), also groups nested in a ``pattern``. ``max_repeat``: each of
+    ``minLength``, ``maxLength``, ``minItems``, ``maxItems``, and each counted repetition of a
+    ``pattern`` (``a{0,N}``; nested ones multiplied)."""
+
+    max_bytes: int = 32 * 1024
+    max_depth: int = 32
+    max_repeat: int = 1000
 
 
 @dataclass(frozen=True)
@@ -76,10 +99,14 @@ def _call_schema(job: GenerationJob) -> dict[str, Any]:
     return {**envelope, "$defs": all_defs} if all_defs else envelope
 
 
-def check_schema(schema: Any, param: str) -> None:
-    """A 400 for a schema that is not one, or that uses keywords we cannot enforce."""
+def check_schema(schema: Any, param: str, limits: SchemaLimits = SchemaLimits()) -> None:
+    """A 400 for a schema that is not one, that asks more than ``limits``, or that uses
+    keywords we cannot enforce. The limits come first: the metaschema check recurses ~7
+    frames per level and costs ~15 ms per KB, an unbounded schema would make it a 500 or
+    hold the web process for seconds."""
     if not isinstance(schema, dict):
         raise InvalidRequest("A JSON schema must be an object.", param=param)
+    check_limits(schema, param, limits)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -89,6 +116,141 @@ def check_schema(schema: Any, param: str) -> None:
         raise InvalidRequest(
             f"The JSON schema keyword '{where}' cannot be enforced while generating; "
             f"supported keywords are {', '.join(sorted(ASSERTIONS))}.", param=param)
+
+
+def check_limits(schema: dict[str, Any], param: str, limits: SchemaLimits) -> None:
+    size = len(json.dumps(schema, separators=(",", ":")))
+    if size > limits.max_bytes:
+        raise InvalidRequest(f"The JSON schema is {size} bytes; at most {limits.max_bytes} "
+                             "are accepted (max_schema_bytes).", param=param)
+    _Bounds(schema, param, limits).walk()
+
+
+class _Bounds:
+    """One pass over a schema's subschemas, with an explicit stack (no recursion), following
+    each local ``$ref`` once into its target."""
+
+    def __init__(self, root: dict[str, Any], param: str, limits: SchemaLimits):
+        self.root, self.param, self.limits = root, param, limits
+        self.seen: set[str] = set()
+
+    def walk(self) -> None:
+        stack: list[tuple[Any, str, int]] = [(self.root, "", 1)]
+        while stack:
+            node, path, depth = stack.pop()
+            if not isinstance(node, dict):
+                continue
+            if depth > self.limits.max_depth:
+                self._refuse(f"The JSON schema nests subschemas (with their $ref targets) more "
+                             f"than {self.limits.max_depth} deep, at '{path or '/'}' "
+                             "(max_schema_depth).")
+            self._check_node(node, path)
+            stack.extend(self._children(node, path, depth))
+
+    def _check_node(self, node: dict[str, Any], path: str) -> None:
+        for key in _REPEATS:
+            value = node.get(key)
+            if isinstance(value, int) and value > self.limits.max_repeat:
+                self._refuse(f"'{key}' is {value} at '{path}/{key}'; at most "
+                             f"{self.limits.max_repeat} is accepted (max_schema_repeat).")
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            repeat, depth = pattern_cost(pattern)
+            if repeat > self.limits.max_repeat:
+                self._refuse(f"'pattern' at '{path}/pattern' repeats {repeat} times; at most "
+                             f"{self.limits.max_repeat} is accepted (max_schema_repeat).")
+            if depth > self.limits.max_depth:
+                self._refuse(f"'pattern' at '{path}/pattern' nests groups {depth} deep; at "
+                             f"most {self.limits.max_depth} is accepted (max_schema_depth).")
+
+    def _children(self, node: dict[str, Any], path: str, depth: int):
+        for key, value in node.items():
+            here = f"{path}/{key}"
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                yield from ((v, f"{here}/{k}", depth + 1) for k, v in value.items())
+            elif key in _SCHEMA_LISTS and isinstance(value, list):
+                yield from ((v, f"{here}/{i}", depth + 1) for i, v in enumerate(value))
+            elif key in ("items", "additionalProperties"):
+                yield value, here, depth + 1
+            elif key == "$ref" and isinstance(value, str) and value not in self.seen:
+                self.seen.add(value)
+                target = _pointer(self.root, value)
+                if target is not None:
+                    yield target, value[1:], depth + 1
+
+    def _refuse(self, message: str) -> None:
+        raise InvalidRequest(message, param=self.param)
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """A local reference's target, or None."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        try:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return node
+
+
+def pattern_cost(pattern: str) -> tuple[int, int]:
+    """(the largest product of nested counted repetitions, the deepest group nesting) of a
+    regular expression: ``(a{0,10}){2}`` is (20, 1). ``*``, ``+`` and ``?`` count once:
+    grammars write them as loops, not copies."""
+    # One frame per open group: [largest product inside it, weight of its last atom].
+    frames: list[list[int]] = [[1, 1]]
+    deepest, i, n = 0, 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i, frames[-1][1] = i + 2, 1
+            continue
+        if c == "[":
+            i, frames[-1][1] = _class_end(pattern, i), 1
+            continue
+        if c == "(":
+            frames.append([1, 1])
+            deepest = max(deepest, len(frames) - 1)
+        elif c == ")" and len(frames) > 1:
+            inner = frames.pop()[0]
+            frames[-1][1] = inner
+            frames[-1][0] = max(frames[-1][0], inner)
+        elif c == "{":
+            end = pattern.find("}", i)
+            count = _count(pattern[i + 1:end]) if end > 0 else None
+            if count is not None:
+                weight = frames[-1][1] * count
+                frames[-1][0] = max(frames[-1][0], weight)
+                i = end + 1
+                continue
+            frames[-1][1] = 1
+        elif c not in "*+?|":
+            frames[-1][1] = 1
+        i += 1
+    return max(f[0] for f in frames), deepest
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """The index after the character class opening at ``i``."""
+    j = i + 1
+    if j < len(pattern) and pattern[j] == "^":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1
+    while j < len(pattern) and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+    return j + 1
+
+
+def _count(body: str) -> int | None:
+    """The largest count of a ``{m}``, ``{m,}`` or ``{m,n}`` body, None if it is not one."""
+    lo, sep, hi = body.partition(",")
+    if not all(x == "" or (x.isascii() and x.isdigit()) for x in (lo, hi)) or not (lo or hi):
+        return None
+    return max(int(lo or 0), int(hi or 0))
 
 
 def _unsupported(schema: Any, path: str) -> str | None:
