@@ -153,6 +153,15 @@ def test_response_format_constraints():
     ({"$defs": {"x": {"multipleOf": 2}}, "$ref": "#/$defs/x"}, False),
     ({"type": "nonsense"}, False),
     ([], False),
+    # Bounded (constraints.SchemaLimits): repetitions, patterns' counted repetitions
+    # (nested ones multiplied) and nesting through $ref chains.
+    ({"type": "string", "maxLength": 1000, "pattern": "^a{0,1000}$"}, True),
+    ({"type": "string", "maxLength": 1001}, False),
+    ({"type": "array", "minItems": 10**6}, False),
+    ({"type": "string", "pattern": "^(a{0,100}){0,100}$"}, False),
+    ({"type": "string", "pattern": "^a{,5000}$"}, False),
+    ({"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(40)}, "$ref": "#/$defs/d0"},
+     False),
 ])
 def test_check_schema(schema, ok):
     if ok:
