@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -206,8 +207,9 @@ class ExLlamaV2Backend(Backend):
         yield Started(worker="", prompt_tokens=len(prompt))
         out: queue.Queue = queue.Queue()
         logprobs = job.top_logprobs is not None
+        stop_by = time.time() + self.entry.max_job_seconds
         tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, self._calls(grammar)),
-                          out=out, deadline=job.deadline)
+                          out=out, deadline=job.deadline, stop_by=stop_by)
                    for i, spec in enumerate(specs)]
         for t in tickets:
             self.loop.submit(t)
