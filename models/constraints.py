@@ -99,23 +99,55 @@ def _call_schema(job: GenerationJob) -> dict[str, Any]:
     return {**envelope, "$defs": all_defs} if all_defs else envelope
 
 
+def _meta() -> dict[str, Any]:
+    """What the keywords in ``KEYWORDS`` may hold, as in JSON Schema 2020-12's metaschema.
+    That metaschema resolves ``$dynamicRef`` at every level: checking a 32 KiB schema
+    against it took 0.6 s of the web's CPU, against this 0.09 s. Keywords outside
+    ``KEYWORDS`` are refused before this runs (``_unsupported``)."""
+    sub = {"$ref": "#/$defs/schema"}
+    count = {"type": "integer", "minimum": 0}
+    text, flag = {"type": "string"}, {"type": "boolean"}
+    schemas = {"type": "object", "additionalProperties": sub}
+    alternatives = {"type": "array", "minItems": 1, "items": sub}
+    types = ["array", "boolean", "integer", "null", "number", "object", "string"]
+    keywords = {
+        "type": {"anyOf": [{"enum": types}, {"type": "array", "items": {"enum": types},
+                                             "minItems": 1, "uniqueItems": True}]},
+        "properties": schemas, "$defs": schemas, "definitions": schemas,
+        "required": {"type": "array", "items": text, "uniqueItems": True},
+        "additionalProperties": sub, "items": sub, "prefixItems": alternatives,
+        "anyOf": alternatives, "oneOf": alternatives, "allOf": alternatives,
+        "minItems": count, "maxItems": count, "minLength": count, "maxLength": count,
+        "enum": {"type": "array"}, "examples": {"type": "array"},
+        "deprecated": flag, "readOnly": flag, "writeOnly": flag,
+        **{k: text for k in ("$ref", "pattern", "$schema", "$id", "$comment", "title",
+                             "description", "format")},
+    }
+    return {"$ref": "#/$defs/schema",
+            "$defs": {"schema": {"type": ["object", "boolean"], "properties": keywords}}}
+
+
+_META = jsonschema.Draft202012Validator(_meta())
+
+
 def check_schema(schema: Any, param: str, limits: SchemaLimits = SchemaLimits()) -> None:
     """A 400 for a schema that is not one, that asks more than ``limits``, or that uses
-    keywords we cannot enforce. The limits come first: the metaschema check recurses ~7
-    frames per level and costs ~15 ms per KB, an unbounded schema would make it a 500 or
-    hold the web process for seconds."""
+    keywords we cannot enforce. The limits come first: a metaschema check recurses several
+    frames per level, so an unbounded schema would make it a 500 or hold the web process
+    for seconds."""
     if not isinstance(schema, dict):
         raise InvalidRequest("A JSON schema must be an object.", param=param)
     check_limits(schema, param, limits)
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise InvalidRequest(f"Invalid JSON schema: {e.message}", param=param) from None
     where = _unsupported(schema, "")
     if where is not None:
         raise InvalidRequest(
             f"The JSON schema keyword '{where}' cannot be enforced while generating; "
             f"supported keywords are {', '.join(sorted(ASSERTIONS))}.", param=param)
+    error = jsonschema.exceptions.best_match(_META.iter_errors(schema))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path)
+        raise InvalidRequest(f"Invalid JSON schema at '/{where}': {error.message}",
+                             param=param)
 
 
 def check_limits(schema: dict[str, Any], param: str, limits: SchemaLimits) -> None:

@@ -165,19 +165,22 @@ def test_health_answers_while_the_largest_accepted_schema_is_validated(web):
             assert r.status_code == 503, r.text[:300]
 
     requests.get(web.url + "/health", timeout=5)
-    thread = threading.Thread(target=validate_big)
-    thread.start()
+    # Three clients at once: validations queue for the one validation thread.
+    threads = [threading.Thread(target=validate_big) for _ in range(3)]
+    for thread in threads:
+        thread.start()
     latencies = []
-    while thread.is_alive():
+    while any(thread.is_alive() for thread in threads):
         t = time.monotonic()
         assert requests.get(web.url + "/health", timeout=5).ok
         latencies.append(time.monotonic() - t)
         time.sleep(0.02)
-    thread.join()
-    assert len(big) == 3 and min(big) > 0.2, big  # the validation is heavy...
+    for thread in threads:
+        thread.join()
+    assert len(big) == 9 and sum(big) > 0.9, big  # the validations are heavy together...
     assert len(latencies) > 10
     # ...and /health does not wait for it.
-    assert max(latencies) < 0.1, (max(latencies), statistics.median(latencies), big)
+    assert max(latencies) < 0.1, (max(latencies), statistics.median(latencies), sorted(big))
 
 
 def test_more_prompts_than_max_prompts_are_refused(scripted, web):
