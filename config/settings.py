@@ -98,8 +98,8 @@ class Settings(BaseSettings):
     # Largest request body accepted (bytes).
     max_body_bytes: int = 16 * 1024 * 1024
     # A JSON schema (response_format, each tool's parameters) as compact JSON: validating it
-    # runs in the web process, ~15 ms per KB; 32 KiB is ~1,500 properties, well past real
-    # schemas (OpenAI's own cap is 5,000 properties over 10 levels).
+    # runs in the web process, ~3 ms per KB; 32 KiB is ~800 string properties, well past
+    # real schemas.
     max_schema_bytes: int = Field(default=32 * 1024, ge=1024)
     # Subschemas nested in one another ($ref targets included): 32 is three times OpenAI's
     # 10 levels and far below where the metaschema check or the grammar converter recurse
