@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # write each out in full. llama.cpp accepts maxLength 1000, refuses 2000 as too complex
     # and crashed the worker (SIGSEGV) at ~19,000; 1000 characters is a long field.
     max_schema_repeat: int = Field(default=1000, ge=1)
+    # ...and all of them in one schema added up, which bounds the grammar's size: llama.cpp
+    # parses it once per choice on the loop that decodes every stream; 10,000 is ~200 KB of
+    # grammar and ~30 ms, where a 32 KiB schema of 671 maxLength-1000 fields took 1.7 s.
+    max_schema_repeat_total: int = Field(default=10000, ge=1)
     # Prompts in one /v1/completions request, each a job: a list of millions of one-letter
     # prompts would otherwise enqueue millions of jobs. 32 stays under half of a model's
     # default in-flight limit (max_pending 64).

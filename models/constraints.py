@@ -53,11 +53,15 @@ class SchemaLimits:
     another (a ``$ref`` counts as one level into its target, so a chain of references is as
     deep as it reads), also groups nested in a ``pattern``. ``max_repeat``: each of
     ``minLength``, ``maxLength``, ``minItems``, ``maxItems``, and each counted repetition of a
-    ``pattern`` (``a{0,N}``; nested ones multiplied)."""
+    ``pattern`` (``a{0,N}``; nested ones multiplied). ``max_total_repeat``: all of those in
+    the schema added up (a definition counted once per ``$ref`` string naming it), which
+    bounds the grammar's size: llama.cpp parses it once per choice, on the loop thread that
+    decodes every stream of the worker."""
 
     max_bytes: int = 32 * 1024
     max_depth: int = 32
     max_repeat: int = 1000
+    max_total_repeat: int = 10000
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def _call_schema(job: GenerationJob) -> dict[str, Any]:
 def _meta() -> dict[str, Any]:
     """What the keywords in ``KEYWORDS`` may hold, as in JSON Schema 2020-12's metaschema.
     That metaschema resolves ``$dynamicRef`` at every level: checking a 32 KiB schema
-    against it took 0.6 s of the web's CPU, against this 0.09 s. Keywords outside
+    against it took 0.6-1.5 s of the web's CPU, against this 0.1 s. Keywords outside
     ``KEYWORDS`` are refused before this runs (``_unsupported``)."""
     sub = {"$ref": "#/$defs/schema"}
     count = {"type": "integer", "minimum": 0}
@@ -165,26 +169,41 @@ class _Bounds:
     def __init__(self, root: dict[str, Any], param: str, limits: SchemaLimits):
         self.root, self.param, self.limits = root, param, limits
         self.seen: set[str] = set()
+        self.total = 0
 
     def walk(self) -> None:
-        stack: list[tuple[Any, str, int]] = [(self.root, "", 1)]
+        """Definitions are walked where they are (bounding their depth) and again through
+        each ``$ref`` to them, where their repetitions count: a grammar holds only what is
+        referenced, once per reference string."""
+        stack: list[tuple[Any, str, int, bool]] = [(self.root, "", 1, True)]
         while stack:
-            node, path, depth = stack.pop()
+            node, path, depth, counted = stack.pop()
             if not isinstance(node, dict):
                 continue
             if depth > self.limits.max_depth:
                 self._refuse(f"The JSON schema nests subschemas (with their $ref targets) more "
                              f"than {self.limits.max_depth} deep, at '{path or '/'}' "
                              "(max_schema_depth).")
-            self._check_node(node, path)
-            stack.extend(self._children(node, path, depth))
+            repeats = self._repeats(node, path)
+            if counted:
+                self.total += repeats
+                if self.total > self.limits.max_total_repeat:
+                    self._refuse(f"The JSON schema's minLength, maxLength, minItems, maxItems "
+                                 f"and pattern repetitions add up to more than "
+                                 f"{self.limits.max_total_repeat} (max_schema_repeat_total), "
+                                 f"at '{path or '/'}'.")
+            stack.extend(self._children(node, path, depth, counted))
 
-    def _check_node(self, node: dict[str, Any], path: str) -> None:
+    def _repeats(self, node: dict[str, Any], path: str) -> int:
+        """The node's counted repetitions, each checked against ``max_repeat``."""
+        total = 0
         for key in _REPEATS:
             value = node.get(key)
-            if isinstance(value, int) and value > self.limits.max_repeat:
-                self._refuse(f"'{key}' is {value} at '{path}/{key}'; at most "
-                             f"{self.limits.max_repeat} is accepted (max_schema_repeat).")
+            if isinstance(value, int):
+                if value > self.limits.max_repeat:
+                    self._refuse(f"'{key}' is {value} at '{path}/{key}'; at most "
+                                 f"{self.limits.max_repeat} is accepted (max_schema_repeat).")
+                total += max(value, 0)
         pattern = node.get("pattern")
         if isinstance(pattern, str):
             repeat, depth = pattern_cost(pattern)
@@ -194,21 +213,24 @@ class _Bounds:
             if depth > self.limits.max_depth:
                 self._refuse(f"'pattern' at '{path}/pattern' nests groups {depth} deep; at "
                              f"most {self.limits.max_depth} is accepted (max_schema_depth).")
+            total += repeat
+        return total
 
-    def _children(self, node: dict[str, Any], path: str, depth: int):
+    def _children(self, node: dict[str, Any], path: str, depth: int, counted: bool):
         for key, value in node.items():
             here = f"{path}/{key}"
             if key in _SCHEMA_MAPS and isinstance(value, dict):
-                yield from ((v, f"{here}/{k}", depth + 1) for k, v in value.items())
+                inner = counted and key == "properties"
+                yield from ((v, f"{here}/{k}", depth + 1, inner) for k, v in value.items())
             elif key in _SCHEMA_LISTS and isinstance(value, list):
-                yield from ((v, f"{here}/{i}", depth + 1) for i, v in enumerate(value))
+                yield from ((v, f"{here}/{i}", depth + 1, counted) for i, v in enumerate(value))
             elif key in ("items", "additionalProperties"):
-                yield value, here, depth + 1
+                yield value, here, depth + 1, counted
             elif key == "$ref" and isinstance(value, str) and value not in self.seen:
                 self.seen.add(value)
                 target = _pointer(self.root, value)
                 if target is not None:
-                    yield target, value[1:], depth + 1
+                    yield target, value[1:], depth + 1, True
 
     def _refuse(self, message: str) -> None:
         raise InvalidRequest(message, param=self.param)

@@ -26,9 +26,10 @@ _CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
 
 # llama.cpp's GBNF parser recurses once per nested group and has no limit of its own: a
-# grammar nested ~19,000 deep (maxLength 19000) overflowed a worker thread's stack (SIGSEGV, the whole worker and
-# its requests gone). The web's schema limits keep grammars far shallower (maxLength 1000
-# is ~1000 levels); this refuses whatever still gets here, before llama.cpp parses it.
+# grammar nested ~19,000 deep (maxLength 19000) overflowed a worker thread's stack (SIGSEGV:
+# the worker gone, with every request it held). The web's schema limits keep grammars far
+# shallower (maxLength 1000 is ~1000 levels); this refuses whatever still gets here, before
+# llama.cpp parses it.
 MAX_NESTING = 4000
 
 

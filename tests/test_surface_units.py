@@ -160,6 +160,11 @@ def test_response_format_constraints():
     ({"type": "array", "minItems": 10**6}, False),
     ({"type": "string", "pattern": "^(a{0,100}){0,100}$"}, False),
     ({"type": "string", "pattern": "^a{,5000}$"}, False),
+    ({"type": "object", "properties": {f"p{i}": {"maxLength": 1000} for i in range(10)}}, True),
+    ({"type": "object", "properties": {f"p{i}": {"maxLength": 1000} for i in range(11)}}, False),
+    # A definition counts once per reference string, not once per use.
+    ({"$defs": {"s": {"maxLength": 1000}},
+      "properties": {f"p{i}": {"$ref": "#/$defs/s"} for i in range(30)}}, True),
     ({"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(40)}, "$ref": "#/$defs/d0"},
      False),
 ])

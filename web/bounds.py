@@ -16,7 +16,8 @@ from models.constraints import SchemaLimits
 
 def schema_limits(settings: Settings) -> SchemaLimits:
     return SchemaLimits(max_bytes=settings.max_schema_bytes, max_depth=settings.max_schema_depth,
-                        max_repeat=settings.max_schema_repeat)
+                        max_repeat=settings.max_schema_repeat,
+                        max_total_repeat=settings.max_schema_repeat_total)
 
 
 def check_budget(entry: ModelEntry, choices: int, max_tokens: int | None) -> None:
