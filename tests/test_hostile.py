@@ -337,6 +337,25 @@ def test_a_logit_bias_key_that_is_a_unicode_digit_is_a_400(web):
     assert err["param"] == "logit_bias"
 
 
+def test_a_batch_line_nested_too_deeply_is_an_invalid_line(scripted, batch_worker):
+    fine = {"custom_id": "fine", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "synthetic", "messages": [{"role": "user", "content": "{}"}]}}
+    deep = b'{"custom_id": "deep", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    f = scripted.files.create(file=("in.jsonl", io.BytesIO(
+        deep + b"\n" + json.dumps(fine).encode() + b"\n")), purpose="batch")
+    batch = scripted.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+        batch = scripted.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    errors = [json.loads(x) for x in scripted.files.content(batch.error_file_id).text.splitlines()]
+    assert errors[0]["error"]["code"] == "invalid_json_line"
+
+
 def test_a_batch_id_naming_another_key_is_not_found(scripted, web, batch_worker):
     slow = {"custom_id": "slow", "method": "POST", "url": "/v1/chat/completions",
             "body": {"model": "synthetic", "messages": [
