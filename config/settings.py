@@ -49,6 +49,14 @@ class ModelEntry(BaseModel):
     # before it enqueues: it fetches and attaches the images of such models, and refuses
     # images for the others with a 400. The worker checks the claim when it loads the model.
     vision: bool = False
+    # One job's budget: n x max_tokens at most this many tokens (a larger ask is a 400; a
+    # request without max_tokens gets this divided by n per choice, or the rest of the
+    # context if less). 32768 is sixteen full 2048-token replies, minutes of a CPU worker.
+    max_job_tokens: int = Field(default=32768, ge=1)
+    # ...and at most this long running: choices still generating then end with
+    # finish_reason "length", as at max_tokens. Ten minutes covers a full context on a slow
+    # CPU model; one job cannot hold the model's slots for an hour.
+    max_job_seconds: float = Field(default=600.0, gt=0)
     options: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -98,6 +106,26 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(default=300.0, gt=0)
     # Largest request body accepted (bytes).
     max_body_bytes: int = 16 * 1024 * 1024
+    # A JSON schema (response_format, each tool's parameters) as compact JSON: validating it
+    # runs in the web process, ~3 ms per KB; 32 KiB is ~800 string properties, well past
+    # real schemas.
+    max_schema_bytes: int = Field(default=32 * 1024, ge=1024)
+    # Subschemas nested in one another ($ref targets included): 32 is three times OpenAI's
+    # 10 levels and far below where the metaschema check or the grammar converter recurse
+    # too deep (~150).
+    max_schema_depth: int = Field(default=32, ge=2)
+    # minLength / maxLength / minItems / maxItems and counted pattern repetitions: grammars
+    # write each out in full. llama.cpp accepts maxLength 1000, refuses 2000 as too complex
+    # and crashed the worker (SIGSEGV) at ~19,000; 1000 characters is a long field.
+    max_schema_repeat: int = Field(default=1000, ge=1)
+    # ...and all of them in one schema added up, which bounds the grammar's size: llama.cpp
+    # parses it once per choice on the loop that decodes every stream; 10,000 is ~200 KB of
+    # grammar and ~30 ms, where a 32 KiB schema of 671 maxLength-1000 fields took 1.7 s.
+    max_schema_repeat_total: int = Field(default=10000, ge=1)
+    # Prompts in one /v1/completions request, each a job: a list of millions of one-letter
+    # prompts would otherwise enqueue millions of jobs. 32 stays under half of a model's
+    # default in-flight limit (max_pending 64).
+    max_prompts: int = Field(default=32, ge=1)
     # Bearer keys accepted on /v1 (a JSON list in FERRY_API_KEYS, or [[api_keys]] tables):
     # plain strings, or objects with a name and limits (config/tenants.py). None configured
     # = open, as Ollama and llama.cpp's server are by default on loopback.

@@ -30,6 +30,21 @@ def context_exceeded(job: GenerationJob, n_ctx: int, n_prompt: int,
         "Please reduce the length of the prompt or completion.", param=field)
 
 
+def completion_budget(entry: ModelEntry, job: GenerationJob, room: int) -> int:
+    """max_tokens for a choice of ``job``: the job's own, or, when it gives none, the rest of
+    the context (``room``) but no more than the model's per-job token budget shared among
+    the job's choices. An explicit ask beyond the budget is the web's 400; a job that got
+    past it (submitted by an older web) is refused here the same way."""
+    budget = entry.max_job_tokens
+    if job.max_tokens is None:
+        return min(room, max(1, budget // job.n))
+    if job.n * job.max_tokens > budget:
+        raise InvalidRequest(f"n x max_tokens is {job.n * job.max_tokens} tokens; the model "
+                             f"'{entry.name}' generates at most {budget} tokens per request "
+                             "(max_job_tokens).", param="max_tokens")
+    return job.max_tokens
+
+
 class BaseBackend(ABC):
     """A loaded model. One instance per worker process, created once at worker start.
 

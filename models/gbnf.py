@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from itertools import accumulate
 
 from config.errors import InvalidRequest
 from models.constraints import Constraint
@@ -21,6 +23,24 @@ _SPACE = r'| " " | "\n" [ \t]{0,20}'
 # JSON strings may not hold raw control characters (the port's rule lets them through, and
 # json.loads then rejects the output).
 _CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+# llama.cpp's GBNF parser recurses once per nested group and has no limit of its own: a
+# grammar nested ~19,000 deep (maxLength 19000) overflowed a worker thread's stack (SIGSEGV:
+# the worker gone, with every request it held). The web's schema limits keep grammars far
+# shallower (maxLength 1000 is ~1000 levels); this refuses whatever still gets here, before
+# llama.cpp parses it.
+MAX_NESTING = 4000
+
+
+def nesting(gbnf: str) -> int:
+    """The deepest nesting of parentheses in a grammar, outside literals and classes."""
+    bare = _QUOTED.sub("", gbnf)
+    return max(accumulate(1 if c == "(" else -1 for c in _PARENS.findall(bare)), default=0)
+
+
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|#[^\n]*')
+_PARENS = re.compile(r"[()]")
 
 
 def _literal(text: str) -> str:
@@ -49,4 +69,9 @@ def compile_gbnf(constraint: Constraint, param: str) -> str:
         # auto tool choice: a reply that does not open like a call is plain text, to its end.
         first = json.dumps((c.open or "{")[0])[1:-1]
         root += f" | free-text\nfree-text ::= [^{first} \\t\\r\\n] [^\\x00]*"
-    return f"{converter.format_grammar()}\n{root}"
+    gbnf = f"{converter.format_grammar()}\n{root}"
+    if nesting(gbnf) > MAX_NESTING:
+        raise InvalidRequest(f"The JSON schema makes a grammar nested more than {MAX_NESTING} "
+                             "deep, more than llama.cpp can parse; lower its maxLength, "
+                             "maxItems or pattern repetitions.", param=param)
+    return gbnf

@@ -82,6 +82,9 @@ class Choice:
     echo: str | None = None
     # Unix time: a choice not given a slot by then fails with 408.
     deadline: float | None = None
+    # Unix time: the job's time budget (``max_job_seconds``) ends; the choice then ends with
+    # finish_reason "length", as at max_tokens, whether it is running or still waiting.
+    stop_by: float | None = None
     # Delta | ToolCallDelta | Finish | FerryError, in order.
     out: queue.Queue = field(default_factory=queue.Queue)
 
@@ -156,6 +159,10 @@ class BatchLoop(InboxLoop):
         for c in [c for c in self._waiting if c.deadline is not None and now > c.deadline]:
             self._waiting.remove(c)
             c.out.put(RequestExpired("The request expired before the model could start it."))
+        for c in [c for c in self._waiting if c.stop_by is not None and now > c.stop_by]:
+            self._waiting.remove(c)
+            self._open(c, None)
+            self._send(c, c.writer.finish("length"))
 
     def _admit(self) -> None:
         while self._waiting and len(self._slots) < self.engine.slots:
@@ -249,7 +256,8 @@ class BatchLoop(InboxLoop):
         self._send(c, c.writer.add(self.engine.text_piece(tok), lp))
         if c.writer.stopped:
             self._finish(slot, "stop")
-        elif c.writer.tokens >= c.max_tokens:
+        elif c.writer.tokens >= c.max_tokens or (c.stop_by is not None
+                                                  and self.clock() > c.stop_by):
             self._finish(slot, "length")
         else:
             slot.pending = tok

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import random
+import time
 from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from config.errors import InvalidRequest
 from config.settings import ModelEntry
 from models import constraints, tools
-from models.base import Backend, Cancelled, context_exceeded
+from models.base import Backend, Cancelled, completion_budget, context_exceeded
 from models.constraints import Constraint
 from models.events import Done, Event, Started
 from models.gbnf import compile_gbnf
@@ -150,7 +151,7 @@ class LlamaCppBackend(Backend):
     def _budget(self, job: GenerationJob, n_prompt: int) -> int:
         """max_tokens, after checking prompt + completion against one sequence's context."""
         n_ctx = self.entry.num_ctx
-        wanted = job.max_tokens if job.max_tokens is not None else max(0, n_ctx - n_prompt)
+        wanted = completion_budget(self.entry, job, max(0, n_ctx - n_prompt))
         if n_prompt + max(wanted, 1) > n_ctx:
             raise context_exceeded(job, n_ctx, n_prompt, wanted)
         return wanted
@@ -173,6 +174,7 @@ class LlamaCppBackend(Backend):
         s = job.sampling
         base_seed = s.seed if s.seed is not None else random.getrandbits(31)
         echo = self._echo_text(job, prompt) if job.echo else None
+        stop_by = time.time() + self.entry.max_job_seconds
         out: queue.Queue = queue.Queue()
         made = []
         for index in range(job.n):
@@ -182,7 +184,7 @@ class LlamaCppBackend(Backend):
                 index=index, prompt=prompt, max_tokens=max_tokens,
                 chain=ChainSpec(s, base_seed + index, grammar, self.entry.num_ctx),
                 writer=ChoiceWriter(index, job.stop, calls), top_logprobs=job.top_logprobs,
-                echo=echo, deadline=job.deadline, out=out))
+                echo=echo, deadline=job.deadline, stop_by=stop_by, out=out))
         return made
 
     def _echo_text(self, job: GenerationJob, prompt: list[int]) -> str:

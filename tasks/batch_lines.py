@@ -71,6 +71,9 @@ def parse(number: int, raw: bytes, endpoint: str) -> Line:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return Line(number, None, error=LineError("invalid_json_line", "This line is not valid JSON."))
+    except RecursionError:  # ~1000 levels deep: it would fail the whole batch's validation
+        return Line(number, None, error=LineError("invalid_json_line",
+                                                  "This line nests JSON too deeply."))
     if not isinstance(obj, dict):
         return Line(number, None, error=LineError("invalid_json_line", "A line must be a JSON object."))
     cid = obj.get("custom_id")

@@ -35,8 +35,8 @@ def spec(seed: int, max_new: int = 50, prompt=(1, 2, 3)) -> JobSpec:
 
 
 def ticket(seed: int, index: int = 0, **kw) -> Ticket:
-    deadline = kw.pop("deadline", None)
-    return Ticket(spec(seed, **kw), ChoiceStream(index), deadline=deadline)
+    deadline, stop_by = kw.pop("deadline", None), kw.pop("stop_by", None)
+    return Ticket(spec(seed, **kw), ChoiceStream(index), deadline=deadline, stop_by=stop_by)
 
 
 def drain(t: Ticket, timeout: float = 10.0) -> tuple[str, object]:
@@ -160,6 +160,22 @@ def test_queued_job_past_its_deadline_fails_running_job_does_not(make_loop):
     first_delta(running)
     loop.cancel(running)
     assert drain(running)[1].finish_reason == "cancelled"
+
+
+def test_jobs_past_their_time_budget_end_with_length(make_loop):
+    now = [1000.0]
+    engine = EngineDouble(VOCAB, by_seed({}), step=0.005, max_batch_size=1)
+    loop = make_loop(engine, clock=lambda: now[0])
+    running = ticket(1, max_new=LONG, stop_by=1010.0)
+    queued = ticket(2, max_new=LONG, stop_by=1010.0)
+    loop.submit(running)
+    loop.submit(queued)
+    first_delta(running)
+    now[0] = 1011.0
+    text, fin = drain(running)
+    assert fin.finish_reason == "length" and 0 < fin.completion_tokens < LONG
+    assert drain(queued) == ("", Finish(0, "length", 0))
+    assert {running.job, queued.job} <= set(engine.generators[0].cancelled)
 
 
 def test_iterate_raising_fails_every_live_job_and_rebuilds(make_loop):

@@ -10,6 +10,8 @@ store then takes a tenant's owner), with fewer examples to keep the time modest.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 import schemathesis
@@ -78,3 +80,58 @@ def test_no_input_gets_a_server_error(web, operations, mode):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_input_gets_a_server_error_with_keys_on(keyed_web, operations, mode):
     fuzz(keyed_web, operations, mode, 15, {"Authorization": f"Bearer {FUZZ_KEY}"})
+
+
+# Hostile shapes (issue #12): what used to crash a worker or answer 500. Each is a 400 with
+# ``param``; over a limit, the message names it.
+SCHEMA_PARAM = "response_format.json_schema.schema"
+
+
+def _wrap(schema: dict, depth: int) -> dict:
+    for i in range(depth):
+        schema = {"type": "array", "items": schema} if i % 2 else \
+            {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+def _post(web, body) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(web.url + "/v1/chat/completions", data=data, timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+    return r
+
+
+@given(keyword=st.sampled_from(["minLength", "maxLength", "minItems", "maxItems", "pattern"]),
+       count=st.integers(0, 10**7), depth=st.integers(0, 60))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_schema_bombs_get_a_400_naming_the_limit(web, synthetic_worker, keyword, count, depth):
+    inner = {"type": "string", "pattern": f"^(a{{0,{count}}})$"} if keyword == "pattern" \
+        else {keyword: count}
+    r = _post(web, {"model": "synthetic", "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {"type": "json_schema", "json_schema": {
+                        "name": "x", "schema": _wrap(inner, depth)}}})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] is not None
+    if depth + 1 > 32:
+        assert "max_schema_depth" in err["message"]
+    elif count > 1000:
+        assert "max_schema_repeat" in err["message"] and str(count) in err["message"]
+
+
+@given(key=st.text(st.characters(categories=["Nd", "No", "Nl"]), min_size=1, max_size=3))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_logit_bias_keys_that_are_not_ascii_token_ids_get_a_400(web, synthetic_worker, key):
+    r = _post(web, {"model": "synthetic", "messages": [{"role": "user", "content": "x"}],
+                    "logit_bias": {key: 1}})
+    if not (key.isascii() and key.isdigit()):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
+@given(depth=st.integers(1, 20000), field=st.sampled_from(["messages", "stop", "user"]))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_nested_json_bodies_get_a_400(web, synthetic_worker, depth, field):
+    r = _post(web, f'{{"model": "synthetic", "{field}": ' + "[" * depth + "]" * depth + "}")
+    if depth > 1000:
+        assert r.status_code == 400 and r.json()["error"]["param"] == field

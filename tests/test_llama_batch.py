@@ -226,6 +226,22 @@ def test_a_choice_still_waiting_at_its_deadline_expires(make_loop):
     assert drain(running)[1].finish_reason == "cancelled"
 
 
+def test_past_the_jobs_time_budget_running_and_waiting_choices_end_with_length(make_loop):
+    now = [1000.0]
+    engine = EngineDouble(slots=1, step=0.002)
+    loop = make_loop(engine, clock=lambda: now[0])
+    running = choice(1, max_tokens=100_000, stop_by=1010.0)
+    waiting = choice(2, index=1, stop_by=1010.0)
+    loop.submit(running)
+    loop.submit(waiting)
+    assert isinstance(running.out.get(timeout=5), Delta)
+    now[0] = 1011.0
+    text, fin, _ = drain(running)
+    assert fin.finish_reason == "length" and 0 < fin.completion_tokens < 100_000
+    assert drain(waiting)[1] == Finish(1, "length", 0)
+    assert len(engine.chains) == 1  # the waiting one never took a slot
+
+
 def test_a_decode_failure_fails_the_running_choices_and_clears_the_context(make_loop):
     engine = EngineDouble(slots=2, step=0.002)
     loop = make_loop(engine)

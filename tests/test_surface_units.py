@@ -153,6 +153,20 @@ def test_response_format_constraints():
     ({"$defs": {"x": {"multipleOf": 2}}, "$ref": "#/$defs/x"}, False),
     ({"type": "nonsense"}, False),
     ([], False),
+    # Bounded (constraints.SchemaLimits): repetitions, patterns' counted repetitions
+    # (nested ones multiplied) and nesting through $ref chains.
+    ({"type": "string", "maxLength": 1000, "pattern": "^a{0,1000}$"}, True),
+    ({"type": "string", "maxLength": 1001}, False),
+    ({"type": "array", "minItems": 10**6}, False),
+    ({"type": "string", "pattern": "^(a{0,100}){0,100}$"}, False),
+    ({"type": "string", "pattern": "^a{,5000}$"}, False),
+    ({"type": "object", "properties": {f"p{i}": {"maxLength": 1000} for i in range(10)}}, True),
+    ({"type": "object", "properties": {f"p{i}": {"maxLength": 1000} for i in range(11)}}, False),
+    # A definition counts once per reference string, not once per use.
+    ({"$defs": {"s": {"maxLength": 1000}},
+      "properties": {f"p{i}": {"$ref": "#/$defs/s"} for i in range(30)}}, True),
+    ({"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(40)}, "$ref": "#/$defs/d0"},
+     False),
 ])
 def test_check_schema(schema, ok):
     if ok:

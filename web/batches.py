@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, current_app, jsonify, request
 
 from config.errors import InvalidRequest, NotFound
@@ -19,6 +21,17 @@ bp = Blueprint("batches", __name__)
 def batches() -> BatchStore:
     ferry = current_app.extensions["ferry"]
     return BatchStore(ferry.relay.redis, ferry.settings.batch_retention)
+
+
+# What BatchStore.create names a batch. Other ids are no batch; passed on, ``<id>:plan``
+# would name one of a batch's own Redis keys (a 500).
+_BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+
+
+def _known(batch_id: str) -> str:
+    if not _BATCH_ID.fullmatch(batch_id):
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+    return batch_id
 
 
 @bp.post("/v1/batches")
@@ -48,9 +61,9 @@ def list_batches():
 
 @bp.get("/v1/batches/<batch_id>")
 def retrieve_batch(batch_id: str):
-    return jsonify(batches().get(batch_id, owner=current_tenant().owner).model_dump())
+    return jsonify(batches().get(_known(batch_id), owner=current_tenant().owner).model_dump())
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str):
-    return jsonify(batches().cancel(batch_id, owner=current_tenant().owner).model_dump())
+    return jsonify(batches().cancel(_known(batch_id), owner=current_tenant().owner).model_dump())

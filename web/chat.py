@@ -10,8 +10,9 @@ from flask import Blueprint, current_app
 from config.errors import InvalidRequest
 from models.job import GenerationJob
 from tasks.jobs.shapes import ResponseSpec
-from web import generation
+from web import bounds, generation
 from web.content import check_image_parts, job_images
+from web.offload import off_hub
 from web.schemas.chat import CreateChatCompletionRequest
 from web.validation import parse_body
 
@@ -31,6 +32,8 @@ def prepare(req: CreateChatCompletionRequest) -> generation.Prepared:
         raise InvalidRequest(f"The model '{req.model}' is an embedding model; it cannot chat.",
                              param="model")
     req.check()
+    bounds.check_budget(entry, req.n, req.token_limit)
+    off_hub(req.check_schemas, bounds.schema_limits(ferry.settings))
     check_image_parts(req.messages, ferry.settings)
     messages, images = job_images(entry, req.messages,
                                   [m.for_template(i) for i, m in enumerate(req.messages)],

@@ -10,7 +10,7 @@ from flask import Blueprint, current_app
 from config.errors import InvalidRequest
 from models.job import GenerationJob
 from tasks.jobs.shapes import ResponseSpec
-from web import generation
+from web import bounds, generation
 from web.schemas.completions import CreateCompletionRequest
 from web.validation import parse_body
 
@@ -29,8 +29,11 @@ def prepare_all(req: CreateCompletionRequest) -> list[generation.Prepared]:
         raise InvalidRequest(f"The model '{req.model}' is an embedding model; it cannot "
                              "complete text.", param="model")
     req.check()
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    settings = current_app.extensions["ferry"].settings
     prompts = req.prompts()
+    bounds.check_prompts(settings, len(prompts))
+    bounds.check_budget(entry, req.candidates, req.max_tokens)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
     # best_of ranks candidates by their log probabilities, so it asks for them.
     top = req.logprobs if req.logprobs is not None else (0 if req.candidates > req.n else None)
     spec = ResponseSpec(endpoint="/v1/completions", logprobs=req.logprobs is not None,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from config.errors import FerryError, GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
 from models import constraints, tools
-from models.base import Backend, Cancelled, context_exceeded
+from models.base import Backend, Cancelled, completion_budget, context_exceeded
 from models.events import Done, Event, Started
 from models.exllamav2.grammar import Grammar, grammar_for
 from models.exllamav2.loop import BatchLoop, Ticket
@@ -164,9 +165,7 @@ class ExLlamaV2Backend(Backend):
         and the cache (exllamav2 reserves pages for both when a job starts)."""
         n_ctx = self.limits.max_seq_len
         rest = max(0, n_ctx - n_prompt)
-        wanted = job.max_tokens
-        if wanted is None:
-            wanted = min(rest, self.default_max_tokens or rest)
+        wanted = completion_budget(self.entry, job, min(rest, self.default_max_tokens or rest))
         draft = self.limits.num_draft_tokens
         fits_ctx = n_prompt + max(wanted, 1) <= n_ctx
         fits_cache = (self.limits.pages(n_prompt + wanted + draft)
@@ -208,8 +207,9 @@ class ExLlamaV2Backend(Backend):
         yield Started(worker="", prompt_tokens=len(prompt))
         out: queue.Queue = queue.Queue()
         logprobs = job.top_logprobs is not None
+        stop_by = time.time() + self.entry.max_job_seconds
         tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, self._calls(grammar)),
-                          out=out, deadline=job.deadline)
+                          out=out, deadline=job.deadline, stop_by=stop_by)
                    for i, spec in enumerate(specs)]
         for t in tickets:
             self.loop.submit(t)

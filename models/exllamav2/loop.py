@@ -50,6 +50,9 @@ class Ticket:
     out: queue.Queue = field(default_factory=queue.Queue)
     # Unix time: a job the generator has not started by then fails with 408.
     deadline: float | None = None
+    # Unix time: the job's time budget (``max_job_seconds``) ends; a choice still live then
+    # ends with finish_reason "length", as at max_tokens.
+    stop_by: float | None = None
     key: int = field(default_factory=lambda: next(_keys))
     job: Any = None
     started: bool = False
@@ -154,6 +157,11 @@ class BatchLoop(InboxLoop):
                 self.generator.cancel(t.job)
                 del self._live[t.key]
                 t.out.put(RequestExpired("The request expired before the model could start it."))
+        for t in [t for t in self._live.values() if t.stop_by is not None and now > t.stop_by]:
+            self.generator.cancel(t.job)
+            del self._live[t.key]
+            for event in t.stream.cut():
+                t.out.put(event)
 
     def _step(self) -> None:
         for r in self.generator.iterate():

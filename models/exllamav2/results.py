@@ -64,6 +64,13 @@ class ChoiceStream:
     def cancelled(self) -> Finish:
         return Finish(self.index, "cancelled", self.tokens)
 
+    def cut(self) -> list[Event]:
+        """The end of a choice stopped by its job's time budget: "length", as at max_tokens."""
+        if self.writer is None:
+            return [Finish(self.index, "length", self.tokens)]
+        *events, last = self.writer.finish("length")
+        return [*events, Finish(self.index, last.finish_reason, self.tokens)]
+
     def _finish(self, r: dict[str, Any]) -> list[Event]:
         reason = r["eos_reason"]
         generated = r["new_tokens"]

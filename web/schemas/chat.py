@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from config.errors import InvalidRequest
-from models.constraints import check_schema
+from models.constraints import SchemaLimits, check_schema
 from models.job import FunctionTool, NamedToolChoice, ResponseFormat, ToolChoice
 from web.schemas.common import GenerationFields
 
@@ -171,16 +171,23 @@ class CreateChatCompletionRequest(GenerationFields):
                 t.function.name for t in self.tools}:
             raise InvalidRequest(f"tool_choice names '{self.tool_choice.function.name}', which "
                                  "is not among the tools.", param="tool_choice")
-        for i, tool in enumerate(self.tools or ()):
-            if tool.function.parameters is not None:
-                _check_parameters(tool.function.parameters, f"tools[{i}].function.parameters")
-        rf = self.response_format
-        if isinstance(rf, JSONSchemaResponseFormat) and rf.json_schema.json_schema is not None:
-            check_schema(rf.json_schema.json_schema, "response_format.json_schema.schema")
         for i, m in enumerate(self.messages):
             if m.role == "tool" and not m.tool_call_id:
                 raise InvalidRequest("A tool message needs tool_call_id.",
                                      param=f"messages[{i}].tool_call_id")
+
+    def check_schemas(self, limits: SchemaLimits) -> None:
+        """The JSON schemas (tools' parameters, response_format): bounded by ``limits``,
+        then checked. Pure computation, free of any request context, so that the web can
+        run it off its event loop."""
+        for i, tool in enumerate(self.tools or ()):
+            if tool.function.parameters is not None:
+                _check_parameters(tool.function.parameters, f"tools[{i}].function.parameters",
+                                  limits)
+        rf = self.response_format
+        if isinstance(rf, JSONSchemaResponseFormat) and rf.json_schema.json_schema is not None:
+            check_schema(rf.json_schema.json_schema, "response_format.json_schema.schema",
+                         limits)
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -208,8 +215,8 @@ class CreateChatCompletionRequest(GenerationFields):
         return c or "auto"
 
 
-def _check_parameters(schema: dict[str, Any], param: str) -> None:
-    check_schema(schema, param)
+def _check_parameters(schema: dict[str, Any], param: str, limits: SchemaLimits) -> None:
+    check_schema(schema, param, limits)
     if schema.get("type", "object") != "object":
         raise InvalidRequest("A function's parameters must be a JSON schema of type object.",
                              param=param)

@@ -43,7 +43,8 @@ class GenerationFields(BaseModel):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
+            # ASCII digits only: "²" passes isdigit() and then fails int().
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
         return bias
 
