@@ -22,7 +22,8 @@ def script(**kw) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def threads_worker(redis_server, logs):
-    worker = Worker(MODEL, redis_server.url, logs).start()
+    # At debug, Celery prints its banner (concurrency and pool), which the first test reads.
+    worker = Worker(MODEL, redis_server.url, logs, FERRY_LOG_LEVEL="debug").start()
     yield worker
     worker.stop()
 
