@@ -6,10 +6,13 @@ queue. The context holds ``slots`` sequences; every iteration the loop
 
 1. takes new choices and cancels from its inbox, and expires choices that waited for a slot
    past their job's deadline;
-2. gives waiting choices the free slots, lowest sequence id first;
-3. evaluates prompts, at most about ``n_batch`` tokens per iteration, each prompt in its own
-   llama_decode call, in chunks of ``n_batch`` from its start — exactly as if it ran alone —
-   and samples its first token at once (so a new stream's first token waits for no step);
+2. gives waiting choices the free slots: the one whose cache shares the longest prefix with
+   the prompt (``models.prefix``), whose tokens it keeps; a choice whose prompt is the same
+   as one being evaluated (the ``n`` choices of a job) follows it instead;
+3. evaluates prompts past their kept prefix, at most about ``n_batch`` tokens per iteration,
+   each prompt in its own llama_decode call, in chunks of ``n_batch`` — exactly as if it ran
+   alone — and samples its first token at once (so a new stream's first token waits for no
+   step); a prompt's followers then get a copy of its cache and sample from the same logits;
 4. decodes the next token of every running choice in ONE llama_decode, then samples each
    with its own sampler chain.
 
@@ -19,6 +22,13 @@ sequence, so a prompt next to one-token decodes is cut into one-token pieces. Me
 (SmolLM2, 2 threads), separate calls cost no more: 8 short prompts took 445 ms one call
 each and 390 ms in one call, while each stream's first token came after its own prompt
 instead of after all eight.
+
+Why a kept prefix changes no token: a sequence's cache holds, for each position, what that
+token's evaluation wrote there, and a token's K and V depend only on the tokens before it.
+A finished choice's sequence keeps its prompt and the tokens it generated (all but the last,
+never decoded); the next choice keeps the common prefix, cuts the rest (``keep``) and
+evaluates from there, writing the same cells in the same order as a cold evaluation would.
+With ``reuse`` off, every released sequence is cleared and each prompt evaluated whole.
 
 Guarantees to a choice's reader: its events in order (the echoed prompt if asked, Deltas,
 ToolCallDeltas), then exactly one final item — a ``Finish`` (reason ``cancelled`` after a
@@ -46,6 +56,7 @@ from models.llama_engine import Row
 from models.llama_sampling import ChainSpec
 from models.loop import InboxLoop
 from models.output import ChoiceWriter
+from models.prefix import IdleSequences
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,8 @@ class Engine(Protocol):
     def logits(self, i: int) -> np.ndarray: ...
     def sample(self, chain: Any, i: int) -> int: ...
     def clear(self, seq: int | None = None) -> None: ...
+    def keep(self, seq: int, n: int) -> int: ...
+    def copy(self, src: int, dst: int) -> None: ...
     def piece(self, tok: int) -> bytes: ...
     def text_piece(self, tok: int) -> bytes: ...
     def is_eog(self, tok: int) -> bool: ...
@@ -84,6 +97,10 @@ class Choice:
     deadline: float | None = None
     # Delta | ToolCallDelta | Finish | FerryError, in order.
     out: queue.Queue = field(default_factory=queue.Queue)
+    # Written by the loop, read by the task thread once the choice has finished: prompt
+    # tokens taken from a cache (a kept prefix, or a copy of a sibling's) and evaluated.
+    cached: int = 0
+    evaluated: int = 0
 
     @property
     def scores_prompt(self) -> bool:
@@ -96,28 +113,37 @@ class Slot:
     seq: int
     choice: Choice
     sampler: Any
-    # Tokens of this sequence in the cache.
+    # Tokens of this sequence in the cache (len(tokens) == n_past).
     n_past: int = 0
+    tokens: list[int] = field(default_factory=list)
+    # The slot evaluating the same prompt, whose cache this one copies when it is done.
+    leader: Slot | None = None
     # The token sampled last, to be decoded in the next step.
     pending: int | None = None
     echo: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
-        return self.n_past < len(self.choice.prompt)
+        return self.leader is None and self.n_past < len(self.choice.prompt)
 
 
 class BatchLoop(InboxLoop):
     thread_name = "llama-loop"
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time,
-                 idle_wait: float = 0.5):
+    def __init__(self, engine: Engine, *, reuse: bool = True,
+                 clock: Callable[[], float] = time.time, idle_wait: float = 0.5):
         super().__init__(idle_wait)
-        self.engine, self.clock = engine, clock
+        self.engine, self.clock, self.reuse = engine, clock, reuse
         self.failures = 0
         self._waiting: deque[Choice] = deque()
+        self._idle = IdleSequences(range(engine.slots), reuse)
         # By sequence id, in order of admission (prompts are evaluated in that order).
         self._slots: dict[int, Slot] = {}
+
+    def submit_all(self, choices: Sequence[Choice]) -> None:
+        """Submit a job's choices in one command, so that they are admitted together and
+        the ones sharing a prompt follow the first instead of each evaluating it."""
+        self._inbox.put(("submit_all", list(choices)))
 
     # --- the loop thread ----------------------------------------------------------------
 
@@ -136,11 +162,13 @@ class BatchLoop(InboxLoop):
                 self.failures += 1
                 self._fail_running(GenerationFailed("The model failed while generating."))
 
-    def _apply(self, op: str, choice: Choice) -> None:
+    def _apply(self, op: str, arg: Any) -> None:
         if op == "submit":
-            self._waiting.append(choice)
+            self._waiting.append(arg)
+        elif op == "submit_all":
+            self._waiting.extend(arg)
         else:
-            self._cancel(choice)
+            self._cancel(arg)
 
     def _cancel(self, choice: Choice) -> None:
         if choice in self._waiting:
@@ -164,16 +192,29 @@ class BatchLoop(InboxLoop):
                 self._open(choice, None)
                 self._send(choice, choice.writer.finish("length"))
                 continue
-            seq = min(set(range(self.engine.slots)) - self._slots.keys())
             try:
                 sampler = self.engine.new_chain(choice.chain)
             except Exception:
                 log.exception("could not build a sampler chain")
                 choice.out.put(GenerationFailed("The model could not start the request."))
                 continue
-            # Lowest free id first: llama.cpp decodes a run of consecutive sequence ids in
-            # one micro-batch, so gaps between running sequences cost extra passes.
-            self._slots[seq] = Slot(seq, choice, sampler)
+            leader = self._leader_for(choice)
+            limit = 0 if leader or choice.scores_prompt else len(choice.prompt) - 1
+            seq, kept = self._idle.take(choice.prompt, limit)
+            slot = Slot(seq, choice, sampler, leader=leader)
+            if leader is None:
+                slot.n_past = choice.cached = self.engine.keep(seq, kept)
+                slot.tokens = list(choice.prompt[:slot.n_past])
+            self._slots[seq] = slot
+
+    def _leader_for(self, choice: Choice) -> Slot | None:
+        """A slot still to evaluate this very prompt, whose cache the choice can copy."""
+        if not self.reuse or choice.scores_prompt:
+            return None
+        return next((s for s in self._slots.values()
+                     if s.prefilling and not s.choice.scores_prompt
+                     and (s.choice.prompt is choice.prompt or s.choice.prompt == choice.prompt)),
+                    None)
 
     def _prefill(self) -> None:
         budget = self.engine.n_batch
@@ -190,15 +231,33 @@ class BatchLoop(InboxLoop):
                                 c.scores_prompt or (last and j == len(chunk) - 1))
                             for j, t in enumerate(chunk)])
         slot.n_past += len(chunk)
+        slot.tokens.extend(chunk)
+        c.evaluated += len(chunk)
         if c.scores_prompt:
             self._score_prompt(slot, start, len(chunk))
         if last:
-            self._open(c, slot.echo if c.scores_prompt else None)
-            if c.max_tokens == 0:
-                self._finish(slot, "length")
-            else:
-                self._sample(slot, len(chunk) - 1)
+            # Copies first: the leader's first token may end it and free its sequence.
+            started = [slot, *self._copy_to_followers(slot)]
+            for s in started:
+                self._start(s, len(chunk) - 1)
         return len(chunk)
+
+    def _copy_to_followers(self, leader: Slot) -> list[Slot]:
+        followers = [s for s in self._slots.values() if s.leader is leader]
+        for f in followers:
+            self.engine.copy(leader.seq, f.seq)
+            f.leader, f.n_past, f.tokens = None, leader.n_past, list(leader.tokens)
+            f.choice.cached = len(f.choice.prompt)
+        return followers
+
+    def _start(self, slot: Slot, i: int) -> None:
+        """Open a choice whose prompt is in its cache, with row ``i`` its last's logits."""
+        c = slot.choice
+        self._open(c, slot.echo if c.scores_prompt else None)
+        if c.max_tokens == 0:
+            self._finish(slot, "length")
+        else:
+            self._sample(slot, i)
 
     def _score_prompt(self, slot: Slot, start: int, n: int) -> None:
         """Each prompt token's entry, from the row before it (the first has none)."""
@@ -224,6 +283,7 @@ class BatchLoop(InboxLoop):
         self.engine.decode([Row(s.pending, s.n_past, s.seq, True) for s in running])
         for i, s in enumerate(running):
             s.n_past += 1
+            s.tokens.append(s.pending)
             s.pending = None
             self._sample(s, i)
 
@@ -259,9 +319,19 @@ class BatchLoop(InboxLoop):
         self._send(slot.choice, slot.choice.writer.finish(reason))
 
     def _release(self, slot: Slot) -> None:
+        """Free ``slot``'s sequence, its cache kept for a later prompt (cleared if reuse
+        is off). Followers of a slot released before its prompt was done evaluate it."""
         del self._slots[slot.seq]
         slot.sampler.close()
-        self.engine.clear(slot.seq)
+        if not self.reuse:
+            self.engine.clear(slot.seq)
+        self._idle.put(slot.seq, slot.tokens)
+        orphans = [s for s in self._slots.values() if s.leader is slot]
+        for s in orphans:
+            s.leader = orphans[0] if s is not orphans[0] else None
+        if orphans:
+            o = orphans[0]
+            o.n_past = o.choice.cached = self.engine.keep(o.seq, 0)
 
     @staticmethod
     def _send(choice: Choice, events: list[Event]) -> None:
@@ -273,6 +343,8 @@ class BatchLoop(InboxLoop):
         for s in slots:
             s.choice.out.put(error)
             s.sampler.close()
+            self._idle.put(s.seq, [])
+        self._idle.forget()
         try:
             self.engine.clear()
         except Exception:

@@ -42,7 +42,8 @@ def test_submit_poll_result(web, synthetic_worker):
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "ab",
                                                         "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_synchronous_requests_are_jobs(web, synthetic_worker):

@@ -1,0 +1,70 @@
+"""Prompt prefix reuse in the CPU backend: which idle llama.cpp sequence a new choice takes.
+
+A finished choice leaves its tokens (its prompt, then the tokens it generated and decoded) in
+its sequence's KV cache. Chat traffic resends the whole conversation every turn, so the next
+turn's prompt starts with those tokens: the choice that takes that sequence keeps the common
+prefix, drops the rest and evaluates only its own suffix.
+
+The policy: the idle sequence with the longest common token prefix; among equals (none at
+all included), the least recently used, so a new conversation evicts the oldest cache and
+not the one most likely to be continued. The prefix is exact (the same token ids at the
+same positions), and at least the prompt's last token is always evaluated: its logits give
+the first sampled token.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class IdleSequences:
+    """The sequences no choice holds, least recently used first, each with the tokens its
+    cache holds. With ``reuse`` off, a choice takes the lowest free id and every released
+    sequence is forgotten (llama.cpp decodes a run of consecutive ids in one micro-batch,
+    which is all a cold policy can optimise)."""
+
+    def __init__(self, seqs: Iterable[int], reuse: bool = True):
+        self.reuse = reuse
+        self._idle: OrderedDict[int, list[int]] = OrderedDict((s, []) for s in seqs)
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def tokens(self, seq: int) -> list[int]:
+        return self._idle[seq]
+
+    def take(self, prompt: Sequence[int], limit: int) -> tuple[int, int]:
+        """Remove and return the sequence for ``prompt`` and how many of its cached tokens
+        the choice keeps (at most ``limit``: the prompt's length less one, or 0 for a choice
+        that must evaluate its whole prompt)."""
+        if not self.reuse:
+            seq = min(self._idle)
+            del self._idle[seq]
+            return seq, 0
+        best, kept = None, -1
+        for seq, tokens in self._idle.items():  # oldest first: ties go to the oldest
+            n = min(common_prefix(tokens, prompt), limit)
+            if n > kept:
+                best, kept = seq, n
+        del self._idle[best]
+        return best, kept
+
+    def put(self, seq: int, tokens: list[int]) -> None:
+        """``seq`` is free again, its cache holding ``tokens`` (most recently used)."""
+        self._idle[seq] = tokens if self.reuse else []
+        self._idle.move_to_end(seq)
+
+    def forget(self) -> None:
+        """The context was cleared: no idle sequence holds anything."""
+        for seq in self._idle:
+            self._idle[seq] = []
