@@ -6,7 +6,8 @@ of ``parallel`` sequences, owned by one loop thread (``models.llama_batch``). Th
 a Celery threads pool; ``generate`` runs in a task thread: it renders and tokenizes the
 prompt, checks it, submits one ``Choice`` per choice to the loop and yields the events the
 loop sends back. Concurrent requests — and the ``n`` choices of one — are decoded together,
-one token each per llama_decode. Sampling is set in full for every choice
+one token each per llama_decode. A finished sequence keeps its KV cache for the next prompt
+that starts with the same tokens (``models.prefix``; option ``prefix_reuse``). Sampling is set in full for every choice
 (``models.llama_sampling``): llama-cpp-python's defaults (top_k 40, min_p 0.05) are not
 OpenAI's, which has neither.
 """

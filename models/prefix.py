@@ -5,11 +5,14 @@ its sequence's KV cache. Chat traffic resends the whole conversation every turn,
 turn's prompt starts with those tokens: the choice that takes that sequence keeps the common
 prefix, drops the rest and evaluates only its own suffix.
 
-The policy: the idle sequence with the longest common token prefix; among equals (none at
-all included), the least recently used, so a new conversation evicts the oldest cache and
-not the one most likely to be continued. The prefix is exact (the same token ids at the
-same positions), and at least the prompt's last token is always evaluated: its logits give
-the first sampled token.
+The policy: the idle sequence with the longest common token prefix, among those of which
+the choice keeps at least half (an empty one included); among equals, the least recently
+used. When none qualifies, the least recently used sequence is evicted (what it shares with
+the prompt is still kept). The half rule keeps a short match (the chat template's opening
+tokens, a common first word) from evicting another conversation's cache, while a long
+shared system prompt is still taken wherever it is. The prefix is exact (the same token ids
+at the same positions), and at least the prompt's last token is always evaluated: its
+logits give the first sampled token.
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ class IdleSequences:
         best, kept = None, -1
         for seq, tokens in self._idle.items():  # oldest first: ties go to the oldest
             n = min(common_prefix(tokens, prompt), limit)
-            if n > kept:
+            if 2 * n >= len(tokens) and n > kept:
                 best, kept = seq, n
+        if best is None:
+            best = next(iter(self._idle))
+            kept = min(common_prefix(self._idle[best], prompt), limit)
         del self._idle[best]
         return best, kept
 

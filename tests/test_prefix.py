@@ -1,5 +1,6 @@
 """Which idle sequence a new choice takes (models/prefix.py): the longest common token
-prefix, ties and misses to the least recently used, never the prompt's last token."""
+prefix of which it keeps at least half, ties and misses to the least recently used, never
+the prompt's last token."""
 
 from __future__ import annotations
 
@@ -38,6 +39,23 @@ def test_without_a_match_the_least_recently_used_is_evicted():
     seqs = idle([1], [2], [3])
     seqs.put(0, [1, 1])  # 0 used again: now 1 is the oldest
     assert seqs.take([9, 9], limit=1) == (1, 0)
+
+
+def test_a_short_match_does_not_evict_a_longer_cache():
+    seqs = idle([1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4])
+    # Sequence 1 shares one token of six: the oldest is evicted instead.
+    assert seqs.take([9, 1, 1], limit=2) == (0, 0)
+
+
+def test_an_empty_sequence_goes_before_any_eviction():
+    seqs = idle([1, 2, 3], [], [4, 5, 6])
+    assert seqs.take([7, 7], limit=1) == (1, 0)
+
+
+def test_a_shared_system_prompt_is_taken_wherever_it_is():
+    system = list(range(100, 120))
+    seqs = idle([1, 2, 3], system + [1, 1, 1], system + [2, 2, 2])
+    assert seqs.take(system + [3, 3], limit=21) == (1, 20)
 
 
 def test_the_prompts_last_token_is_never_kept():
