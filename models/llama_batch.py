@@ -56,7 +56,7 @@ from models.llama_engine import Row
 from models.llama_sampling import ChainSpec
 from models.loop import InboxLoop
 from models.output import ChoiceWriter
-from models.prefix import IdleSequences
+from models.prefix import MIN_SHARE, IdleSequences, longest_shared
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,11 @@ class Slot:
     # Tokens of this sequence in the cache (len(tokens) == n_past).
     n_past: int = 0
     tokens: list[int] = field(default_factory=list)
-    # The slot evaluating the same prompt, whose cache this one copies when it is done.
+    # A busy slot whose cache this one copies once it holds the ``share`` tokens they have
+    # in common: all of a prompt they both have (then at its end, with its logits) or a
+    # prefix (then this one evaluates the rest).
     leader: Slot | None = None
+    share: int = 0
     # The token sampled last, to be decoded in the next step.
     pending: int | None = None
     echo: list[TokenLogprob] = field(default_factory=list)
@@ -198,25 +201,46 @@ class BatchLoop(InboxLoop):
                 log.exception("could not build a sampler chain")
                 choice.out.put(GenerationFailed("The model could not start the request."))
                 continue
-            leader = self._leader_for(choice)
-            limit = 0 if leader or choice.scores_prompt else len(choice.prompt) - 1
-            seq, kept = self._idle.take(choice.prompt, limit)
-            slot = Slot(seq, choice, sampler, leader=leader)
-            if leader is None:
-                slot.n_past = choice.cached = self.engine.keep(seq, kept)
-                slot.tokens = list(choice.prompt[:slot.n_past])
-            self._slots[seq] = slot
+            slot = self._place(choice, sampler)
+            self._slots[slot.seq] = slot
 
-    def _leader_for(self, choice: Choice) -> Slot | None:
-        """A slot still to evaluate this very prompt, whose cache the choice can copy."""
+    def _place(self, choice: Choice, sampler: Any) -> Slot:
+        """An idle sequence for ``choice``, starting from the prefix it holds, or from a copy
+        of a busy one's longer prefix (by MIN_SHARE tokens) once that one has it."""
+        prompt = choice.prompt
+        limit = 0 if choice.scores_prompt else len(prompt) - 1
+        seq, kept = self._idle.best(prompt, limit)
+        leader, share = self._leader_for(choice, limit)
+        if leader is not None and (share == len(prompt) or share >= kept + MIN_SHARE):
+            seq, kept = self._idle.best(prompt, 0)  # it will hold a copy: spare the caches
+        else:
+            leader, share = None, 0
+        self._idle.remove(seq)
+        slot = Slot(seq, choice, sampler, leader=leader, share=share)
+        if leader is None:
+            slot.n_past = choice.cached = self.engine.keep(seq, kept)
+            slot.tokens = list(prompt[:slot.n_past])
+        return slot
+
+    def _leader_for(self, choice: Choice, limit: int) -> tuple[Slot | None, int]:
+        """The busy slot sharing most of ``choice``'s prompt: first one still to evaluate
+        this very prompt (its logits are shared too), else the longest prefix."""
         if not self.reuse or choice.scores_prompt:
-            return None
-        return next((s for s in self._slots.values()
-                     if s.prefilling and not s.choice.scores_prompt
-                     and (s.choice.prompt is choice.prompt or s.choice.prompt == choice.prompt)),
-                    None)
+            return None, 0
+        prompt = choice.prompt
+        leaders = [s for s in self._slots.values()
+                   if s.leader is None and not s.choice.scores_prompt]
+        same = next((s for s in leaders if s.prefilling and (s.choice.prompt is prompt
+                                                             or s.choice.prompt == prompt)), None)
+        if same is not None:
+            return same, len(prompt)
+        return longest_shared(((s, s.choice.prompt if s.prefilling else s.tokens)
+                               for s in leaders), prompt, limit)
 
     def _prefill(self) -> None:
+        for f in [s for s in self._slots.values() if s.leader is not None
+                  and s.share < len(s.choice.prompt) and s.leader.n_past >= s.share]:
+            self._join(f)
         budget = self.engine.n_batch
         for slot in [s for s in self._slots.values() if s.prefilling]:
             if budget <= 0:
@@ -243,12 +267,21 @@ class BatchLoop(InboxLoop):
         return len(chunk)
 
     def _copy_to_followers(self, leader: Slot) -> list[Slot]:
-        followers = [s for s in self._slots.values() if s.leader is leader]
-        for f in followers:
-            self.engine.copy(leader.seq, f.seq)
-            f.leader, f.n_past, f.tokens = None, leader.n_past, list(leader.tokens)
-            f.choice.cached = len(f.choice.prompt)
-        return followers
+        """Join the followers of this whole prompt; those joined sample from its logits."""
+        joined = []
+        for f in [s for s in self._slots.values()
+                  if s.leader is leader and s.share == len(s.choice.prompt)]:
+            self._join(f)
+            if not f.prefilling:
+                joined.append(f)
+        return joined
+
+    def _join(self, f: Slot) -> None:
+        """Copy the leader's cache into follower ``f``'s sequence, cut at what they share."""
+        leader, f.leader = f.leader, None
+        self.engine.copy(leader.seq, f.seq)
+        f.n_past = f.choice.cached = self.engine.keep(f.seq, f.share)
+        f.tokens = leader.tokens[:f.n_past]
 
     def _start(self, slot: Slot, i: int) -> None:
         """Open a choice whose prompt is in its cache, with row ``i`` its last's logits."""
@@ -320,18 +353,18 @@ class BatchLoop(InboxLoop):
 
     def _release(self, slot: Slot) -> None:
         """Free ``slot``'s sequence, its cache kept for a later prompt (cleared if reuse
-        is off). Followers of a slot released before its prompt was done evaluate it."""
+        is off). Its followers copy what they share if it is there, else evaluate it."""
         del self._slots[slot.seq]
         slot.sampler.close()
+        for f in [s for s in self._slots.values() if s.leader is slot]:
+            if f.share < len(f.choice.prompt) and f.share <= slot.n_past:
+                self._join(f)  # the prefix is there (the copy is made before it changes)
+            else:
+                f.leader, f.share, f.tokens = None, 0, []
+                f.n_past = f.choice.cached = self.engine.keep(f.seq, 0)
         if not self.reuse:
             self.engine.clear(slot.seq)
         self._idle.put(slot.seq, slot.tokens)
-        orphans = [s for s in self._slots.values() if s.leader is slot]
-        for s in orphans:
-            s.leader = orphans[0] if s is not orphans[0] else None
-        if orphans:
-            o = orphans[0]
-            o.n_past = o.choice.cached = self.engine.keep(o.seq, 0)
 
     @staticmethod
     def _send(choice: Choice, events: list[Event]) -> None:

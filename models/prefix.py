@@ -19,6 +19,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+K = TypeVar("K")
+
+# Prompt tokens a busy sequence must share beyond what an idle one holds before a new choice
+# waits to copy them: below that, evaluating them is about as cheap as the wait and the copy.
+MIN_SHARE = 16
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -28,6 +35,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def longest_shared(candidates: Iterable[tuple[K, Sequence[int]]], prompt: Sequence[int],
+                   limit: int) -> tuple[K | None, int]:
+    """Of ``(key, tokens)`` pairs, the one sharing the longest prefix with ``prompt`` (at most
+    ``limit`` tokens), the first among equals; ``(None, 0)`` if none shares any."""
+    best, shared = None, 0
+    for key, tokens in candidates:
+        n = min(common_prefix(tokens, prompt), limit)
+        if n > shared:
+            best, shared = key, n
+    return best, shared
 
 
 class IdleSequences:
@@ -49,11 +68,18 @@ class IdleSequences:
     def take(self, prompt: Sequence[int], limit: int) -> tuple[int, int]:
         """Remove and return the sequence for ``prompt`` and how many of its cached tokens
         the choice keeps (at most ``limit``: the prompt's length less one, or 0 for a choice
-        that must evaluate its whole prompt)."""
+        that must evaluate its whole prompt, or whose cache will be a copy)."""
+        seq, kept = self.best(prompt, limit)
+        self.remove(seq)
+        return seq, kept
+
+    def remove(self, seq: int) -> None:
+        del self._idle[seq]
+
+    def best(self, prompt: Sequence[int], limit: int) -> tuple[int, int]:
+        """What ``take`` would return, leaving it idle."""
         if not self.reuse:
-            seq = min(self._idle)
-            del self._idle[seq]
-            return seq, 0
+            return min(self._idle), 0
         best, kept = None, -1
         for seq, tokens in self._idle.items():  # oldest first: ties go to the oldest
             n = min(common_prefix(tokens, prompt), limit)
@@ -62,7 +88,6 @@ class IdleSequences:
         if best is None:
             best = next(iter(self._idle))
             kept = min(common_prefix(self._idle[best], prompt), limit)
-        del self._idle[best]
         return best, kept
 
     def put(self, seq: int, tokens: list[int]) -> None:

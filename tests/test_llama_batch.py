@@ -34,8 +34,9 @@ class Chain:
 class EngineDouble:
     """Choice with seed s "samples" plans[s] token by token ('a' for ever once the plan is
     used up). Keeps each sequence's cached tokens, checks that every sequence is fed
-    contiguous positions after them and records each decode call's rows. ``copy`` is
-    applied at the next decode, as llama.cpp applies its stream copies."""
+    contiguous positions after them and records each decode call's rows. ``copy`` takes
+    effect at once, as llama.cpp's cell bookkeeping does (it copies the data at the next
+    decode, before that decode writes anything)."""
 
     def __init__(self, plans=None, slots=2, n_batch=8, step=0.0):
         self.plans, self.slots, self.n_batch, self.step = plans or {}, slots, n_batch, step
@@ -44,7 +45,6 @@ class EngineDouble:
         self.chains: list[Chain] = []
         self.clears: list[int | None] = []
         self.copies: list[tuple[int, int]] = []
-        self._pending_copies: list[tuple[int, int]] = []
         self.fail_next = False
         self._lock = threading.Lock()
 
@@ -60,9 +60,6 @@ class EngineDouble:
             raise DecodeFailed("llama_decode returned -3")
         if self.step:
             time.sleep(self.step)
-        for src, dst in self._pending_copies:
-            self.kv[dst] = list(self.kv.get(src, []))
-        self._pending_copies.clear()
         for r in rows:
             assert r.pos == len(self.kv.setdefault(r.seq, [])), (r, self.kv)
             self.kv[r.seq].append(r.token)
@@ -95,7 +92,7 @@ class EngineDouble:
 
     def copy(self, src, dst):
         self.copies.append((src, dst))
-        self._pending_copies.append((src, dst))
+        self.kv[dst] = list(self.kv.get(src, []))
 
     def piece(self, tok):
         return VOCAB[tok]
@@ -464,3 +461,59 @@ def test_a_decode_failure_forgets_every_kept_cache(make_loop):
     c = choice(3, prompt=[1, 2, 3, 4], max_tokens=2)
     loop.submit(c)
     assert drain(c)[0] == "aa" and c.cached == 0
+
+
+SYSTEM = list(range(1, 5)) * 6  # a 24-token prefix several prompts share
+
+
+def prompt_positions(engine: EngineDouble, seq: int) -> list[int]:
+    """Positions ``seq`` was fed in prompt calls (decode steps ask every row's logits)."""
+    return [r.pos for call in engine.calls if not all(r.logits for r in call)
+            for r in call if r.seq == seq]
+
+
+def test_prompts_starting_alike_evaluate_their_shared_prefix_once(make_loop):
+    engine = EngineDouble({1: [1, EOS], 2: [2, EOS]}, slots=2, n_batch=8)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=SYSTEM + [1, 1]), choice(2, prompt=SYSTEM + [3, 3, 3])
+    loop.submit_all([a, b])
+    assert (drain(a)[0], drain(b)[0]) == ("a", "b")
+    # b waited for a to evaluate the prefix, got a copy, and evaluated only its own tail.
+    assert engine.copies == [(0, 1)]
+    assert prompt_positions(engine, 1) == [24, 25, 26]
+    assert (b.cached, b.evaluated) == (24, 3) and (a.cached, a.evaluated) == (0, 26)
+    assert engine.kv[1][:27] == b.prompt
+
+
+def test_a_short_shared_prefix_is_evaluated_twice_rather_than_waited_for(make_loop):
+    engine = EngineDouble(slots=2, n_batch=8)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=[1, 2, 3, 4, 5], max_tokens=1), \
+        choice(2, prompt=[1, 2, 3, 4, 1], max_tokens=1)
+    loop.submit_all([a, b])
+    drain(a), drain(b)
+    assert engine.copies == [] and prompt_positions(engine, 1) == [0, 1, 2, 3, 4]
+
+
+def test_a_new_prompt_copies_the_prefix_of_a_running_choice(make_loop):
+    engine = EngineDouble({1: [1] * 200}, slots=2, n_batch=32, step=0.002)
+    loop = make_loop(engine)
+    running = choice(1, prompt=SYSTEM, max_tokens=300)
+    loop.submit(running)
+    assert isinstance(running.out.get(timeout=5), Delta)
+    late = choice(2, prompt=SYSTEM + [5], max_tokens=2)
+    loop.submit(late)
+    assert drain(late)[0] == "aa"
+    assert engine.copies == [(0, 1)] and (late.cached, late.evaluated) == (24, 1)
+    loop.cancel(running)
+    drain(running)
+
+
+def test_a_follower_copies_the_prefix_of_a_leader_that_ended_at_once(make_loop):
+    engine = EngineDouble(slots=2, n_batch=32)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=SYSTEM + [1], max_tokens=1), choice(2, prompt=SYSTEM + [2, 2])
+    loop.submit_all([a, b])
+    drain(a)
+    assert drain(b)[1].finish_reason == "length"
+    assert engine.copies == [(0, 1)] and b.cached == 24 and prompt_positions(engine, 1) == [24, 25]
