@@ -7,12 +7,14 @@ queue. The context holds ``slots`` sequences; every iteration the loop
 1. takes new choices and cancels from its inbox, and expires choices that waited for a slot
    past their job's deadline;
 2. gives waiting choices the free slots: the one whose cache shares the longest prefix with
-   the prompt (``models.prefix``), whose tokens it keeps; a choice whose prompt is the same
-   as one being evaluated (the ``n`` choices of a job) follows it instead;
+   the prompt (``models.prefix``), whose tokens it keeps. A choice sharing a longer prefix
+   with a busy slot follows that slot instead: it copies its cache once it holds the prefix
+   (a shared system prompt is evaluated once), and one whose prompt is the same as one
+   being evaluated (the ``n`` choices of a job) copies it at its end, with its logits;
 3. evaluates prompts past their kept prefix, at most about ``n_batch`` tokens per iteration,
    each prompt in its own llama_decode call, in chunks of ``n_batch`` — exactly as if it ran
    alone — and samples its first token at once (so a new stream's first token waits for no
-   step); a prompt's followers then get a copy of its cache and sample from the same logits;
+   step), and its same-prompt followers' from the same logits;
 4. decodes the next token of every running choice in ONE llama_decode, then samples each
    with its own sampler chain.
 

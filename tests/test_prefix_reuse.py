@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -141,3 +142,23 @@ def test_the_counters_count_a_warm_turns_reuse(web, smollm2_worker):
     assert metric(web, "ferry_prompt_tokens_total", model="smollm2",
                   source="evaluated") - ev_before == \
         second["usage"]["prompt_tokens"] - cached(second)
+
+
+def test_conversations_opening_at_once_on_one_system_prompt_evaluate_it_once(
+        web, smollm2_worker, cold_worker):
+    opening = system(120)
+    questions = ["Name a bird.", "Name a tree.", "Name a fish."]
+
+    def first_turns(model: str) -> list[dict]:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            return list(pool.map(lambda q: chat(web, [opening, {"role": "user", "content": q}],
+                                                model, logprobs=True), questions))
+
+    warm, cold = first_turns("smollm2"), first_turns("smollm2-cold")
+    for w, c in zip(warm, cold):
+        assert w["choices"][0]["message"] == c["choices"][0]["message"]
+        assert w["choices"][0]["logprobs"] == c["choices"][0]["logprobs"]
+    # Whichever came first evaluated the system prompt; the others copied it (the user's
+    # question, the template's turn markers and the reply prompt are under 20 tokens).
+    copied = [b for b in warm if cached(b) >= b["usage"]["prompt_tokens"] - 20]
+    assert len(copied) >= len(questions) - 1, [b["usage"] for b in warm]
