@@ -65,3 +65,34 @@ class Listener:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+class HTTPServer:
+    """A threaded HTTP server on loopback that answers each GET with ``answer(path, headers)``
+    -> (status, extra headers, body); ``wrap`` may wrap its socket (TLS)."""
+
+    def __init__(self, answer, wrap=None):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, headers, body = answer(self.path, self.headers)
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if wrap is not None:
+            self.server.socket = wrap(self.server.socket)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 import time
 
 import openai
@@ -12,7 +10,7 @@ import pytest
 
 from config import load_settings
 from config.errors import InvalidRequest
-from tests.loopback import Listener
+from tests.loopback import HTTPServer, Listener
 from web.images import load_image
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -20,26 +18,14 @@ PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4
 
 @pytest.fixture(scope="module")
 def image_server():
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/redirect":
-                self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/")
-                self.end_headers()
-                return
-            body = PNG if self.path == "/a.png" else b"x" * 4096
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path, headers):
+        if path == "/redirect":
+            return 302, {"Location": "http://169.254.169.254/"}, b""
+        return 200, {}, PNG if path == "/a.png" else b"x" * 4096
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = HTTPServer(answer)
+    yield server.url
+    server.close()
 
 
 def test_data_url_decoded_and_checked():

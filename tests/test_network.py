@@ -3,19 +3,17 @@ public, and that a request goes to the checked address, within one deadline."""
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import shutil
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
 
 from config import network
 from config.errors import InvalidRequest
-from tests.loopback import Listener
+from tests.loopback import HTTPServer, Listener
 
 
 def check(url: str, allow_private: bool = False) -> network.Target:
@@ -128,26 +126,15 @@ def tls_server(tmp_path, monkeypatch):
     openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "srv.pem", "-days", "1", "-extfile", "ext")
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = self.headers["Host"].encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv.key")
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # It answers with the Host header it was sent.
+    server = HTTPServer(lambda path, headers: (200, {}, headers["Host"].encode()),
+                        wrap=lambda sock: context.wrap_socket(sock, server_side=True))
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     network._tls.cache_clear()
-    yield server.server_address[1]
-    server.shutdown()
+    yield server.port
+    server.close()
     network._tls.cache_clear()
 
 

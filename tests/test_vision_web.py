@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import json
-import threading
 
 import openai
 import pytest
@@ -19,6 +17,7 @@ import models
 from config.settings import ModelEntry
 from models import load_backend
 from models.synthetic import SyntheticBackend
+from tests.loopback import HTTPServer
 from tests.services import Web, Worker
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAAAASUVORK5CYII=")
@@ -50,21 +49,10 @@ def vision_worker(redis_server, logs):
 
 @pytest.fixture(scope="module")
 def image_server():
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = {"/a.png": PNG, "/b.gif": GIF}.get(self.path, b"<html>no</html>")
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = HTTPServer(lambda path, headers: (
+        200, {}, {"/a.png": PNG, "/b.gif": GIF}.get(path, b"<html>no</html>")))
+    yield server.url
+    server.close()
 
 
 @pytest.fixture(scope="module")
