@@ -36,7 +36,7 @@ from config.tenants import ANY_OWNER, Tenant
 from tasks.batch_lines import (Line, LineError, TooManyLines, dispatch, error_record,
                                invalid_from_json, invalid_to_json, parse, read_lines,
                                response_record, scan)
-from tasks.protocol import connect
+from config.contract.protocol import connect
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
 from tasks.filestore import FileStore
 from web.embeddings import Answer, run_parts

@@ -28,7 +28,7 @@ from celery.signals import worker_ready  # noqa: E402
 from config import load_settings  # noqa: E402
 from tasks.app import log_format, make_batch_celery, worker_argv  # noqa: E402
 from tasks.batch_runner import BatchRunner  # noqa: E402
-from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
+from config.contract.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
 from tasks.redis_check import EvictingRedis  # noqa: E402
 
 settings = load_settings()

@@ -14,7 +14,7 @@ from flask import Flask
 from config import Registry, Settings, load_settings
 from tasks import webhooks
 from tasks.app import make_batch_celery, make_celery
-from tasks.protocol import connect
+from config.contract.protocol import connect
 from tasks.redis_check import check_eviction_policy
 from tasks.jobs.store import JobStore
 from web import auth, errors, janitor, logs, metrics

@@ -8,7 +8,7 @@ import uuid
 from flask import Blueprint, current_app
 
 from config.errors import InvalidRequest
-from models.job import GenerationJob
+from config.contract.job import GenerationJob
 from tasks.jobs.shapes import ResponseSpec
 from web import bounds, generation
 from web.content import check_image_parts, job_images

@@ -15,7 +15,7 @@ from flask import Blueprint, current_app
 from config.errors import FerryError, InvalidRequest
 from config.settings import ModelEntry
 from config.tenants import Tenant
-from models.job import EmbeddingJob, EmbeddingPart, EmbeddingPartsJob
+from config.contract.job import EmbeddingJob, EmbeddingPart, EmbeddingPartsJob
 from tasks.jobs.shapes import ResponseSpec
 from web import generation
 from web.schemas.embeddings import MAX_INPUTS, CreateEmbeddingRequest

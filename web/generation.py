@@ -23,10 +23,10 @@ from config.settings import ModelEntry
 from config.tenants import Tenant
 from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape, usage_of
-from models import events
-from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
+from config.contract import events
+from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from tasks.jobs.store import Refused
-from tasks.protocol import (BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK,
+from config.contract.protocol import (BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK,
                             workers_key)
 from web import limits, logs
 from web.auth import current_tenant

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from models import events
+from config.contract import events
 from web.relay import Subscription
 
 

@@ -35,8 +35,8 @@ from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
-from models import events
-from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
+from config.contract import events
+from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
                             job_key, owner_pending_key, pending_key, queued_key,
                             request_cancel)
 

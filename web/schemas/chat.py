@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from config.errors import InvalidRequest
 from models.constraints import SchemaLimits, check_schema
-from models.job import FunctionTool, NamedToolChoice, ResponseFormat, ToolChoice
+from config.contract.job import FunctionTool, NamedToolChoice, ResponseFormat, ToolChoice
 from web.schemas.common import GenerationFields
 
 # OpenAI's rule for function and schema names.
