@@ -19,8 +19,8 @@ from config.contract.events import Delta, Finish, ToolCallDelta
 from config.contract.job import FunctionTool, GenerationJob, NamedToolChoice, ResponseFormat
 from models.output import ChoiceWriter
 from tasks.jobs.shapes import legacy_logprobs
-from web.content import checked_image_url
-from web.merge import MergedSubscription
+from tasks.core.content import checked_image_url
+from tasks.core.merge import MergedSubscription
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 CALL = '{"name": "get_weather", "arguments": {"city": "Par\\"is", "n": [1, {"a": "}"}]}}'

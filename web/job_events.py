@@ -29,7 +29,7 @@ from tasks.jobs.store import JobStore
 from config.contract import events
 from config.contract.protocol import events_log
 from web.generation import client_watch
-from web.relay import Tap
+from tasks.core.relay import Tap
 
 # Seconds a watcher of an ended job waits for its terminal event before re-reading the
 # buffer (the worker records the end just before it publishes the last event).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from config.contract import events
-from web.relay import Subscription
+from tasks.core.relay import Subscription
 
 
 class MergedSubscription:

@@ -31,7 +31,7 @@ from config.tenants import ANY_OWNER
 from tasks.jobs.store import JobStore
 from config.contract import events
 from config.contract.protocol import events_channel, workers_key
-from web.metrics import Timing
+from tasks.core.timing import Timing
 
 log = logging.getLogger(__name__)
 
