@@ -43,7 +43,7 @@ from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, ev
 
 @dataclass(frozen=True)
 class InFlight:
-    """A model's in-flight limit, as ``create`` applies it (``web/limits.py`` builds it)."""
+    """A model's in-flight limit, as ``create`` applies it (``tasks/core/limits.py`` builds it)."""
 
     key: str
     limit: int
@@ -333,7 +333,7 @@ class JobStore:
             return False
         record = self.get(job_id, owner=ANY_OWNER)
         if record is not None:
-            # Its place in the model's and its owner's in-flight limits (``web/limits.py``)
+            # Its place in the model's and its owner's in-flight limits (``tasks/core/limits.py``)
             # is free again, whichever way it ended (an expired Celery task never reaches a
             # worker).
             pipe = self.redis.pipeline(transaction=False)
