@@ -46,7 +46,9 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	@$(BIN)/python -m tasks.launch
 
+# The import contracts first (pyproject.toml, [tool.importlinter]): a layering broken fails fast.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5), treated as success"; exit 0; fi; exit $$rc
 

@@ -46,8 +46,8 @@ def entry():
 
 
 def one(backend, i: int, max_tokens: int, out: list[Stream]) -> None:
-    from models.events import Delta, Finish
-    from models.job import GenerationJob, Sampling
+    from config.contract.events import Delta, Finish
+    from config.contract.job import GenerationJob, Sampling
 
     s, start, first = Stream(), time.monotonic(), None
     job = GenerationJob(id=f"bench-{i}", model="exl2-bench", max_tokens=max_tokens,

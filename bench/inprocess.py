@@ -15,8 +15,8 @@ import aiohttp
 from bench.client import StreamResult, connector, stream
 from bench.common import CheckFailed
 from config.settings import ModelEntry
-from models.events import Delta, Finish
-from models.job import GenerationJob, Sampling
+from config.contract.events import Delta, Finish
+from config.contract.job import GenerationJob, Sampling
 
 
 class InProcess:

@@ -131,7 +131,7 @@ class RequestExpired(FerryError):
 
 
 def rebuild(error: dict, status: int) -> FerryError:
-    """Rebuild an error that crossed Redis (see ``models.events.Failed``)."""
+    """Rebuild an error that crossed Redis (see ``config.contract.events.Failed``)."""
     err = FerryError(error.get("message") or "error", param=error.get("param"), code=error.get("code"))
     err.type = error.get("type") or FerryError.type
     err.status = status

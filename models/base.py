@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config.errors import ContextLengthExceeded, InvalidRequest, Unsupported
 from config.settings import ModelEntry
-from models.events import Event
-from models.job import GenerationJob
+from config.contract.events import Event
+from config.contract.job import GenerationJob
 
 Cancelled = Callable[[], bool]
 # Content part types that hold an image: as OpenAI sends it, and as the web passes it on.
@@ -71,7 +71,7 @@ class Backend(BaseBackend):
     """A generative model.
 
     The worker calls ``check(job)`` and then ``generate(job, cancelled)``. ``generate`` yields
-    events in the order documented in ``models.events``. It checks ``cancelled()`` between
+    events in the order documented in ``config.contract.events``. It checks ``cancelled()`` between
     decode steps and, once it returns True, stops within one step, finishing open choices
     with ``finish_reason="cancelled"``. Errors caused by the request are raised as
     ``config.errors.FerryError`` subclasses before ``Started`` where possible (so that they

@@ -22,7 +22,7 @@ import jsonschema
 
 from config.errors import InvalidRequest
 from models import tools as tool_format
-from models.job import GenerationJob
+from config.contract.job import GenerationJob
 from models.tools import ToolFormat
 
 # Enforced by grammar-constrained decoding.

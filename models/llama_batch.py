@@ -53,7 +53,7 @@ import numpy as np
 
 from config.errors import FerryError, GenerationFailed, RequestExpired
 from models import logprobs
-from models.events import Delta, Event, FinishReason, TokenLogprob
+from config.contract.events import Delta, Event, FinishReason, TokenLogprob
 from models.llama_engine import Row
 from models.llama_sampling import ChainSpec
 from models.loop import InboxLoop

@@ -28,9 +28,9 @@ from config.settings import ModelEntry
 from models import constraints, tools
 from models.base import Backend, Cancelled, completion_budget, context_exceeded
 from models.constraints import Constraint
-from models.events import Done, Event, Started
+from config.contract.events import Done, Event, Started
 from models.gbnf import compile_gbnf
-from models.job import GenerationJob
+from config.contract.job import GenerationJob
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import LlamaEngine
 from models.llama_sampling import ChainSpec

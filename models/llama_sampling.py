@@ -17,7 +17,7 @@ import llama_cpp
 from llama_cpp import _internals
 
 from config.errors import InvalidRequest
-from models.job import Sampling
+from config.contract.job import Sampling
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Log probabilities from raw logits, in the shape ``models.events.TokenLogprob`` documents.
+"""Log probabilities from raw logits, in the shape ``config.contract.events.TokenLogprob`` documents.
 
 Backend-neutral: a backend hands over one row of logits (a numpy array; a torch tensor
 becomes one with ``.float().cpu().numpy()``) and a way to spell a token id as bytes.
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.events import TokenLogprob, TopLogprob
+from config.contract.events import TokenLogprob, TopLogprob
 
 Piece = Callable[[int], bytes]
 

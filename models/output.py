@@ -15,7 +15,7 @@ from typing import Any
 
 from config.errors import FerryError
 
-from models.events import Delta, Event, Finish, FinishReason, TokenLogprob, ToolCallDelta
+from config.contract.events import Delta, Event, Finish, FinishReason, TokenLogprob, ToolCallDelta
 from models.stops import StopMatcher
 from models.tools import CallParser, CallPiece
 

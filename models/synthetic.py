@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from config.errors import GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
 from models.base import Backend, Cancelled
-from models.events import Delta, Done, Event, Finish, Started
-from models.job import GenerationJob
+from config.contract.events import Delta, Done, Event, Finish, Started
+from config.contract.job import GenerationJob
 from models.stops import StopMatcher
 from models.templates import flatten_content
 

@@ -23,7 +23,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from models.job import FunctionTool, NamedToolChoice, ToolChoice
+from config.contract.job import FunctionTool, NamedToolChoice, ToolChoice
 
 
 @dataclass(frozen=True)

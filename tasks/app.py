@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings
-from tasks.protocol import BATCH_QUEUE, WEBHOOK_QUEUE
+from config.contract.protocol import BATCH_QUEUE, WEBHOOK_QUEUE
 
 # Kombu keeps unacknowledged messages in one hash per key prefix and hands out again any
 # older than its visibility timeout. Batch chunks want that (a dead worker's chunk is rerun,

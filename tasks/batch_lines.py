@@ -1,36 +1,26 @@
 """Batch input lines: reading, validating, running one, and the JSONL records they produce.
 
-A line runs through Ferry's own HTTP handlers, called in process (``dispatch``), so it gets
-exactly the response, or the OpenAI error, that the same request would get over HTTP: the
-same validation, the same queue, the same events. The WSGI environ marks it as bulk work,
-which puts it behind interactive requests in the model's queue (``web/generation.py``).
+A line runs through the request core the HTTP routes use (``tasks.core.endpoints.answer``),
+so it gets exactly the response, or the OpenAI error, that the same request would get over
+HTTP: the same validation, the same queue, the same events. It runs as bulk work, behind
+interactive requests in the model's queue (``tasks/core/generation.py``).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from flask import Flask
 from pydantic import BaseModel, ValidationError
-from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from tasks.batchstore import Chunk
-from web.auth import OWNER_ENVIRON
-from web.generation import ABANDONED_ENVIRON, BULK_ENVIRON
-from web.schemas.chat import CreateChatCompletionRequest
-from web.schemas.completions import CreateCompletionRequest
-from web.schemas.embeddings import CreateEmbeddingRequest
-from web.validation import param_of
+from tasks.core.endpoints import FAMILIES
+from tasks.core.validation import param_of
 
-ENDPOINTS: dict[str, type[BaseModel]] = {
-    "/v1/chat/completions": CreateChatCompletionRequest,
-    "/v1/completions": CreateCompletionRequest,
-    "/v1/embeddings": CreateEmbeddingRequest,
-}
+ENDPOINTS: dict[str, type[BaseModel]] = {path: f.Request for path, f in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -101,22 +91,6 @@ def _check_request(obj: dict[str, Any], endpoint: str) -> LineError | None:
         param = param_of(err["loc"], body, err["type"] == "missing")
         return LineError("invalid_body", err["msg"], f"body.{param}" if param else "body")
     return None
-
-
-def dispatch(app: Flask, endpoint: str, body: dict[str, Any], owner: str,
-             abandoned: Callable[[], bool] = lambda: False) -> tuple[int, str | None, Any]:
-    """POST ``body`` to ``endpoint`` in process, as bulk work of ``owner`` (who needs no key:
-    ``web/auth.py``): (status, request id, JSON). Once ``abandoned()`` is true the request's
-    job is cancelled, as if its client had left (status 499, no body)."""
-    environ = EnvironBuilder(path=endpoint, method="POST", json=body,
-                             environ_base={BULK_ENVIRON: True, OWNER_ENVIRON: owner,
-                                           ABANDONED_ENVIRON: abandoned}).get_environ()
-    app_iter, status, headers = run_wsgi_app(app, environ, buffered=True)
-    try:
-        data = b"".join(app_iter)
-    finally:
-        getattr(app_iter, "close", lambda: None)()
-    return int(status.split()[0]), headers.get("X-Request-Id"), json.loads(data) if data else None
 
 
 def record_id(batch_id: str, number: int) -> str:

@@ -14,11 +14,11 @@ running for a visibility timeout means their unwritten work is queued again (har
 above). A chunk that cannot run (its input file deleted, or its retries spent) ends its
 batch ``failed``, or has its lines reported as failed (``give_up``), instead of leaving it
 ``in_progress``.
-Chat and completions lines run side by side, each as a request to Ferry's own handlers in
-process; a chunk's embedding lines run as one job (``web.embeddings.run_parts``), each still
-answered as the endpoint would answer it. Needs gevent (the lines of a chunk are greenlets;
-the in-process web app relays events with gevent), so it runs in ``tasks/batch_worker.py``,
-which patches first.
+Chat and completions lines run side by side, each through the request core the HTTP routes
+use (``tasks.core.endpoints.answer``); a chunk's embedding lines run as one job
+(``tasks.core.embeddings.run_parts``), each still answered as the endpoint would answer it.
+Needs gevent (the lines of a chunk are greenlets; the core's relay follows events with
+gevent), so it runs in ``tasks/batch_worker.py``, which patches first.
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ import gevent.pool
 from config.errors import NotFound, WorkerLost
 from config.settings import Settings
 from config.tenants import ANY_OWNER, Tenant
-from tasks.batch_lines import (Line, LineError, TooManyLines, dispatch, error_record,
+from tasks.batch_lines import (Line, LineError, TooManyLines, error_record,
                                invalid_from_json, invalid_to_json, parse, read_lines,
                                response_record, scan)
-from tasks.protocol import connect
+from config.contract.protocol import connect
 from tasks.batchstore import FINAL, BatchObject, BatchStore, ChunkResult
+from tasks.core import endpoints, services
+from tasks.core.embeddings import run_parts
+from tasks.core.endpoints import Answer
+from tasks.core.generation import Caller
+from tasks.core.schemas.embeddings import CreateEmbeddingRequest
 from tasks.filestore import FileStore
-from web.embeddings import Answer, run_parts
-from web.schemas.embeddings import CreateEmbeddingRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +74,13 @@ def _record(obj: BatchObject, line: Line, status: int, request_id: str | None,
 
 class BatchRunner:
     def __init__(self, settings: Settings):
-        from web import create_app
-
         self.settings = settings
         redis = connect(settings.redis_url)
         self.store = BatchStore(redis, settings.batch_retention)
         self.files = FileStore(redis, settings.files_dir)
-        # Ferry's web app, in process: lines are its requests. They may wait in a model's
+        # The request core's services: lines are its requests. They may wait in a model's
         # queue for as long as interactive requests keep coming first.
-        self.web = create_app(settings.model_copy(
+        self.ferry = services.build(settings.model_copy(
             update={"queue_timeout": settings.batch_line_timeout}))
 
     def _batch(self, batch_id: str) -> BatchObject:
@@ -258,17 +259,16 @@ class BatchRunner:
                  abandoned: Callable[[], bool]) -> list[Answer | None]:
         """Run the lines: each one's status, request id and body, as over HTTP (None for a
         line cancelled with its batch). A chunk's embedding lines run as one job (per model,
-        ``run_parts``); other lines each as a request to Ferry's handlers, side by side."""
+        ``run_parts``); other lines each as a request to the core, side by side."""
         if not todo:
             return []
+        caller = Caller(Tenant(obj.owner), bulk=True, abandoned=abandoned)
         if obj.endpoint == "/v1/embeddings":
             reqs = [CreateEmbeddingRequest.model_validate(line.body) for _, line in todo]
-            with self.web.app_context():
-                return run_parts(reqs, Tenant(obj.owner), abandoned)
+            return run_parts(self.ferry, reqs, caller)
 
-        def one(line: Line) -> Answer | None:
-            answer = dispatch(self.web, obj.endpoint, line.body, obj.owner, abandoned)
-            return None if answer[0] == 499 else answer  # 499: cancelled with its batch
+        def one(line: Line) -> Answer | None:  # None: cancelled with its batch
+            return endpoints.answer(self.ferry, obj.endpoint, line.body, caller)
 
         return gevent.pool.Pool(len(todo)).map(one, [line for _, line in todo])
 

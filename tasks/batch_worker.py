@@ -1,9 +1,9 @@
 """The batch worker: ``python -m tasks.batch_worker`` runs Batch API jobs from ``ferry.batch``.
 
-It holds no model: each batch line is a request to Ferry's web app, called in process,
-which queues it on the model's own queue behind interactive requests. gevent runs the
-lines of a chunk concurrently (and the app's event relay), so it patches before anything
-else is imported; chunks run ``batch_chunk_concurrency`` at a time.
+It holds no model: each batch line is a request to the request core (``tasks/core``), which
+queues it on the model's own queue behind interactive requests. gevent runs the lines of a
+chunk concurrently (and the core's event relay), so it patches before anything else is
+imported; chunks run ``batch_chunk_concurrency`` at a time.
 
 Chunks are acknowledged when done; a chunk taken by a worker that died stays unacknowledged
 and is handed out again once older than ``batch_visibility_timeout``. Kombu sweeps for those
@@ -28,7 +28,7 @@ from celery.signals import worker_ready  # noqa: E402
 from config import load_settings  # noqa: E402
 from tasks.app import log_format, make_batch_celery, worker_argv  # noqa: E402
 from tasks.batch_runner import BatchRunner  # noqa: E402
-from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
+from config.contract.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK  # noqa: E402
 from tasks.redis_check import EvictingRedis  # noqa: E402
 
 settings = load_settings()

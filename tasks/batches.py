@@ -12,7 +12,7 @@ import logging
 
 from celery import shared_task
 
-from tasks.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK
+from config.contract.protocol import BATCH_CHUNK_TASK, BATCH_QUEUE, BATCH_START_TASK
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """The embedding tasks. Thin: decode the job, hand it to this worker's runtime.
 
 ``embed_parts`` carries several requests as one job (the Batch API sends a chunk's lines
-together, ``models.job.EmbeddingPartsJob``).
+together, ``config.contract.job.EmbeddingPartsJob``).
 """
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from models.job import EmbeddingJob, EmbeddingPartsJob
-from tasks.protocol import EMBED_PARTS_TASK, EMBED_TASK
+from config.contract.job import EmbeddingJob, EmbeddingPartsJob
+from config.contract.protocol import EMBED_PARTS_TASK, EMBED_TASK
 
 
 @shared_task(name=EMBED_TASK, bind=True, ignore_result=True)

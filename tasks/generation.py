@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from models.job import GenerationJob
-from tasks.protocol import GENERATE_TASK
+from config.contract.job import GenerationJob
+from config.contract.protocol import GENERATE_TASK
 
 
 @shared_task(name=GENERATE_TASK, bind=True, ignore_result=True)

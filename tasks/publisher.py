@@ -16,8 +16,8 @@ import queue
 import threading
 from collections import defaultdict
 
-from models import events
-from tasks.protocol import events_channel, events_log
+from config.contract import events
+from config.contract.protocol import events_channel, events_log
 
 log = logging.getLogger(__name__)
 

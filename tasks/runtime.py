@@ -32,11 +32,11 @@ from tasks.jobs.store import JobStore
 from models import load_backend
 from models.base import EmbeddingBackend
 from models.batcher import MicroBatcher
-from models.events import RESULTS, EmbeddedParts, Embedded, Event, Started, failed
-from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
+from config.contract.events import RESULTS, EmbeddedParts, Embedded, Event, Started, failed
+from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
-from tasks.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
+from config.contract.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
                             workers_key)
 from tasks.publisher import Publisher
 

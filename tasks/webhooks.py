@@ -27,7 +27,7 @@ from config import network
 from config.errors import HostNotFound, InvalidRequest
 from config.settings import Settings
 from tasks.app import make_webhook_celery
-from tasks.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
+from config.contract.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
 

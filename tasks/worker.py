@@ -22,7 +22,7 @@ from celery.signals import worker_ready, worker_shutdown
 from config import Registry, load_settings
 from models import backend_class
 from tasks.app import log_format, make_celery, make_webhook_celery, worker_argv
-from tasks.protocol import WEBHOOK_QUEUE, connect
+from config.contract.protocol import WEBHOOK_QUEUE, connect
 from tasks.redis_check import EvictingRedis, check_eviction_policy
 from tasks.runtime import Runtime
 

@@ -24,8 +24,8 @@ from config import Registry, load_settings
 from config.errors import ContextLengthExceeded, InvalidRequest
 from config.settings import ModelEntry
 from models import load_backend
-from models.events import Delta, Done, Finish, Started, ToolCallDelta
-from models.job import FunctionTool, GenerationJob, ResponseFormat, Sampling
+from config.contract.events import Delta, Done, Finish, Started, ToolCallDelta
+from config.contract.job import FunctionTool, GenerationJob, ResponseFormat, Sampling
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 import requests
 
-from tasks.protocol import RUNNING_JOBS
+from config.contract.protocol import RUNNING_JOBS
 from tests.services import Worker
 
 FINAL = ("completed", "failed", "cancelled", "expired")

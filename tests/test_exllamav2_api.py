@@ -40,7 +40,7 @@ from models.exllamav2.engine import _CACHE_CLASSES, generator_kwargs
 from models.exllamav2.options import ExLlamaV2Options
 from models.exllamav2.sampling import settings_fields, token_bias
 from models.exllamav2.spec import JobSpec, job_kwargs
-from models.job import Sampling
+from config.contract.job import Sampling
 
 def params(f):
     return sorted(inspect.signature(f).parameters)

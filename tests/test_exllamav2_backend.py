@@ -10,9 +10,9 @@ import pytest
 
 from config.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
-from models.events import Delta, Done, Finish, Started
+from config.contract.events import Delta, Done, Finish, Started
 from models.exllamav2.backend import ExLlamaV2Backend
-from models.job import GenerationJob, Sampling
+from config.contract.job import GenerationJob, Sampling
 from tests import exl2_model_dirs as dirs
 from tests.exl2_doubles import EngineDouble
 

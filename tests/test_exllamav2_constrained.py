@@ -12,11 +12,11 @@ import pytest
 
 from config.errors import InvalidRequest
 from config.settings import ModelEntry
-from models.events import Delta, Finish, ToolCallDelta
+from config.contract.events import Delta, Finish, ToolCallDelta
 from models.exllamav2.backend import ExLlamaV2Backend
 from models.exllamav2.model_dir import ModelDir
 from models.exllamav2.vision import EmbeddingCache, JobImage
-from models.job import FunctionTool, GenerationJob, ResponseFormat
+from config.contract.job import FunctionTool, GenerationJob, ResponseFormat
 from tests.exl2_doubles import EngineDouble
 from tests.test_exllamav2_backend import ENDOFTEXT, IM_END, Toy, text_of, toy_dir
 

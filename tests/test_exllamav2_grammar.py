@@ -13,7 +13,7 @@ from config.errors import InvalidRequest
 from models import constraints, tools
 from models.exllamav2.grammar import (DIALECT, SCHEMA_ID, FirstTokens, Grammar, build_formatter,
                                       grammar_for, prepare_schema, split_alternatives)
-from models.job import FunctionTool, GenerationJob, NamedToolChoice, ResponseFormat
+from config.contract.job import FunctionTool, GenerationJob, NamedToolChoice, ResponseFormat
 from tests.exl2_doubles import FormatterFilterDouble, GrammarFilterDouble
 
 formatron = pytest.importorskip("formatron", reason="formatron is not installed (test extra)")

@@ -8,12 +8,12 @@ import time
 import pytest
 
 from config.errors import ContextLengthExceeded, GenerationFailed, RequestExpired
-from models.events import Delta, Finish
+from config.contract.events import Delta, Finish
 from models.exllamav2.loop import BatchLoop, Ticket
 from models.exllamav2.results import ChoiceStream
 from models.exllamav2.sampling import settings_fields
 from models.exllamav2.spec import JobSpec
-from models.job import Sampling
+from config.contract.job import Sampling
 from tests.exl2_doubles import EngineDouble
 
 VOCAB = ["<eos>", "a", "b", "c", " ", "."]

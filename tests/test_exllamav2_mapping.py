@@ -12,14 +12,14 @@ import torch
 from pydantic import ValidationError
 
 from config.errors import InvalidRequest
-from models.events import Delta, Finish
+from config.contract.events import Delta, Finish
 from models.exllamav2.model_dir import ModelDir
 from models.exllamav2.options import ExLlamaV2Options
 from models.exllamav2.results import FLOOR_LOGPROB, ChoiceStream
 from models.exllamav2.sampling import SETTINGS_FIELDS, settings_fields, token_bias
 from models.exllamav2.spec import JobSpec, job_kwargs
 from models.exllamav2.stops import stop_conditions
-from models.job import Sampling
+from config.contract.job import Sampling
 from models.templates import ChatTemplate, end_of_turn, find_chat_template
 from tests import exl2_model_dirs as dirs
 from tests.exl2_doubles import JobDouble

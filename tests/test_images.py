@@ -11,7 +11,7 @@ import pytest
 from config import load_settings
 from config.errors import InvalidRequest
 from tests.loopback import HTTPServer, Listener
-from web.images import load_image
+from tasks.core.images import load_image
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 

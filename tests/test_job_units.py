@@ -7,7 +7,7 @@ import pytest
 
 from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec
-from models import events
+from config.contract import events
 from web.job_events import EventsLost, Follower
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from config.errors import GenerationFailed, RequestExpired
-from models.events import Delta, Finish
-from models.job import Sampling
+from config.contract.events import Delta, Finish
+from config.contract.job import Sampling
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import DecodeFailed, Row
 from models.llama_sampling import ChainSpec

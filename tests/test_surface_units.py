@@ -13,13 +13,14 @@ import pytest
 
 from config import load_settings
 from config.errors import InvalidRequest
-from models import constraints, events, logprobs, tools
-from models.events import Delta, Finish, ToolCallDelta
-from models.job import FunctionTool, GenerationJob, NamedToolChoice, ResponseFormat
+from config.contract import events
+from models import constraints, logprobs, tools
+from config.contract.events import Delta, Finish, ToolCallDelta
+from config.contract.job import FunctionTool, GenerationJob, NamedToolChoice, ResponseFormat
 from models.output import ChoiceWriter
 from tasks.jobs.shapes import legacy_logprobs
-from web.content import checked_image_url
-from web.merge import MergedSubscription
+from tasks.core.content import checked_image_url
+from tasks.core.merge import MergedSubscription
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 CALL = '{"name": "get_weather", "arguments": {"city": "Par\\"is", "n": [1, {"a": "}"}]}}'

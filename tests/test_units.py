@@ -6,7 +6,7 @@ import pytest
 
 from config import Registry, load_settings
 from config.errors import InvalidRequest, ModelNotFound
-from models import events
+from config.contract import events
 from models.stops import StopMatcher
 from models.templates import ChatTemplate
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from config.errors import InvalidRequest
-from models import events
+from config.contract import events
 from models.vectors import from_base64, shorten, to_base64
 
 

@@ -16,7 +16,7 @@ import redis
 from config import load_settings
 from config.errors import InvalidRequest
 from tasks.app import WEBHOOK_KEY_PREFIX, make_webhook_celery
-from tasks.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
+from config.contract.protocol import WEBHOOK_QUEUE, WEBHOOK_TASK
 from tasks.webhooks import check_url
 from tests.jobclient import cancel, get, scripted, submit, submitted
 from tests.loopback import Listener

@@ -5,37 +5,11 @@ Handlers validate, enqueue and stream; they never run a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import redis as redis_lib
-from celery import Celery
 from flask import Flask
 
-from config import Registry, Settings, load_settings
-from tasks import webhooks
-from tasks.app import make_batch_celery, make_celery
-from tasks.protocol import connect
-from tasks.redis_check import check_eviction_policy
-from tasks.jobs.store import JobStore
+from config import Settings, load_settings
+from tasks.core import services
 from web import auth, errors, janitor, logs, metrics
-from web.relay import Relay
-
-
-@dataclass
-class Ferry:
-    """What the request handlers share, kept in ``app.extensions["ferry"]``."""
-
-    settings: Settings
-    registry: Registry
-    celery: Celery
-    relay: Relay
-    jobs: JobStore
-    # Sends to the Batch API's queue, whose Celery keys are kept apart (tasks/app.py).
-    batch_celery: Celery
-
-    @property
-    def redis(self) -> redis_lib.Redis:
-        return self.relay.redis
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -43,12 +17,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    redis = connect(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    check_eviction_policy(redis, settings.allow_redis_eviction)
-    celery = make_celery(settings)
-    jobs = JobStore(redis, settings, on_end=webhooks.notifier(settings))
-    ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs,
-                  make_batch_celery(settings))
+    # What the handlers share (``tasks.core.services.Ferry``).
+    ferry = services.build(settings)
     app.extensions["ferry"] = ferry
     errors.register(app)
     auth.register(app)

@@ -7,9 +7,8 @@ digest, with every configured key, in constant time. A client address that sends
 ends, its valid keys included (else a guess that works would show as the one 200).
 With ``admin_key`` set, /metrics and /ready need it (``Bearer <admin key>``).
 
-Batch lines are run by the batch worker through this app in process; it names their owner
-in the WSGI environ (``OWNER_ENVIRON``), which a client cannot set (headers arrive as
-``HTTP_*``), so a line runs as its batch's owner without the batch holding a key.
+Batch lines never come through here: the batch worker runs them through the request core
+(``tasks/core``) as their batch's owner, so a batch holds no key.
 """
 
 from __future__ import annotations
@@ -21,9 +20,8 @@ from flask import Flask, current_app, g, request
 from config.errors import AuthenticationFailed
 from config.settings import Settings
 from config.tenants import ANONYMOUS_TENANT, ApiKey, Tenant, owner_of
-from web import limits
+from tasks.core import limits
 
-OWNER_ENVIRON = "ferry.owner"
 ADMIN_PATHS = ("/metrics", "/ready")
 
 
@@ -76,10 +74,7 @@ def register(app: Flask) -> None:
     def _authenticate():
         redis = current_app.extensions["ferry"].redis
         g.tenant = ANONYMOUS_TENANT
-        owner = request.environ.get(OWNER_ENVIRON)
-        if owner is not None:
-            g.tenant = Tenant(owner)
-        elif admin and request.path in ADMIN_PATHS:
+        if admin and request.path in ADMIN_PATHS:
             _check(_bearer(), admin, redis, settings)
         elif tenants and request.path.startswith("/v1/"):
             g.tenant = _check(_bearer(), tenants, redis, settings)

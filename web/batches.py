@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 from config.errors import InvalidRequest, NotFound
 from tasks.batchstore import BatchStore
 from tasks.filestore import FileStore
-from tasks.protocol import BATCH_QUEUE, BATCH_START_TASK
+from config.contract.protocol import BATCH_QUEUE, BATCH_START_TASK
 from web.auth import current_tenant
 from web.schemas.batches import CreateBatchRequest, ListBatchesRequest
 from web.validation import parse_body, validate

@@ -9,7 +9,7 @@ If the buffer no longer holds events asked for (it is capped, and expires after 
 the stream says so with an ``error`` event rather than skip them.
 
 Format: ``id: <seq>``, ``event: started | delta | finish | done | failed``, ``data: <the
-event as JSON>`` (``models/events.py``). The stream ends after ``done`` or ``failed``, or
+event as JSON>`` (``config/contract/events.py``). The stream ends after ``done`` or ``failed``, or
 with an ``error`` event; a comment line goes out every 10 s of silence so proxies keep it
 open. Watching is passive: a watcher that disconnects does not cancel the job.
 """
@@ -26,10 +26,10 @@ from config.errors import NotFound, ServiceUnavailable
 from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord
 from tasks.jobs.store import JobStore
-from models import events
-from tasks.protocol import events_log
+from config.contract import events
+from config.contract.protocol import events_log
 from web.generation import client_watch
-from web.relay import Tap
+from tasks.core.relay import Tap
 
 # Seconds a watcher of an ended job waits for its terminal event before re-reading the
 # buffer (the worker records the end just before it publishes the last event).

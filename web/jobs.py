@@ -6,51 +6,34 @@
     GET  /v1/jobs/{id}/events      SSE: replay, then live (web/job_events.py)
     POST /v1/jobs/{id}/cancel      the job object, once the job ended (or after 2 s)
 
-The body is validated, and the job built, by the endpoint's own ``Request`` and ``prepare``,
-exactly as the synchronous endpoint does it: an invalid body is a 400 at submit.
+The body is validated, and the job built, by the endpoint's own ``Request`` and ``prepare``
+(``tasks/core/endpoints.py``), exactly as the synchronous endpoint does it: an invalid body
+is a 400 at submit.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis as redis_lib
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from config.errors import FerryError, InvalidRequest, NotFound
 from tasks.jobs.record import JobRecord
 from tasks import webhooks
-from web import generation, job_events
+from tasks.core import endpoints
+from tasks.core.generation import Caller, submit
+from web import job_events, logs
 from web.auth import current_tenant
 from web.schemas.jobs import CreateJobRequest
 from web.validation import parse_body, validate
 
 bp = Blueprint("jobs", __name__)
 
-# endpoint -> the blueprint module serving it, which exposes ``Request`` (its request class)
-# and ``prepare(req) -> generation.Prepared``.
-FAMILIES = {
-    "/v1/chat/completions": "web.chat",
-    "/v1/completions": "web.completions",
-    "/v1/embeddings": "web.embeddings",
-}
-
 # Seconds a cancel waits for a running job's worker to record its end (one decode step).
 CANCEL_WAIT = 2.0
-
-
-def _family(endpoint: str):
-    name = FAMILIES[endpoint]
-    schema = "web.schemas." + name.rpartition(".")[2]
-    if importlib.util.find_spec(schema) and importlib.util.find_spec(name):
-        module = importlib.import_module(name)
-        if hasattr(module, "prepare") and hasattr(module, "Request"):
-            return module
-    raise InvalidRequest(f"Jobs for {endpoint} are not available yet.", param="endpoint")
 
 
 @contextmanager
@@ -88,18 +71,19 @@ def _public(record: JobRecord) -> dict:
 def create_job():
     ferry = current_app.extensions["ferry"]
     req = parse_body(CreateJobRequest)
-    family = _family(req.endpoint)
+    family = endpoints.family(req.endpoint)
     with _within("body"):
         body = validate(family.Request, req.body)
         if getattr(body, "stream", False):
             raise InvalidRequest("A job is not streamed: submit it without stream, and follow "
                                  "GET /v1/jobs/{id}/events.", param="stream")
-        prepared = family.prepare(body)
+        prepared = family.prepare(body, ferry)
     if req.webhook is not None:
         webhooks.check_url(req.webhook, allow_private=ferry.settings.webhook_allow_private)
-    record = generation.submit(prepared, tenant=current_tenant(),
-                               deadline=time.time() + ferry.settings.job_deadline,
-                               webhook=req.webhook)
+    g.model = prepared.entry.name
+    record = submit(ferry, prepared,
+                    caller=Caller(current_tenant(), on_enqueued=logs.enqueued),
+                    deadline=time.time() + ferry.settings.job_deadline, webhook=req.webhook)
     return jsonify(_public(record)), 202, {"Location": f"/v1/jobs/{record.id}",
                                            "X-Request-Id": record.id}
 

@@ -3,37 +3,25 @@
 Under gunicorn with several workers, metrics are aggregated across processes through
 ``PROMETHEUS_MULTIPROC_DIR`` (set by web/gunicorn.conf.py). Queue depth and live workers are
 read from Redis when scraped, so every web process reports the same cluster-wide values.
-Latencies are measured in the web process, as a client sees them (queueing included).
+Latencies are measured in the web process, as a client sees them (queueing included), by
+the relay (``tasks/core/timing.py``).
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import redis as redis_lib
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest, multiprocess)
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter,
+                               generate_latest, multiprocess)
 from prometheus_client.core import GaugeMetricFamily
 
-from models import events
-from web import limits
+from tasks.core import limits
 
 bp = Blueprint("metrics", __name__)
 
 REQUESTS = Counter("ferry_requests", "HTTP requests answered", ["endpoint", "model", "status"])
-TTFT = Histogram("ferry_time_to_first_token_seconds", "From enqueue to the first token",
-                 ["model"], buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-ITL = Histogram("ferry_inter_token_latency_seconds", "Between token deliveries to a request",
-                ["model"], buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.5))
-TOKENS = Counter("ferry_tokens_generated", "Completion tokens generated", ["model"])
-# source="evaluated": prompt tokens the model evaluated (a prompt shared by n choices once);
-# source="cached": prompt tokens read from its prefix cache instead (usage cached_tokens).
-PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of generation requests, "
-                        "evaluated or read from the prefix cache", ["model", "source"])
-ACTIVE = Gauge("ferry_active_requests", "Requests waiting for or receiving tokens",
-               multiprocess_mode="livesum")
 
 
 class ClusterCollector:
@@ -64,30 +52,6 @@ class ClusterCollector:
         # 0: no limit (Redis then grows until the host runs out).
         yield GaugeMetricFamily("ferry_redis_maxmemory_bytes", "Redis's maxmemory (0: none)",
                                 value=memory.get("maxmemory", 0))
-
-
-class Timing:
-    """Observes one request's token timings as its events arrive (see web/relay.py)."""
-
-    def __init__(self, model: str):
-        self.model, self.start, self.last = model, time.monotonic(), None
-        ACTIVE.inc()
-
-    def tokens(self) -> None:
-        now = time.monotonic()
-        if self.last is None:
-            TTFT.labels(self.model).observe(now - self.start)
-        else:
-            ITL.labels(self.model).observe(now - self.last)
-        self.last = now
-
-    def done(self, usage: events.Done) -> None:
-        TOKENS.labels(self.model).inc(usage.completion_tokens)
-        PROMPT_TOKENS.labels(self.model, "evaluated").inc(usage.prompt_evaluated)
-        PROMPT_TOKENS.labels(self.model, "cached").inc(usage.cached_tokens)
-
-    def close(self) -> None:
-        ACTIVE.dec()
 
 
 def register(app: Flask) -> None:

@@ -11,9 +11,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from web.schemas.batches import CreateBatchRequest
-from web.schemas.chat import CreateChatCompletionRequest
-from web.schemas.completions import CreateCompletionRequest
-from web.schemas.embeddings import CreateEmbeddingRequest
+from tasks.core.schemas.chat import CreateChatCompletionRequest
+from tasks.core.schemas.completions import CreateCompletionRequest
+from tasks.core.schemas.embeddings import CreateEmbeddingRequest
 from web.schemas.jobs import CreateJobRequest
 
 bp = Blueprint("openapi", __name__)

@@ -1,4 +1,4 @@
-"""Request bodies: JSON parsing and pydantic validation, failing as OpenAI does (400, param)."""
+"""Request bodies: JSON parsing, then the core's validation (``tasks/core/validation.py``)."""
 
 from __future__ import annotations
 
@@ -7,42 +7,14 @@ import re
 from typing import TypeVar
 
 from flask import request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from config.errors import InvalidRequest
+from tasks.core.validation import validate
+
+__all__ = ["parse_body", "validate"]
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def param_of(loc: tuple, data: object, missing: bool) -> str | None:
-    """pydantic's error location as OpenAI spells a parameter (``messages[0].role``).
-
-    The location also names union members tried ("str", "list[str]"); only the parts that
-    exist in the request (or, for a missing field, the field itself) are kept.
-    """
-    out, node = "", data
-    for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            out += ("." if out else "") + str(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            out += f"[{part}]"
-            node = node[part]
-        elif missing and i == len(loc) - 1:
-            out += ("." if out else "") + str(part)
-    return out or None
-
-
-def validate(model: type[M], data: object) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        # In a union, "not a string" says less than "a list of at most 4": prefer the latter.
-        err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
-        param = param_of(err["loc"], data, err["type"] == "missing")
-        where = f" ('{param}')" if param else ""
-        raise InvalidRequest(f"Invalid request{where}: {err['msg']}", param=param) from None
 
 
 def parse_body(model: type[M]) -> M:

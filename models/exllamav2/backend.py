@@ -24,7 +24,7 @@ from config.errors import FerryError, GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
 from models import constraints, tools
 from models.base import Backend, Cancelled, completion_budget, context_exceeded
-from models.events import Done, Event, Started
+from config.contract.events import Done, Event, Started
 from models.exllamav2.grammar import Grammar, grammar_for
 from models.exllamav2.loop import BatchLoop, Ticket
 from models.exllamav2.model_dir import ModelDir
@@ -34,7 +34,7 @@ from models.exllamav2.sampling import settings_fields, token_bias
 from models.exllamav2.spec import JobSpec
 from models.exllamav2.stops import stop_conditions
 from models.exllamav2.vision import EmbeddingCache, decode_images, image_parts, with_aliases
-from models.job import GenerationJob
+from config.contract.job import GenerationJob
 from models.output import follow_choices
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from models.events import Delta, Event, Finish
+from config.contract.events import Delta, Event, Finish
 from models.output import ChoiceWriter
 from models.tools import CallParser
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from config.errors import InvalidRequest
-from models.job import Sampling
+from config.contract.job import Sampling
 
 # Every field of exllamav2 0.3.2's ExLlamaV2Sampler.Settings dataclass.
 SETTINGS_FIELDS = frozenset({

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 import numpy as np
 
-from models import events
-from models.events import TokenLogprob
+from config.contract import events
+from config.contract.events import TokenLogprob
 from models.vectors import from_base64, to_base64
 
 Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]

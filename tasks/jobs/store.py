@@ -35,15 +35,15 @@ from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
-from models import events
-from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
+from config.contract import events
+from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
                             job_key, owner_pending_key, pending_key, queued_key,
                             request_cancel)
 
 
 @dataclass(frozen=True)
 class InFlight:
-    """A model's in-flight limit, as ``create`` applies it (``web/limits.py`` builds it)."""
+    """A model's in-flight limit, as ``create`` applies it (``tasks/core/limits.py`` builds it)."""
 
     key: str
     limit: int
@@ -333,7 +333,7 @@ class JobStore:
             return False
         record = self.get(job_id, owner=ANY_OWNER)
         if record is not None:
-            # Its place in the model's and its owner's in-flight limits (``web/limits.py``)
+            # Its place in the model's and its owner's in-flight limits (``tasks/core/limits.py``)
             # is free again, whichever way it ended (an expired Celery task never reaches a
             # worker).
             pipe = self.redis.pipeline(transaction=False)

@@ -19,7 +19,7 @@ import requests
 
 from tasks.launch.plan import Plan
 from tasks.launch.supervisor import Program
-from tasks.protocol import workers_key
+from config.contract.protocol import workers_key
 
 # supervisord's states in which no process of the program runs.
 DOWN = {"BACKOFF", "EXITED", "FATAL", "STOPPED"}

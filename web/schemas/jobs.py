@@ -14,7 +14,7 @@ class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     endpoint: Endpoint
-    # Validated by the endpoint's own request class (web/schemas/chat.py, completions.py).
+    # Validated by the endpoint's own request class (tasks/core/schemas/chat.py, completions.py).
     body: dict[str, Any]
     # POSTed the final job object when the job ends (see tasks/webhooks.py).
     webhook: Annotated[str, Field(max_length=2048)] | None = None

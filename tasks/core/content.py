@@ -1,8 +1,8 @@
 """Image references in chat content, validated before a job is enqueued.
 
 Accepted: ``data:image/<png|jpeg|gif|webp>;base64,...`` URLs whose bytes are an image of that
-type and within ``max_image_bytes`` (decoded by ``web.images``), ``http(s)://`` URLs (fetched
-only for a vision model, under ``web.images``' limits), and — as Ollama accepts — bare base64
+type and within ``max_image_bytes`` (decoded by ``tasks.core.images``), ``http(s)://`` URLs (fetched
+only for a vision model, under ``tasks.core.images``' limits), and — as Ollama accepts — bare base64
 image bytes, which become a data URL. Anything else is a 400 naming the part.
 
 Which models take images is the registry's ``vision`` flag: images for any other model are a
@@ -22,8 +22,8 @@ from typing import Any
 
 from config.errors import InvalidRequest, PayloadTooLarge, Unsupported
 from config.settings import ModelEntry, Settings
-from web.images import load_image
-from web.schemas.chat import ImagePart, Message
+from tasks.core.images import load_image
+from tasks.core.schemas.chat import ImagePart, Message
 
 # What each accepted type's file starts with.
 _MAGIC = {

@@ -29,9 +29,9 @@ from config.errors import FerryError, ServiceUnavailable, WorkerLost
 from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.store import JobStore
-from models import events
-from tasks.protocol import events_channel, workers_key
-from web.metrics import Timing
+from config.contract import events
+from config.contract.protocol import events_channel, workers_key
+from tasks.core.timing import Timing
 
 log = logging.getLogger(__name__)
 

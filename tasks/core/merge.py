@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from models import events
-from web.relay import Subscription
+from config.contract import events
+from tasks.core.relay import Subscription
 
 
 class MergedSubscription:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.job import Sampling
+from config.contract.job import Sampling
 
 
 class StreamOptions(BaseModel):

@@ -18,7 +18,7 @@ from config.errors import FerryError, RateLimited, ServiceUnavailable
 from config.settings import ModelEntry, Settings
 from config.tenants import Tenant
 from tasks.jobs.store import InFlight, Refused
-from tasks.protocol import owner_pending_key, pending_key
+from config.contract.protocol import owner_pending_key, pending_key
 
 STALE_AFTER = 3600.0
 

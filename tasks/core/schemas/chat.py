@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from config.errors import InvalidRequest
 from models.constraints import SchemaLimits, check_schema
-from models.job import FunctionTool, NamedToolChoice, ResponseFormat, ToolChoice
-from web.schemas.common import GenerationFields
+from config.contract.job import FunctionTool, NamedToolChoice, ResponseFormat, ToolChoice
+from tasks.core.schemas.common import GenerationFields
 
 # OpenAI's rule for function and schema names.
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -22,7 +22,7 @@ class TextPart(BaseModel):
 
 
 class ImageURL(BaseModel):
-    # Checked by ``web.content`` (it needs the server's image size limit).
+    # Checked by ``tasks.core.content`` (it needs the server's image size limit).
     url: str
     detail: Literal["auto", "low", "high"] = "auto"
 

@@ -29,7 +29,7 @@ def cancel_key(job_id: str) -> str:
 
 def pending_key(queue: str) -> str:
     """Jobs admitted for a queue and not yet ended (member = job id, score = admission time);
-    added by the web (``web/limits.py``), removed by whichever side sees the job end."""
+    added by the web (``tasks/core/limits.py``), removed by whichever side sees the job end."""
     return f"ferry:pending:{queue}"
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 
 from config.errors import InvalidRequest
-from web.schemas.common import GenerationFields
+from tasks.core.schemas.common import GenerationFields
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # Prompts one request may list, whatever max_prompts (a setting, checked after validation)

@@ -1,0 +1,226 @@
+"""Running a request's jobs: record and enqueue them, then follow or collect their events.
+
+No Flask here: what a caller is (its tenant, whether it is bulk work, how to tell that nobody
+wants the answer any more) comes in as a ``Caller``; answers are plain values and failures
+are the ``config.errors`` tree. A route (``web/generation.py``) turns HTTP into a ``Caller``
+and a ``Run`` back into HTTP; the batch runner (``tasks/core/endpoints.py``) collects.
+
+Chat and completions differ only in how they build their jobs (their ``prepare``) and the
+JSON they answer with (``tasks/jobs/shapes.py``). ``/v1/jobs`` uses the same ``prepare`` and
+``submit`` and leaves the waiting to its client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import redis as redis_lib
+
+from config.contract import events
+from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
+from config.contract.protocol import (BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK,
+                                      GENERATE_TASK, workers_key)
+from config.errors import FerryError, ServiceUnavailable, rebuild
+from config.settings import ModelEntry
+from config.tenants import Tenant
+from tasks.core import limits
+from tasks.core.merge import MergedSubscription
+from tasks.core.relay import Subscription
+from tasks.core.services import Ferry
+from tasks.jobs.record import JobRecord
+from tasks.jobs.shapes import Outcome, ResponseSpec, Shape
+from tasks.jobs.store import Refused
+
+log = logging.getLogger("ferry.web")
+
+# How often a waiting or streaming request checks that its caller still wants the answer.
+WATCH_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready to run: what the endpoint's ``prepare`` builds, once, for
+    the synchronous endpoint and for ``/v1/jobs`` alike."""
+
+    entry: ModelEntry
+    job: GenerationJob | EmbeddingJob | EmbeddingPartsJob
+    spec: ResponseSpec
+
+
+def _never() -> bool:
+    return False
+
+
+def _log_enqueued(job_id: str, model: str) -> None:
+    log.info("enqueued job=%s model=%s", job_id, model)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, and how. ``bulk``: batch work, queued behind interactive requests and
+    outside the model's and the tenant's in-flight limits. ``abandoned()``: True once nobody
+    wants the answer (the client left, the batch is being cancelled); it is called often
+    and must not block. ``on_enqueued(job id, model)``: after each job is enqueued."""
+
+    tenant: Tenant
+    bulk: bool = False
+    abandoned: Callable[[], bool] = _never
+    on_enqueued: Callable[[str, str], None] = _log_enqueued
+
+
+_TASKS = {GenerationJob: GENERATE_TASK, EmbeddingJob: EMBED_TASK,
+          EmbeddingPartsJob: EMBED_PARTS_TASK}
+
+
+class ClientGone(Exception):
+    """Nobody wants the answer any more (``Caller.abandoned``); the job was cancelled."""
+
+
+def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
+           webhook: str | None = None, live: bool = False,
+           subscription: Subscription | None = None) -> JobRecord:
+    """Record the job as the caller's, then enqueue it. The record exists before any worker
+    can start it. ``live``: 503 unless a worker serves the model now; ``subscription``:
+    confirmed before the job is enqueued. The checks and the record are one Redis round
+    trip (``JobStore.create``)."""
+    entry, tenant, bulk = prepared.entry, caller.tenant, caller.bulk
+    job = prepared.job.model_copy(update={"deadline": deadline})
+    try:
+        # Batch lines are paced by the batch worker (chunks x lines in flight) and queue
+        # behind interactive work; the in-flight limit protects interactive clients.
+        record = ferry.jobs.create(
+            job_id=job.id, endpoint=prepared.spec.endpoint, model=entry.name,
+            queue=entry.queue, spec=prepared.spec, deadline=deadline, owner=tenant.owner,
+            webhook=webhook, in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
+            owner_in_flight=None if bulk else limits.owner_in_flight(ferry.settings, tenant),
+            live_workers=workers_key(entry.queue) if live else None, bulk=bulk)
+    except Refused as e:
+        raise limits.refusal(entry, e, tenant) from None
+    except redis_lib.RedisError as e:
+        raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
+    try:
+        if subscription is not None:
+            subscription.wait_confirmed()
+        ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
+                               queue=entry.queue, task_id=job.id,
+                               expires=max(1.0, deadline - time.time()),
+                               priority=BULK_PRIORITY if bulk else None)
+    except Exception as e:
+        ferry.jobs.discard(job.id)
+        limits.release(ferry.redis, entry.queue, job.id, tenant.owner)
+        if isinstance(e, FerryError):
+            raise
+        raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
+    caller.on_enqueued(job.id, entry.name)
+    return record
+
+
+class Run:
+    """A request's jobs, submitted and followed as one: ``events()`` until the terminal one,
+    under the request's ``id``, answered in its ``shape``. Close it when done."""
+
+    def __init__(self, sub: Subscription | MergedSubscription, shape: Shape,
+                 abandoned: Callable[[], bool]):
+        self.sub, self.shape, self.abandoned = sub, shape, abandoned
+        self.id = sub.job_id
+
+    def events(self) -> Iterator[events.Event]:
+        return follow(self.sub, self.abandoned)
+
+    def pending(self) -> int:
+        """Events already waiting (read without blocking)."""
+        return self.sub.pending()
+
+    def cancel(self) -> None:
+        self.sub.cancel()
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+def start(ferry: Ferry, prepared: list[Prepared], caller: Caller) -> Run:
+    """Subscribe to each job's events, then submit it (one job per prompt for completions
+    with several prompts: they run in parallel and are read as one, ``tasks.core.merge``,
+    under the request id their ids share). Fails fast when no worker is live."""
+    entry = prepared[0].entry
+    subs: list[Subscription] = []
+    deadline = time.time() + ferry.settings.queue_timeout
+    try:
+        for p in prepared:
+            sub = _subscribe(ferry, p, caller.tenant)
+            try:
+                record = submit(ferry, p, caller=caller, deadline=deadline, live=True,
+                                subscription=sub)
+            except BaseException:
+                sub.close()  # its job was not enqueued
+                raise
+            subs.append(sub)
+    except BaseException:
+        for sub in subs:
+            sub.cancel()
+            sub.close()
+        raise
+    if len(subs) == 1:
+        sub, job_id = subs[0], record.id
+    else:
+        job_id = record.id.rsplit("-", 1)[0]
+        sub = MergedSubscription(job_id, subs, prepared[0].spec.candidates)
+    shape = prepared[0].spec.shape(job_id, entry.name, int(record.created))
+    return Run(sub, shape, caller.abandoned)
+
+
+def _subscribe(ferry: Ferry, prepared: Prepared, tenant: Tenant) -> Subscription:
+    entry, job_id = prepared.entry, prepared.job.id
+    sub = ferry.relay.subscribe(job_id, entry.queue, entry.name, wait=False)
+    # The worker releases the job's admission when it ends; this covers jobs it never runs.
+    sub.on_close(lambda: limits.release(ferry.redis, entry.queue, job_id, tenant.owner))
+    return sub
+
+
+def follow(sub: Subscription | MergedSubscription,
+           gone: Callable[[], bool]) -> Iterator[events.Event]:
+    """Events until the terminal one. A ``Failed`` event is raised as its ``FerryError``.
+
+    ``gone()`` is checked at most every ``WATCH_INTERVAL``, whether or not events flow (a
+    write to a closed socket can still succeed): once it is true, the job is cancelled (a
+    queued job then never runs) and ``ClientGone`` is raised.
+    """
+    checked = time.monotonic()
+    while True:
+        ev = sub.next(timeout=WATCH_INTERVAL)
+        now = time.monotonic()
+        if ev is None or now - checked >= WATCH_INTERVAL:
+            checked = now
+            if gone():
+                sub.cancel()
+                raise ClientGone()
+        if ev is None:
+            continue
+        if isinstance(ev, events.Failed):
+            raise rebuild(ev.error, ev.status)
+        yield ev
+        if isinstance(ev, events.TERMINAL):
+            return
+
+
+def collect(run: Run) -> dict:
+    """The run's whole answer, as the endpoint's JSON body; closes the run. Its failure is
+    raised as the ``FerryError`` it ended with, ``ClientGone`` once it is abandoned."""
+    outcome = Outcome()
+    try:
+        for ev in run.events():
+            outcome.add(ev)
+            if isinstance(ev, events.RESULTS):
+                return outcome.body(run.shape)
+    finally:
+        run.close()
+    raise ServiceUnavailable("The response ended early.")
+
+
+def run_to_end(ferry: Ferry, prepared: Prepared, caller: Caller) -> tuple[str, dict]:
+    """Run one job to its end: its id and result body (``collect``)."""
+    run = start(ferry, [prepared], caller)
+    return run.id, collect(run)

@@ -1,0 +1,46 @@
+"""Token timings as a client sees them (queueing included), observed by the relay as each
+request's events arrive; exported at the web's GET /metrics (``web/metrics.py``)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from config.contract import events
+
+TTFT = Histogram("ferry_time_to_first_token_seconds", "From enqueue to the first token",
+                 ["model"], buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+ITL = Histogram("ferry_inter_token_latency_seconds", "Between token deliveries to a request",
+                ["model"], buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.5))
+TOKENS = Counter("ferry_tokens_generated", "Completion tokens generated", ["model"])
+# source="evaluated": prompt tokens the model evaluated (a prompt shared by n choices once);
+# source="cached": prompt tokens read from its prefix cache instead (usage cached_tokens).
+PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of generation requests, "
+                        "evaluated or read from the prefix cache", ["model", "source"])
+ACTIVE = Gauge("ferry_active_requests", "Requests waiting for or receiving tokens",
+               multiprocess_mode="livesum")
+
+
+class Timing:
+    """Observes one request's token timings as its events arrive (see tasks/core/relay.py)."""
+
+    def __init__(self, model: str):
+        self.model, self.start, self.last = model, time.monotonic(), None
+        ACTIVE.inc()
+
+    def tokens(self) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            TTFT.labels(self.model).observe(now - self.start)
+        else:
+            ITL.labels(self.model).observe(now - self.last)
+        self.last = now
+
+    def done(self, usage: events.Done) -> None:
+        TOKENS.labels(self.model).inc(usage.completion_tokens)
+        PROMPT_TOKENS.labels(self.model, "evaluated").inc(usage.prompt_evaluated)
+        PROMPT_TOKENS.labels(self.model, "cached").inc(usage.cached_tokens)
+
+    def close(self) -> None:
+        ACTIVE.dec()
