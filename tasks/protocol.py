@@ -87,6 +87,12 @@ def queued_key(queue: str, bulk: bool) -> str:
     return f"ferry:queued:{queue}:{'bulk' if bulk else 'interactive'}"
 
 
+def celery_list(queue: str, bulk: bool) -> str:
+    """The Redis list holding a lane's Celery messages: kombu keeps one list per priority
+    step, the queue's name for priority 0 and ``<queue>\\x06\\x16<step>`` for the others."""
+    return f"{queue}\x06\x16{BULK_PRIORITY}" if bulk else queue
+
+
 def events_log(job_id: str) -> str:
     """The job's replay buffer: a Redis Stream holding every message published on its
     channel, added in the same pipeline and *before* the PUBLISH (see ``web/job_events.py``)."""
