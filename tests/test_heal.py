@@ -197,3 +197,38 @@ def test_a_stream_across_a_quick_redis_restart_ends(stack, tmp_path):
             assert time.monotonic() < deadline, "Ferry did not recover after the Redis restart"
             time.sleep(0.5)
     assert r.choices[0].message.content == "ok"
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_missing_finds_only_jobs_whose_message_is_gone(tmp_path, bulk):
+    """``JobStore.missing`` reads the right Celery list for each lane (bulk lines are sent
+    at the lowest priority, a list of their own)."""
+    from config import load_settings
+    from tasks.app import make_celery
+    from tasks.jobs.shapes import ResponseSpec
+    from tasks.jobs.store import JobStore
+
+    server = RedisServer(tmp_path).start()
+    try:
+        settings = load_settings().model_copy(update={"redis_url": server.url})
+        r = redis.Redis.from_url(server.url)
+        jobs, celery = JobStore(r, settings), make_celery(settings)
+        for job_id in ("kept", "lost"):
+            jobs.create(job_id=job_id, endpoint="/v1/chat/completions", model="m",
+                        queue="ferry.m", spec=ResponseSpec(endpoint="/v1/chat/completions"),
+                        deadline=time.time() + 60, owner="", bulk=bulk)
+            celery.send_task("ferry.generate", args=[{}], queue="ferry.m", task_id=job_id,
+                             priority=9 if bulk else None)
+        later = time.time() + 1
+        assert jobs.missing("ferry.m", bulk, later) == []
+        assert jobs.missing("ferry.m", not bulk, later) == []
+        [lost] = [m for m in r.lrange(next(k for k in r.keys("ferry.m*")), 0, -1)
+                  if b'"id": "lost"' in m]
+        r.lrem(next(k for k in r.keys("ferry.m*")), 1, lost)
+        assert jobs.missing("ferry.m", bulk, later) == ["lost"]
+        assert jobs.missing("ferry.m", bulk, time.time() - 30) == []  # too recent to judge
+        assert jobs.fail_lost_message("lost")
+        assert jobs.get("lost", owner="").error["code"] == "job_lost"
+        assert jobs.missing("ferry.m", bulk, later) == []
+    finally:
+        server.kill()
