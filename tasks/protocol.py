@@ -42,6 +42,13 @@ def workers_key(queue: str) -> str:
     return f"ferry:workers:{queue}"
 
 
+def worker_jobs_key(worker: str) -> str:
+    """The jobs a worker is running, as space-separated ids, rewritten every heartbeat and
+    expiring with it: a job recorded as running on a live worker that does not list it has
+    lost its end (a write Redis dropped in a restart)."""
+    return f"ferry:worker-jobs:{worker}"
+
+
 def request_cancel(redis, job_id: str) -> None:
     pipe = redis.pipeline(transaction=False)
     pipe.set(cancel_key(job_id), 1, ex=CANCEL_TTL)

@@ -39,7 +39,7 @@ from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
 from tasks.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
-                            workers_key)
+                            worker_jobs_key, workers_key)
 from tasks.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,14 @@ class Runtime:
         key = workers_key(self.entry.queue)
         while not self._stop.is_set():
             now = time.time()
+            with self._jobs_lock:
+                running = " ".join(sorted(self._active))
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.zadd(key, {self.name: int((now + self.settings.worker_timeout) * 1000)})
                 pipe.zremrangebyscore(key, 0, int(now * 1000))
+                pipe.set(worker_jobs_key(self.name), running,
+                         px=int(self.settings.worker_timeout * 1000))
                 pipe.execute()
             except redis_lib.RedisError as e:
                 log.warning("heartbeat failed: %s", e)

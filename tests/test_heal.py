@@ -232,3 +232,40 @@ def test_missing_finds_only_jobs_whose_message_is_gone(tmp_path, bulk):
         assert jobs.missing("ferry.m", bulk, later) == []
     finally:
         server.kill()
+
+
+def test_a_job_whose_end_redis_lost_is_failed(stack):
+    """Redis restarted from its append-only file may lose a job's last write, its end: the
+    record says in_progress on a worker that is alive and no longer runs it. The janitor
+    sees that in the worker's heartbeat (its running jobs) and fails the job."""
+    web, r = stack["web"], redis.Redis.from_url(stack["redis"].url)
+    job = requests.post(web.url + "/v1/jobs", timeout=30, json={
+        "endpoint": "/v1/chat/completions",
+        "body": {"model": "doomed", "messages": script(tokens=["x"])}}).json()
+    deadline = time.monotonic() + 10
+    while requests.get(f"{web.url}/v1/jobs/{job['id']}", timeout=5).json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # What the record looks like when the end was lost: as the worker's start left it.
+    r.hset(f"ferry:job:{job['id']}", "status", "in_progress")
+    r.hdel(f"ferry:job:{job['id']}", "finished", "result")
+    r.zadd("ferry:jobs:running", {job["id"]: time.time() - 60})
+    deadline = time.monotonic() + 10
+    while (found := requests.get(f"{web.url}/v1/jobs/{job['id']}", timeout=5).json())[
+            "status"] == "in_progress":
+        assert time.monotonic() < deadline, "the job stayed in_progress"
+        time.sleep(0.2)
+    assert (found["status"], found["error"]["code"]) == ("failed", "worker_lost")
+    # A job the worker does run is left alone.
+    long = requests.post(web.url + "/v1/jobs", timeout=30, json={
+        "endpoint": "/v1/chat/completions",
+        "body": {"model": "doomed", "messages": script(count=40, delay=0.1)}}).json()
+    while requests.get(f"{web.url}/v1/jobs/{long['id']}", timeout=5).json()["status"] == "queued":
+        time.sleep(0.05)
+    r.zadd("ferry:jobs:running", {long["id"]: time.time() - 60})
+    deadline = time.monotonic() + 30
+    while (found := requests.get(f"{web.url}/v1/jobs/{long['id']}", timeout=5).json())[
+            "status"] == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert found["status"] == "completed", found

@@ -241,6 +241,9 @@ class Relay:
             for sub in [s for subs in self._subs.values() for s in subs]:
                 sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
             try:
+                # Its connection goes back to the pool, for plain commands: not ours to watch.
+                if pubsub.connection is not None:
+                    pubsub.connection.deregister_connect_callback(self._reconnected)
                 pubsub.close()
             except Exception:
                 pass

@@ -1,7 +1,7 @@
 """Job state in Redis: one hash per job, changed only by atomic transitions.
 
     queued ──start──> in_progress ──finish──> completed | failed | cancelled
-       │                   └──(its worker died; the web's janitor)──> failed
+       │                   └──(its worker died, or lost its end; the web's janitor)──> failed
        └──cancel──> cancelled,  └──(not started by its deadline)──> expired
 
 Each transition is one Lua script that checks the status it leaves, so a cancel racing a
@@ -39,7 +39,7 @@ from models import events
 from tasks.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, celery_list,
                             events_channel, events_log,
                             job_key, owner_pending_key, pending_key, queued_key,
-                            request_cancel)
+                            request_cancel, worker_jobs_key)
 
 
 @dataclass(frozen=True)
@@ -323,8 +323,11 @@ class JobStore:
             job_id, "queued", "expired", PENDING_JOBS,
             JobExpired("The job was not started before its deadline."), keep_error=True)
 
-    def fail_lost(self, record: JobRecord) -> bool:
-        err = WorkerLost(f"The worker running this job ({record.worker}) stopped responding.")
+    def fail_lost(self, record: JobRecord, *, alive: bool = False) -> bool:
+        err = WorkerLost(
+            f"The worker running this job ({record.worker}) no longer runs it: its end was "
+            "lost (Redis restarted)." if alive else
+            f"The worker running this job ({record.worker}) stopped responding.")
         return self._end_unreported(record.id, "in_progress", "failed", RUNNING_JOBS, err,
                                     keep_error=True, worker=record.worker or "")
 
@@ -354,6 +357,7 @@ class JobStore:
             if not self.expire(raw.decode()):
                 self.redis.zrem(PENDING_JOBS, raw)  # started, cancelled, or deleted by TTL
         live: dict[str, set[str]] = {}
+        running: dict[str, set[str] | None] = {}
         for raw in self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
                                             now - self.settings.worker_timeout):
             record = self.get(raw.decode(), owner=ANY_OWNER)
@@ -364,6 +368,14 @@ class JobStore:
                 live[record.queue] = live_workers(record.queue)
             if record.worker not in live[record.queue]:
                 self.fail_lost(record)
+                continue
+            # Alive, but does it still run the job? (Started a worker timeout ago at least,
+            # so a heartbeat since has listed it if it does.)
+            if record.worker not in running:
+                listed = self.redis.get(worker_jobs_key(record.worker))
+                running[record.worker] = None if listed is None else set(listed.decode().split())
+            if running[record.worker] is not None and record.id not in running[record.worker]:
+                self.fail_lost(record, alive=True)
 
     # -- internals --------------------------------------------------------------------------
 
