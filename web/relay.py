@@ -304,9 +304,11 @@ class Relay:
             self._give_up(sub, ServiceUnavailable("The request waited too long in the queue."))
 
     def _give_up(self, sub: Subscription, err: FerryError) -> None:
-        """Fail a request that never started, and expire its job: nobody waits for it now."""
+        """Fail a request that never started, and expire its job: nobody waits for it now.
+        Failed first: the expiry's own ``expired`` event, read by the reader greenlet while
+        this one waits on Redis, would otherwise overtake the reason."""
+        sub._fail(err)
         try:
             self.jobs.expire(sub.job_id)
         except redis_lib.RedisError:
             pass
-        sub._fail(err)
