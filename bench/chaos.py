@@ -232,7 +232,11 @@ def faults(run: MakeRun, client: redis.Redis, minutes: float, every: float) -> l
 def run(minutes: float, every: float) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ferry-chaos-"))
     stack = MakeRun(work / "data", FERRY_CONFIG="", FERRY_WORKER_TIMEOUT="5",
-                    FERRY_HEARTBEAT_INTERVAL="1", FERRY_BATCH_VISIBILITY_TIMEOUT="60")
+                    FERRY_HEARTBEAT_INTERVAL="1",
+                    # A batch whose chunk message died with Redis is resumed within the
+                    # run; the line timeout stays below it (checked at start) and well
+                    # above a line's wait behind the interactive traffic on 2 cores.
+                    FERRY_BATCH_VISIBILITY_TIMEOUT="360", FERRY_BATCH_LINE_TIMEOUT="300")
     try:
         stack.start().wait_ready()
         client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)

@@ -100,6 +100,15 @@ class WorkerLost(FerryError):
     code = "worker_lost"
 
 
+class JobLost(FerryError):
+    """The job's queued message is gone (lost with Redis's last writes, or with a worker killed
+    as it took it) and no worker started it: it will never run."""
+
+    status = 503
+    type = "server_error"
+    code = "job_lost"
+
+
 class JobExpired(FerryError):
     """The job was not started before its deadline (nobody waits for it any more)."""
 

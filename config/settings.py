@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     worker_timeout: float = Field(default=5.0, gt=0)
     # How long a request may wait in the queue before it fails (and its task expires).
     queue_timeout: float = Field(default=300.0, gt=0)
+    # A queued job whose Celery message is in no queue for this long (seen missing twice) is
+    # failed with ``job_lost``: a worker marks a job started milliseconds after taking its
+    # message, so 5 s is far past that window even on a loaded host.
+    job_lost_after: float = Field(default=5.0, gt=0)
+    # How long a worker retries writing a job's start, end or events while Redis is
+    # unreachable or loading its data: a Redis restarted by its supervisor is back in
+    # seconds; past this the janitor ends the job instead.
+    redis_retry_seconds: float = Field(default=30.0, ge=0)
     # Largest request body accepted (bytes).
     max_body_bytes: int = 16 * 1024 * 1024
     # A JSON schema (response_format, each tool's parameters) as compact JSON: validating it

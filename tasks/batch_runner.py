@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import gevent.pool
 
-from config.errors import NotFound, WorkerLost
+from config.errors import JobExpired, JobLost, NotFound, ServiceUnavailable, WorkerLost
 from config.settings import Settings
 from config.tenants import ANY_OWNER, Tenant
 from tasks.batch_lines import (Line, LineError, TooManyLines, error_record,
@@ -57,12 +57,21 @@ EXPIRED = LineError("batch_expired",
 # A line whose model worker died under it is run again, this many times at most: the worker's
 # death is not the request's fault, but a line that kills every worker must not go on for ever.
 LOST_RETRIES = 2
+# Failures that say nothing about the line itself, only that its model could not take it
+# just then (no live worker while one restarts, its job's message lost with a Redis restart,
+# its wait given up): the line is run again, backing off, until ``batch_line_timeout`` after
+# it first ran. OpenAI's batches ride out capacity problems the same way.
+TRANSIENT = {ServiceUnavailable.code, JobLost.code, JobExpired.code}
+# The longest pause between two runs of a line (doubling from 1 s): a restarted worker is
+# seen within this much of its return.
+MAX_PAUSE = 8.0
 
 
-def _lost(answer: Answer | None) -> bool:
-    return (answer is not None and answer[0] == WorkerLost.status
-            and isinstance(answer[2], dict)
-            and (answer[2].get("error") or {}).get("code") == WorkerLost.code)
+def _code(answer: Answer | None) -> str | None:
+    """The error code of a failed answer (None for a success or a cancelled line)."""
+    if answer is None or 200 <= answer[0] < 300 or not isinstance(answer[2], dict):
+        return None
+    return (answer[2].get("error") or {}).get("code")
 
 
 def _record(obj: BatchObject, line: Line, status: int, request_id: str | None,
@@ -238,22 +247,41 @@ class BatchRunner:
         def abandoned() -> bool:
             return stopping() == "cancelling"
 
-        answers: dict[int, Answer | None] = {}
-        pending = todo
-        for attempt in range(LOST_RETRIES + 1):
-            for (k, _), answer in zip(pending, self._answers(obj, pending, abandoned)):
-                answers[k] = answer
-            pending = [(k, line) for k, line in pending if _lost(answers[k])]
-            if not pending or abandoned():
-                break
-            if attempt < LOST_RETRIES:
-                log.warning("batch %s chunk %d: %d lines lost their model worker; running "
-                            "them again", obj.id, index, len(pending))
+        answers = self._run_lines(obj, index, todo, abandoned, stopping)
         for k, line in todo:
             answer = answers[k]
             if answer is not None:  # None: cancelled with its batch
                 results[k] = _record(obj, line, *answer)
         return ChunkResult(output=[o for o, _ in results if o], errors=[e for _, e in results if e])
+
+    def _run_lines(self, obj: BatchObject, index: int, todo: list[tuple[int, Line]],
+                   abandoned: Callable[[], bool],
+                   stopping: Callable[[], str | None]) -> dict[int, Answer | None]:
+        """Each line's answer, after running again those that failed for want of a worker
+        (``TRANSIENT``, until ``batch_line_timeout``) or lost theirs (``LOST_RETRIES``)."""
+        answers: dict[int, Answer | None] = {}
+        lost: dict[int, int] = {}
+        started, pause, pending = time.monotonic(), 1.0, todo
+        while pending:
+            for (k, _), answer in zip(pending, self._answers(obj, pending, abandoned)):
+                answers[k] = answer
+            again = []
+            for k, line in pending:
+                code = _code(answers[k])
+                if code == WorkerLost.code:
+                    lost[k] = lost.get(k, 0) + 1
+                    if lost[k] <= LOST_RETRIES:
+                        again.append((k, line))
+                elif code in TRANSIENT:
+                    again.append((k, line))
+            late = time.monotonic() - started + pause > self.settings.batch_line_timeout
+            if not again or abandoned() or stopping() is not None or late:
+                break
+            log.warning("batch %s chunk %d: %d lines found no worker or lost it; running them "
+                        "again in %g s", obj.id, index, len(again), pause)
+            gevent.sleep(pause)
+            pause, pending = min(pause * 2, MAX_PAUSE), again
+        return answers
 
     def _answers(self, obj: BatchObject, todo: list[tuple[int, Line]],
                  abandoned: Callable[[], bool]) -> list[Answer | None]:

@@ -7,6 +7,10 @@ pipeline; so a fast token source costs one PUBLISH per drain, not one per token.
 Each message is also appended to the job's replay buffer (a capped stream with a TTL) in the
 same pipeline, *before* it is published: a watcher that subscribes and then reads the buffer
 misses nothing (what was published before it subscribed is already in the buffer).
+
+A drain that finds Redis unreachable or loading (restarted) is sent again, with back-off,
+for up to ``retry_s``: its commands are one MULTI/EXEC, so a retry never appends twice, and
+the job's buffer still ends with its terminal event once Redis is back.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
+
+import redis as redis_lib
 
 from config.contract import events
 from config.contract.protocol import events_channel, events_log
@@ -23,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, redis, *, log_max: int, log_ttl_ms: int):
-        self.redis = redis
+    def __init__(self, redis, *, log_max: int, log_ttl_ms: int, retry_s: float = 0.0):
+        self.redis, self.retry_s = redis, retry_s
         self.log_max, self.log_ttl_ms = log_max, log_ttl_ms
         self._q: queue.Queue = queue.Queue()
         self._seq: dict[str, int] = defaultdict(int)
@@ -68,14 +75,28 @@ class Publisher:
                 f.set()
 
     def _send(self, batches) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id, (first, evs) in batches.items():
-            message = events.encode(first, evs)
-            pipe.xadd(events_log(job_id), {"m": message}, maxlen=self.log_max, approximate=True)
-            pipe.pexpire(events_log(job_id), self.log_ttl_ms)
-            pipe.publish(events_channel(job_id), message)
-        try:
-            pipe.execute()
-        except Exception:
-            # The web side notices the gap (or the dead connection) and fails the request.
-            log.exception("could not publish events for %d jobs", len(batches))
+        messages = [(job_id, events.encode(first, evs))
+                    for job_id, (first, evs) in batches.items()]
+        give_up, pause = time.monotonic() + self.retry_s, 0.2
+        while True:
+            # Built anew each try: a pipeline forgets its commands when it executes.
+            pipe = self.redis.pipeline(transaction=True)
+            for job_id, message in messages:
+                pipe.xadd(events_log(job_id), {"m": message}, maxlen=self.log_max,
+                          approximate=True)
+                pipe.pexpire(events_log(job_id), self.log_ttl_ms)
+                pipe.publish(events_channel(job_id), message)
+            try:
+                pipe.execute()
+                return
+            except redis_lib.ConnectionError as e:  # down, or loading its data (restarted)
+                if time.monotonic() + pause > give_up:
+                    log.error("could not publish events for %d jobs: %s", len(batches), e)
+                    return
+                log.warning("publishing events for %d jobs: %s; retrying", len(batches), e)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            except Exception:
+                # The web side notices the gap (or the dead connection) and fails the request.
+                log.exception("could not publish events for %d jobs", len(batches))
+                return

@@ -10,6 +10,8 @@ Every event of a job passes through ``run``, so the runtime is the source of tru
 record (``jobs.store``): it marks the job started, and at the end writes the final body (the
 one the synchronous endpoint returns) or the error *before* publishing the terminal event,
 so a watcher that saw ``done`` finds the job completed. No web process needs to be listening.
+Those writes are retried while Redis is unreachable or reloading after a restart (up to
+``redis_retry_seconds``): a job that ran is recorded as ended, not left ``in_progress``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
 from config.contract.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
-                            workers_key)
+                                      worker_jobs_key, workers_key)
 from tasks.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ class Runtime:
         self.backend = load_backend(entry)
         self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(settings))
         self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
-                                   log_ttl_ms=self.jobs.events_ttl_ms)
+                                   log_ttl_ms=self.jobs.events_ttl_ms,
+                                   retry_s=settings.redis_retry_seconds)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
@@ -75,10 +78,14 @@ class Runtime:
         key = workers_key(self.entry.queue)
         while not self._stop.is_set():
             now = time.time()
+            with self._jobs_lock:
+                running = " ".join(sorted(self._active))
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.zadd(key, {self.name: int((now + self.settings.worker_timeout) * 1000)})
                 pipe.zremrangebyscore(key, 0, int(now * 1000))
+                pipe.set(worker_jobs_key(self.name), running,
+                         px=int(self.settings.worker_timeout * 1000))
                 pipe.execute()
             except redis_lib.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
@@ -123,7 +130,8 @@ class Runtime:
         with self._jobs_lock:
             self._active.add(job.id)
         try:
-            started_job = self.jobs.start(job.id, self.name)
+            started_job = self._retrying(f"start job {job.id}",
+                                         lambda: self.jobs.start(job.id, self.name))
         except redis_lib.RedisError as e:
             log.error("job %s dropped: Redis is unreachable (%s)", job.id, e)
             started_job = None
@@ -237,9 +245,24 @@ class Runtime:
         self._finish(job_id, "failed", error=err.to_dict())
         self.publisher.put(job_id, failed(err))
 
+    def _retrying(self, what: str, write):
+        """``write()``, again with back-off while Redis is down or loading its data, for up to
+        ``redis_retry_seconds``; then its error is raised."""
+        give_up, pause = time.monotonic() + self.settings.redis_retry_seconds, 0.2
+        while True:
+            try:
+                return write()
+            except redis_lib.ConnectionError as e:  # BusyLoadingError is one
+                if time.monotonic() + pause > give_up:
+                    raise
+                log.warning("could not %s (%s); retrying", what, e)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
     def _finish(self, job_id: str, status: JobStatus, **outcome) -> None:
         try:
-            self.jobs.finish(job_id, status, **outcome)
+            self._retrying(f"record the end of job {job_id}",
+                           lambda: self.jobs.finish(job_id, status, **outcome))
         except redis_lib.RedisError as e:
             # The job's watchers still get its events, if Redis comes back for the publisher.
             log.error("could not record the end of job %s: %s", job_id, e)

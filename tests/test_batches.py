@@ -263,7 +263,7 @@ def test_lines_whose_model_worker_dies_are_run_again(client, batch_worker, redis
         out = records(client, done.output_file_id)
         assert sorted(r["custom_id"] for r in out) == [f"d{i}" for i in range(5)]
         assert all(r["response"]["body"]["choices"][0]["message"]["content"] == "abc" for r in out)
-        assert "lost their model worker; running them again" in batch_worker.log.read_text()
+        assert "found no worker or lost it; running them again" in batch_worker.log.read_text()
     finally:
         for worker in (first, second):
             if worker is not None:

@@ -42,6 +42,13 @@ def workers_key(queue: str) -> str:
     return f"ferry:workers:{queue}"
 
 
+def worker_jobs_key(worker: str) -> str:
+    """The jobs a worker is running, as space-separated ids, rewritten every heartbeat and
+    expiring with it: a job recorded as running on a live worker that does not list it has
+    lost its end (a write Redis dropped in a restart)."""
+    return f"ferry:worker-jobs:{worker}"
+
+
 def request_cancel(redis, job_id: str) -> None:
     pipe = redis.pipeline(transaction=False)
     pipe.set(cancel_key(job_id), 1, ex=CANCEL_TTL)
@@ -85,6 +92,12 @@ def queued_key(queue: str, bulk: bool) -> str:
     """A queue's jobs not yet started, per lane (member = job id, score = creation time):
     what ``JobStore.position`` counts instead of scanning Celery's list."""
     return f"ferry:queued:{queue}:{'bulk' if bulk else 'interactive'}"
+
+
+def celery_list(queue: str, bulk: bool) -> str:
+    """The Redis list holding a lane's Celery messages: kombu keeps one list per priority
+    step, the queue's name for priority 0 and ``<queue>\\x06\\x16<step>`` for the others."""
+    return f"{queue}\x06\x16{BULK_PRIORITY}" if bulk else queue
 
 
 def events_log(job_id: str) -> str:

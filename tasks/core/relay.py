@@ -184,6 +184,7 @@ class Relay:
             self._pubsub = self.redis.pubsub()
             # Subscribe once to something so that the reader has a connection to block on.
             self._pubsub.subscribe("ferry:relay")
+            self._pubsub.connection.register_connect_callback(self._reconnected)
         if self._reader is None or self._reader.dead:
             self._reader = gevent.spawn(self._read_loop)
         if self._watchdog is None or self._watchdog.dead:
@@ -240,9 +241,25 @@ class Relay:
             for sub in [s for subs in self._subs.values() for s in subs]:
                 sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
             try:
+                # Its connection goes back to the pool, for plain commands: not ours to watch.
+                if pubsub.connection is not None:
+                    pubsub.connection.deregister_connect_callback(self._reconnected)
                 pubsub.close()
             except Exception:
                 pass
+
+    def _reconnected(self, _connection) -> None:
+        """redis-py reconnects a pub/sub connection by itself when Redis comes back within its
+        retries, and subscribes its channels again; whatever was published meanwhile (a
+        job's last tokens, its Done, a janitor's Failed) is gone. Every listener confirmed
+        before the drop therefore fails now, as when the relay loses Redis for good; one
+        still waiting for its confirmation gets it on the new connection. Called on the
+        reader's greenlet (or a subscriber's) inside redis-py: no Redis call here."""
+        dropped = [s for subs in self._subs.values() for s in subs if s.confirmed.is_set()]
+        if dropped:
+            log.warning("relay reconnected to Redis; failing %d open streams", len(dropped))
+        for sub in dropped:
+            sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
 
     @staticmethod
     def _dispatch(subs: list[_Listener], data: bytes) -> None:
@@ -287,9 +304,11 @@ class Relay:
             self._give_up(sub, ServiceUnavailable("The request waited too long in the queue."))
 
     def _give_up(self, sub: Subscription, err: FerryError) -> None:
-        """Fail a request that never started, and expire its job: nobody waits for it now."""
+        """Fail a request that never started, and expire its job: nobody waits for it now.
+        Failed first: the expiry's own ``expired`` event, read by the reader greenlet while
+        this one waits on Redis, would otherwise overtake the reason."""
+        sub._fail(err)
         try:
             self.jobs.expire(sub.job_id)
         except redis_lib.RedisError:
             pass
-        sub._fail(err)

@@ -1,7 +1,7 @@
 """Job state in Redis: one hash per job, changed only by atomic transitions.
 
     queued ──start──> in_progress ──finish──> completed | failed | cancelled
-       │                   └──(its worker died; the web's janitor)──> failed
+       │                   └──(its worker died, or lost its end; the web's janitor)──> failed
        └──cancel──> cancelled,  └──(not started by its deadline)──> expired
 
 Each transition is one Lua script that checks the status it leaves, so a cancel racing a
@@ -30,15 +30,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from config.errors import FerryError, JobCancelled, JobExpired, WorkerLost
+from config.errors import FerryError, JobCancelled, JobExpired, JobLost, WorkerLost
 from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
 from config.contract import events
-from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, events_channel, events_log,
-                            job_key, owner_pending_key, pending_key, queued_key,
-                            request_cancel)
+from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, celery_list,
+                                      events_channel, events_log,
+                                      job_key, owner_pending_key, pending_key, queued_key,
+                                      request_cancel, worker_jobs_key)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,14 @@ return {'ok'}
 
 # KEYS: job, pending, running, cancel flag. ARGV: worker, now, job id.
 # Returns {status found} if the job must not start ('late': queued past its deadline), else
-# {'in_progress', cancel requested (0/1), the record's fields}: one round trip.
+# {'in_progress', cancel requested (0/1), the record's fields}: one round trip. A start the
+# same worker already made (a retry whose first reply was lost) is answered as a start.
 _START = """
 local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'in_progress' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  -- this worker's own start, retried after its reply was lost
+  return {'in_progress', redis.call('EXISTS', KEYS[4]), redis.call('HGETALL', KEYS[1])}
+end
 if st ~= 'queued' then return {st or ''} end
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 if deadline and tonumber(ARGV[2]) > deadline then return {'late'} end
@@ -142,6 +148,29 @@ redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PUBLISH', KEYS[4], out)
 return 1
 """
+# The queued jobs of a lane created before ARGV[1] whose Celery message is not in the lane's
+# list (KEYS: lane, list). The list is read from its oldest end (kombu pops from the right),
+# where old jobs' messages are, and only until every one is found: O(old jobs) when nothing
+# is lost. A message's task id is its envelope's first "id" key (Celery's headers).
+_MISSING = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+if #old == 0 then return {} end
+local missing, left = {}, #old
+for _, id in ipairs(old) do missing[id] = true end
+local n, page = redis.call('LLEN', KEYS[2]), 200
+local i = 0
+while i < n and left > 0 do
+  local msgs = redis.call('LRANGE', KEYS[2], -(i + page), -(i + 1))
+  for _, m in ipairs(msgs) do
+    local id = string.match(m, '"id": ?"([^"]+)"')
+    if id and missing[id] then missing[id] = nil; left = left - 1 end
+  end
+  i = i + page
+end
+local out = {}
+for _, id in ipairs(old) do if missing[id] then table.insert(out, id) end end
+return out
+"""
 # Jobs ahead of a queued one (see ``position``). KEYS: job, the queue's interactive lane.
 # ARGV: job id. -1: the job has no lane (not queued).
 _POSITION = """
@@ -164,6 +193,7 @@ class JobStore:
         self._finish = redis.register_script(_FINISH)
         self._end = redis.register_script(_END)
         self._position = redis.register_script(_POSITION)
+        self._missing = redis.register_script(_MISSING)
         self.events_ttl_ms = int(min(settings.job_events_ttl, settings.job_ttl) * 1000)
 
     # -- reading ----------------------------------------------------------------------------
@@ -293,10 +323,31 @@ class JobStore:
             job_id, "queued", "expired", PENDING_JOBS,
             JobExpired("The job was not started before its deadline."), keep_error=True)
 
-    def fail_lost(self, record: JobRecord) -> bool:
-        err = WorkerLost(f"The worker running this job ({record.worker}) stopped responding.")
+    def fail_lost(self, record: JobRecord, *, alive: bool = False) -> bool:
+        err = WorkerLost(
+            f"The worker running this job ({record.worker}) no longer runs it: its end was "
+            "lost (Redis restarted)." if alive else
+            f"The worker running this job ({record.worker}) stopped responding.")
         return self._end_unreported(record.id, "in_progress", "failed", RUNNING_JOBS, err,
                                     keep_error=True, worker=record.worker or "")
+
+    def missing(self, queue: str, bulk: bool, created_before: float) -> list[str]:
+        """Queued jobs of a lane, created before ``created_before``, whose Celery message is
+        in no queue: lost with Redis's last writes before a restart, or with a worker killed
+        between taking a message and starting its job. A worker may be in that window right
+        now, so the caller confirms with a second look before ``fail_lost_message``."""
+        found = self._missing(keys=[queued_key(queue, bulk), celery_list(queue, bulk)],
+                              args=[created_before])
+        return [raw.decode() for raw in found]
+
+    def fail_lost_message(self, job_id: str) -> bool:
+        """End a queued job whose message is gone (see ``missing``) as ``failed``,
+        ``job_lost``. Exactly once against a worker's start: if one took the message after
+        all, its start finds the job failed and skips it."""
+        return self._end_unreported(
+            job_id, "queued", "failed", PENDING_JOBS,
+            JobLost("The job's queued message was lost (Redis restarted, or a worker died "
+                    "as it took it); it was not run."), keep_error=True)
 
     def sweep(self, live_workers: Callable[[str], set[str]]) -> None:
         """Expire queued jobs past their deadline; fail running jobs whose worker died.
@@ -306,6 +357,7 @@ class JobStore:
             if not self.expire(raw.decode()):
                 self.redis.zrem(PENDING_JOBS, raw)  # started, cancelled, or deleted by TTL
         live: dict[str, set[str]] = {}
+        running: dict[str, set[str] | None] = {}
         for raw in self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
                                             now - self.settings.worker_timeout):
             record = self.get(raw.decode(), owner=ANY_OWNER)
@@ -316,6 +368,14 @@ class JobStore:
                 live[record.queue] = live_workers(record.queue)
             if record.worker not in live[record.queue]:
                 self.fail_lost(record)
+                continue
+            # Alive, but does it still run the job? (Started a worker timeout ago at least,
+            # so a heartbeat since has listed it if it does.)
+            if record.worker not in running:
+                listed = self.redis.get(worker_jobs_key(record.worker))
+                running[record.worker] = None if listed is None else set(listed.decode().split())
+            if running[record.worker] is not None and record.id not in running[record.worker]:
+                self.fail_lost(record, alive=True)
 
     # -- internals --------------------------------------------------------------------------
 
