@@ -28,7 +28,7 @@ from models import constraints, tools
 from models.base import Backend, Cancelled, completion_budget, context_exceeded
 from models.constraints import Constraint
 from models.events import Done, Event, Started
-from models.gbnf import compile_gbnf
+from models.guidance import Grammar
 from models.job import GenerationJob
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import LlamaEngine
@@ -156,13 +156,12 @@ class LlamaCppBackend(Backend):
             raise context_exceeded(job, n_ctx, n_prompt, wanted)
         return wanted
 
-    def _grammar(self, constraint: Constraint | None) -> str | None:
+    def _grammar(self, constraint: Constraint | None) -> Grammar | None:
+        """Compiled here, in the task thread, not on the loop that decodes every stream."""
         if constraint is None:
             return None
         param = "tools" if constraint.is_tool_call else "response_format"
-        gbnf = compile_gbnf(constraint, param)
-        self.engine.check_grammar(gbnf)
-        return gbnf
+        return self.engine.compile_grammar(constraint, param)
 
     # -- generation -----------------------------------------------------------------------
 
