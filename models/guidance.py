@@ -25,6 +25,7 @@ decodes every stream never waits for it); the loop thread takes one ``TokenMask`
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,9 @@ def tokenizer_from_llama(vocab: Any, eog: list[int]) -> Any:
     every end-of-generation token, so that a complete reply may end with any of them."""
     from llguidance.llamacpp import lltokenizer_from_vocab
 
-    return lltokenizer_from_vocab(vocab, eos_token=eog)
+    with warnings.catch_warnings():  # it reads each token's attributes with a deprecated call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return lltokenizer_from_vocab(vocab, eos_token=eog)
 
 
 def grammar_text(constraint: Constraint) -> str:
