@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -268,7 +269,7 @@ def no_end(tokenize):
     {"type": "string", "maxLength": 10_000_000},
     {"type": "string", "pattern": "^(a{0,1000}){0,1000}$"},
     {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 100_000}
-                                      for i in range(200)}},
+                                      for i in range(90)}},
 ], ids=["maxLength", "nested pattern", "many fields"])
 def test_a_grammar_past_the_webs_limits_cannot_crash_the_worker(budget_web, chat,
                                                                  smollm2_worker, schema):
@@ -282,8 +283,11 @@ def test_a_grammar_past_the_webs_limits_cannot_crash_the_worker(budget_web, chat
     assert time.monotonic() - t < 20
     assert r.status_code == 200, r.text[:500]
     choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "length"
     assert choice["message"]["content"][:1] in ('"', "{")
+    if choice["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    else:
+        assert choice["finish_reason"] == "length"
     assert_serving(smollm2_worker, chat, pid)
 
 
