@@ -112,8 +112,10 @@ def compile_grammar(constraint: Constraint, tokenizer: Any, n_vocab: int,
     except ValueError as e:
         raise InvalidRequest(f"The JSON schema cannot be compiled: {e}", param=param) from None
     matcher = LLMatcher(tokenizer, text, log_level=0)
-    if not matcher.is_error():
+    try:
         TokenMask(matcher, n_vocab).compute()
+    except GenerationFailed:
+        pass  # the matcher is in error: a 400 below
     if matcher.is_error():
         raise InvalidRequest(f"The JSON schema cannot be enforced while generating: "
                              f"{matcher.get_error()}", param=param)
@@ -132,8 +134,12 @@ class TokenMask:
         self.bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
 
     def compute(self) -> np.ndarray:
-        """The allowed tokens, as booleans over the vocabulary."""
+        """The allowed tokens, as booleans over the vocabulary. A matcher past llguidance's
+        limits (or otherwise in error) would allow only the end tokens, ending the reply
+        half written as if complete: it fails the choice instead."""
         self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        if self.matcher.is_error():
+            raise GenerationFailed(f"The grammar failed: {self.matcher.get_error()}")
         return np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:self.n_vocab]
 
     def apply(self, logits: np.ndarray) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from config.errors import InvalidRequest
+from config.errors import GenerationFailed, InvalidRequest
 from models import constraints
 from models.constraints import ASSERTIONS, Constraint
 
 llguidance = pytest.importorskip("llguidance")
 llama_cpp = pytest.importorskip("llama_cpp")
-guidance = pytest.importorskip("models.guidance")
+from models import guidance  # noqa: E402  (needs llguidance)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 OBJ = {"type": "object"}
@@ -166,3 +166,14 @@ def test_auto_tool_choice_is_a_call_or_text_not_opening_like_one(tokenizer, open
     assert not matches(tokenizer, c, " leading space")
     required = Constraint(c.schema, is_tool_call=True, open=open_, close=close)
     assert not matches(tokenizer, required, "Hello.")
+
+
+def test_a_matcher_in_error_fails_the_choice_instead_of_ending_it(tokenizer):
+    # In error, llguidance's mask allows only the end tokens: the reply would end half
+    # written, with finish_reason "stop".
+    mask = guidance.compile_grammar(Constraint(OBJ), tokenizer, tokenizer.vocab_size,
+                                    "p").mask()
+    with pytest.raises(GenerationFailed):
+        mask.accept(tokenizer.tokenize_str("hello")[0])
+    with pytest.raises(GenerationFailed):
+        mask.compute()
