@@ -98,7 +98,11 @@ def _data(res: StreamResult, data: bytes) -> None:
     for choice in chunk.get("choices") or ():
         text = choice.get("text")
         if text is None:
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            # A tool call's chunks carry its arguments (bench/structured.py times them).
+            text = delta.get("content") or "".join(
+                (c.get("function") or {}).get("arguments") or ""
+                for c in delta.get("tool_calls") or ())
         if text:
             now = time.monotonic()
             if res.ttft is None:

@@ -116,12 +116,28 @@ def relay_table(relay: dict) -> list[str]:
     return out
 
 
+def structured_table(st: dict) -> list[str]:
+    free = st["tok_s"]["ferry"]["free"]
+    out = ["| workload | Ferry tok/s | TTFT ms | vs free | peer tok/s | peer TTFT ms | vs peer |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, ours in st["tok_s"]["ferry"].items():
+        theirs = st["tok_s"]["peer"].get(name)
+        out.append(f"| {name} | {fmt(ours)} | {fmt(st['ttft_ms']['ferry'][name], 0)} | "
+                   f"{times(ours / free)} | {fmt(theirs)} | "
+                   f"{fmt(st['ttft_ms']['peer'].get(name), 0)} | "
+                   f"{times(ours / theirs) if theirs else '-'} |")
+    out += ["", f"Grammar compile + first mask (nested schema): "
+                f"{st['compile_first_mask_ms']:.1f} ms; mask per token "
+                f"{st['mask_us_per_token']:.0f} µs. Goals met: {st['met']}."]
+    return out
+
+
 def main(png: bool = True) -> None:
     over, single = load("overhead"), load("single_stream")
-    conc, relay = load("concurrency"), load("relay")
+    conc, relay, structured = load("concurrency"), load("relay"), load("structured")
     if conc and png:
         plot(conc)
-    any_result = next((r for r in (over, single, conc, relay) if r), None)
+    any_result = next((r for r in (over, single, conc, relay, structured) if r), None)
     if any_result is None:
         print("no results in bench/results/: run `python -m bench` first")
         return
@@ -136,6 +152,10 @@ def main(png: bool = True) -> None:
         lines += ["", f"Relay capacity ({relay['count']} tokens per stream at "
                       f"{relay['rate']:g} tok/s, one web process):", ""]
         lines += relay_table(relay)
+    if structured:
+        lines += ["", f"Structured output (1 stream, {structured['threads']} thread, greedy; "
+                      "peer: llama-cpp-python's server, GBNF):", ""]
+        lines += structured_table(structured)
     print("\n".join(lines))
 
 

@@ -1,7 +1,8 @@
 """What a job's output is constrained to, as a JSON schema any grammar engine can take.
 
 ``for_job`` turns ``response_format`` and tool calls into one ``Constraint``. Schemas may
-use only keywords that the grammar compilers enforce (``KEYWORDS``); anything else would
+use only keywords that the grammar compiler (llguidance, ``models.guidance``) enforces
+(``KEYWORDS``); anything else would
 make "the output validates" a promise we could not keep, so ``check_schema`` rejects it
 with a 400 naming the keyword, as OpenAI's strict mode does for what it cannot enforce.
 
@@ -25,24 +26,26 @@ from models import tools as tool_format
 from config.contract.job import GenerationJob
 from models.tools import ToolFormat
 
-# Enforced by grammar-constrained decoding.
+# Enforced by grammar-constrained decoding (each one checked by tests/test_schema_keywords.py,
+# which also keeps the README's list equal to this one).
 ASSERTIONS = {
-    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
-    "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "pattern",
-    "minLength", "maxLength",
+    "type", "properties", "required", "additionalProperties", "patternProperties",
+    "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems", "enum",
+    "const", "anyOf", "oneOf", "allOf", "$ref", "pattern", "minLength", "maxLength",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
 }
 # Schema plumbing and annotations, which constrain nothing. ``format`` is an annotation in
-# JSON Schema 2020-12 (date, time, date-time and uuid are enforced all the same).
+# JSON Schema 2020-12 (those llguidance knows are enforced all the same: models.guidance).
 ANNOTATIONS = {
     "$defs", "definitions", "$schema", "$id", "$comment", "title", "description", "default",
     "examples", "format", "deprecated", "readOnly", "writeOnly", "strict", "discriminator",
 }
 KEYWORDS = ASSERTIONS | ANNOTATIONS
 # Keywords whose value is a map of names to schemas, or a list of schemas.
-_SCHEMA_MAPS = {"properties", "$defs", "definitions"}
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
 _SCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
 # Counted repetitions: each is written out that many times in the grammar.
-_REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
+_REPEATS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ def _meta() -> dict[str, Any]:
     ``KEYWORDS`` are refused before this runs (``_unsupported``)."""
     sub = {"$ref": "#/$defs/schema"}
     count = {"type": "integer", "minimum": 0}
+    number = {"type": "number"}
     text, flag = {"type": "string"}, {"type": "boolean"}
     schemas = {"type": "object", "additionalProperties": sub}
     alternatives = {"type": "array", "minItems": 1, "items": sub}
@@ -122,6 +126,9 @@ def _meta() -> dict[str, Any]:
         "additionalProperties": sub, "items": sub, "prefixItems": alternatives,
         "anyOf": alternatives, "oneOf": alternatives, "allOf": alternatives,
         "minItems": count, "maxItems": count, "minLength": count, "maxLength": count,
+        "minProperties": count, "maxProperties": count, "patternProperties": schemas,
+        "minimum": number, "maximum": number, "exclusiveMinimum": number,
+        "exclusiveMaximum": number, "multipleOf": {"type": "number", "exclusiveMinimum": 0},
         "enum": {"type": "array"}, "examples": {"type": "array"},
         "deprecated": flag, "readOnly": flag, "writeOnly": flag,
         **{k: text for k in ("$ref", "pattern", "$schema", "$id", "$comment", "title",
@@ -204,8 +211,10 @@ class _Bounds:
                     self._refuse(f"'{key}' is {value} at '{path}/{key}'; at most "
                                  f"{self.limits.max_repeat} is accepted (max_schema_repeat).")
                 total += max(value, 0)
-        pattern = node.get("pattern")
-        if isinstance(pattern, str):
+        patterns = [node.get("pattern")]
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += list(node["patternProperties"])
+        for pattern in (p for p in patterns if isinstance(p, str)):
             repeat, depth = pattern_cost(pattern)
             if repeat > self.limits.max_repeat:
                 self._refuse(f"'pattern' at '{path}/pattern' repeats {repeat} times; at most "
@@ -220,7 +229,7 @@ class _Bounds:
         for key, value in node.items():
             here = f"{path}/{key}"
             if key in _SCHEMA_MAPS and isinstance(value, dict):
-                inner = counted and key == "properties"
+                inner = counted and key in ("properties", "patternProperties")
                 yield from ((v, f"{here}/{k}", depth + 1, inner) for k, v in value.items())
             elif key in _SCHEMA_LISTS and isinstance(value, list):
                 yield from ((v, f"{here}/{i}", depth + 1, counted) for i, v in enumerate(value))

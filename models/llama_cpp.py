@@ -29,8 +29,8 @@ from models import constraints, tools
 from models.base import Backend, Cancelled, completion_budget, context_exceeded
 from models.constraints import Constraint
 from config.contract.events import Done, Event, Started
-from models.gbnf import compile_gbnf
 from config.contract.job import GenerationJob
+from models.guidance import Grammar
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import LlamaEngine
 from models.llama_sampling import ChainSpec
@@ -162,13 +162,12 @@ class LlamaCppBackend(Backend):
             raise context_exceeded(job, n_ctx, n_prompt, wanted)
         return wanted
 
-    def _grammar(self, constraint: Constraint | None) -> str | None:
+    def _grammar(self, constraint: Constraint | None) -> Grammar | None:
+        """Compiled here, in the task thread, not on the loop that decodes every stream."""
         if constraint is None:
             return None
         param = "tools" if constraint.is_tool_call else "response_format"
-        gbnf = compile_gbnf(constraint, param)
-        self.engine.check_grammar(gbnf)
-        return gbnf
+        return self.engine.compile_grammar(constraint, param)
 
     # -- generation -----------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 llama-cpp-python's own chain (``Llama._init_sampler``) has no logit bias and adds top_k 40
 and min_p 0.05, which OpenAI does not have. This chain is: logit bias, OpenAI penalties,
-grammar, then greedy or top-p / temperature / seeded draw, everything inside llama.cpp.
+then greedy or top-p / temperature / seeded draw, everything inside llama.cpp. A constrained
+choice's llguidance mask (``models.guidance``) is applied to the logits before the chain
+runs (``LlamaEngine.sample``), so it bounds what bias and penalties can pick.
 
 A chain holds state (penalty counts, grammar position, random generator): one per choice,
 used by one thread at a time, freed with ``close()``.
@@ -13,26 +15,40 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-import llama_cpp
 from llama_cpp import _internals
 
-from config.errors import InvalidRequest
 from config.contract.job import Sampling
+from models.guidance import Grammar, TokenMask
 
 
 @dataclass(frozen=True)
 class ChainSpec:
     sampling: Sampling
     seed: int
-    grammar: str | None = None
+    grammar: Grammar | None = None
     # Penalties look back this many generated tokens (the whole context: OpenAI's
     # penalties count every token generated so far; 0 would turn them off).
     penalty_last_n: int = 0
 
 
-def build_chain(vocab: ctypes.c_void_p, n_vocab: int, spec: ChainSpec) -> _internals.LlamaSampler:
+@dataclass(eq=False)
+class Chain:
+    """A choice's native sampler chain, and its token mask when its output is constrained."""
+
+    native: _internals.LlamaSampler
+    mask: TokenMask | None = None
+
+    @property
+    def sampler(self) -> ctypes.c_void_p:
+        return self.native.sampler
+
+    def close(self) -> None:
+        self.native.close()
+
+
+def build_chain(n_vocab: int, spec: ChainSpec) -> Chain:
     """``llama_sampler_sample`` with the result applies the chain and accepts the token it
-    picks into every stateful sampler (penalties, grammar), so callers only sample."""
+    picks into every stateful sampler (penalties), so callers only sample."""
     s = spec.sampling
     chain = _internals.LlamaSampler()
     try:
@@ -42,8 +58,6 @@ def build_chain(vocab: ctypes.c_void_p, n_vocab: int, spec: ChainSpec) -> _inter
             chain.add_penalties(n_vocab=n_vocab, penalty_last_n=spec.penalty_last_n,
                                 penalty_repeat=1.0, penalty_freq=s.frequency_penalty,
                                 penalty_present=s.presence_penalty)
-        if spec.grammar is not None:
-            llama_cpp.llama_sampler_chain_add(chain.sampler, grammar_sampler(vocab, spec.grammar))
         if s.temperature == 0:
             chain.add_greedy()
         else:
@@ -54,17 +68,5 @@ def build_chain(vocab: ctypes.c_void_p, n_vocab: int, spec: ChainSpec) -> _inter
     except BaseException:
         chain.close()
         raise
-    return chain
+    return Chain(chain, spec.grammar.mask() if spec.grammar is not None else None)
 
-
-def grammar_sampler(vocab: ctypes.c_void_p, gbnf: str) -> ctypes.c_void_p:
-    """A fresh grammar sampler (grammars hold parse state: one per choice)."""
-    ptr = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
-    if not ptr:
-        raise InvalidRequest("The output constraint could not be compiled into a grammar.",
-                             param="response_format")
-    return ptr
-
-
-def check_grammar(vocab: ctypes.c_void_p, gbnf: str) -> None:
-    llama_cpp.llama_sampler_free(grammar_sampler(vocab, gbnf))

@@ -63,6 +63,13 @@ def test_nested_objects_and_defs_are_prepared_too():
     ({"type": "object", "properties": {"a": {"type": "string", "anyOf": [{"minLength": 1}]}}},
      "/properties/a"),
     ({"type": "object", "additionalProperties": {"type": "integer"}}, "/additionalProperties"),
+    # Accepted by the web for the CPU backend's llguidance; formatron would ignore them.
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1}}},
+     "/properties/a/minimum"),
+    ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}},
+     "/properties/a/multipleOf"),
+    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}}}, "/patternProperties"),
+    ({"type": "array", "items": {"type": "object", "maxProperties": 1}}, "/items/maxProperties"),
 ])
 def test_what_formatron_would_not_enforce_is_refused(schema, where):
     with pytest.raises(InvalidRequest) as e:

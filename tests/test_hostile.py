@@ -2,7 +2,7 @@
 
 Grammar bombs are refused with a 400 naming the keyword and the limit, and the real SmolLM2
 worker is still the same process, serving, afterwards; a grammar that gets past the web's
-limits (an operator raised them) is refused by the worker before llama.cpp parses it.
+limits (an operator raised them) is compiled by llguidance within its own bounds.
 The web keeps answering ``/health`` while the largest schema it accepts is validated.
 Caps on prompts and on n x max_tokens, the per-model job budget (tokens and seconds), and
 the shapes that used to be 500s are checked through the real stack.
@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -235,7 +236,7 @@ def budget_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def budget_web(redis_server, logs, budget_config):
     """A web that knows the budget models, and whose schema limits an operator raised far
-    past what llama.cpp can parse (so the worker's own guard is what a bomb meets)."""
+    past the defaults (so the worker's grammar engine is what a bomb meets)."""
     server = Web(redis_server.url, logs, FERRY_CONFIG=str(budget_config),
                  FERRY_MAX_SCHEMA_REPEAT="10000000",
                  FERRY_MAX_SCHEMA_REPEAT_TOTAL="10000000").start()
@@ -264,14 +265,29 @@ def no_end(tokenize):
     return {str(t): -100 for s in ("<|im_end|>", "<|endoftext|>") for t in tokenize(s)}
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 10_000_000},
+    {"type": "string", "pattern": "^(a{0,1000}){0,1000}$"},
+    {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 100_000}
+                                      for i in range(90)}},
+], ids=["maxLength", "nested pattern", "many fields"])
 def test_a_grammar_past_the_webs_limits_cannot_crash_the_worker(budget_web, chat,
-                                                                 smollm2_worker):
+                                                                 smollm2_worker, schema):
+    # llguidance compiles counted repetitions symbolically and bounds its own work (parser
+    # limits), where llama.cpp's GBNF parser crashed at maxLength ~19,000.
     pid = smollm2_worker.proc.pid
+    t = time.monotonic()
     r = post(budget_web.url, "/v1/chat/completions", {
         "model": "smollm2", "messages": HELLO, "max_tokens": 4,
-        "response_format": schema_format({"type": "string", "maxLength": 100_000})})
-    err = error_of(r)
-    assert err["param"] == "response_format" and "nested more than 4000" in err["message"]
+        "response_format": schema_format(schema)})
+    assert time.monotonic() - t < 20
+    assert r.status_code == 200, r.text[:500]
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"][:1] in ('"', "{")
+    if choice["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    else:
+        assert choice["finish_reason"] == "length"
     assert_serving(smollm2_worker, chat, pid)
 
 

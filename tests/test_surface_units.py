@@ -149,9 +149,13 @@ def test_response_format_constraints():
 @pytest.mark.parametrize("schema,ok", [
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}}, True),
     ({"anyOf": [{"type": "string", "pattern": "^a+$"}, {"type": "null"}]}, True),
-    ({"type": "integer", "maximum": 3}, False),
+    ({"type": "integer", "maximum": 3}, True),
     ({"type": "object", "properties": {"a": {"uniqueItems": True}}}, False),
-    ({"$defs": {"x": {"multipleOf": 2}}, "$ref": "#/$defs/x"}, False),
+    ({"$defs": {"x": {"multipleOf": 2}}, "$ref": "#/$defs/x"}, True),
+    ({"$defs": {"x": {"not": {"const": 2}}}, "$ref": "#/$defs/x"}, False),
+    ({"type": "object", "patternProperties": {"^a": {"contains": {}}}}, False),
+    ({"type": "integer", "multipleOf": 0}, False),
+    ({"type": "object", "patternProperties": {"^a{0,5000}$": {}}}, False),
     ({"type": "nonsense"}, False),
     ([], False),
     # Bounded (constraints.SchemaLimits): repetitions, patterns' counted repetitions
@@ -178,14 +182,14 @@ def test_check_schema(schema, ok):
         assert e.value.param == "p"
 
 
-def test_grammar_compiles_for_llama_cpp():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from models.gbnf import compile_gbnf
+def test_grammar_compiles_for_llguidance():
+    llguidance = pytest.importorskip("llguidance", reason="llguidance is not installed")
+    from models.guidance import grammar_text
 
     c = constraints.for_job(job(tools=[FunctionTool(name="f")]))
-    gbnf = compile_gbnf(c, "tools")
-    assert "root ::= call | free-text" in gbnf
-    assert llama_cpp.llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
+    grammar = grammar_text(c)
+    assert "start: call | free_text" in grammar and "free_text: /[^{ " in grammar
+    assert llguidance.LLMatcher.validate_grammar(grammar) == ""
 
 
 def test_prepare_messages_writes_calls_for_plain_templates():
@@ -294,11 +298,11 @@ def test_tagged_tool_format_is_the_templates_own():
 
 
 def test_tagged_grammar():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from models.gbnf import compile_gbnf
+    llguidance = pytest.importorskip("llguidance", reason="llguidance is not installed")
+    from models.guidance import grammar_text
 
     c = constraints.for_job(job(tools=[FunctionTool(name="f")]), tools.TAGGED)
-    gbnf = compile_gbnf(c, "tools")
-    assert 'root ::= "<tool_call>\\n" call "\\n</tool_call>" | free-text' in gbnf
-    assert "free-text ::= [^< " in gbnf
-    assert llama_cpp.llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
+    grammar = grammar_text(c)
+    assert 'start: "<tool_call>\\n" call "\\n</tool_call>" | free_text' in grammar
+    assert "free_text: /[^< " in grammar
+    assert llguidance.LLMatcher.validate_grammar(grammar) == ""

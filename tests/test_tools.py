@@ -127,7 +127,7 @@ def test_cut_off_call_is_length(chat):
     (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]),
      "tools[0].function.name"),
     (dict(tools=[{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "object", "minProperties": 1}}}]),
+        "name": "f", "parameters": {"type": "object", "not": {"required": ["a"]}}}}]),
      "tools[0].function.parameters"),
     (dict(tools=[{"type": "function", "function": {
         "name": "f", "parameters": {"type": "string"}}}]), "tools[0].function.parameters"),

@@ -37,6 +37,10 @@ SCHEMA_ID = "https://ferry.invalid/schema.json"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 _UNENFORCED = {"oneOf": "oneOf", "allOf": "allOf"}
+# Enforced by llguidance on the CPU backend (models.guidance), not by formatron 0.5.0: refused
+# here rather than silently unenforced.
+_CPU_ONLY = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+             "minProperties", "maxProperties", "patternProperties")
 # Schema plumbing kept for formatron; every other annotation is dropped.
 _KEPT = {"$defs", "$id", "$schema"}
 _DROPPED = ANNOTATIONS - _KEPT
@@ -110,6 +114,9 @@ def _prepare(node: Any, path: str, param: str) -> Any:
     for key in _UNENFORCED:
         if key in node:
             _refuse(f"{path}/{key}", f"'{key}' is not supported (use anyOf)", param)
+    for key in _CPU_ONLY:
+        if key in node:
+            _refuse(f"{path}/{key}", f"'{key}' is not supported", param)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROPPED:
