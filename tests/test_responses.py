@@ -6,6 +6,7 @@ message is the script); SmolLM2 proves the real path (templates, grammar, prefix
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pydantic
@@ -252,3 +253,50 @@ def test_streamed_function_call(chat):
     deltas = "".join(e.delta for e in evs if e.type == "response.function_call_arguments.delta")
     assert done.arguments == deltas and "city" in json.loads(deltas)
     assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+
+
+# -- background: the job system ----------------------------------------------------------------
+
+
+def wait_for_status(client, response_id: str, wanted: set[str], timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.responses.retrieve(response_id)
+        if r.status in wanted or time.monotonic() > deadline:
+            return r
+        time.sleep(0.1)
+
+
+def test_background_poll_and_replay(scripted):
+    r = scripted.responses.create(model="synthetic", input=script("a", "b", delay=0.2),
+                                  background=True)
+    assert r.status == "queued" and r.background and r.output == []
+    done = wait_for_status(scripted, r.id, {"completed"})
+    assert done.status == "completed" and done.output_text == "ab"
+    assert done.usage.output_tokens == 2
+    evs = list(scripted.responses.retrieve(r.id, stream=True))
+    assert [e.type for e in evs] == ["response.created", "response.queued",
+                                     *EVENT_SEQUENCE[2:]]
+    assert evs[-1].response.output_text == "ab"
+    later = list(scripted.responses.retrieve(r.id, stream=True, starting_after=5))
+    assert [e.sequence_number for e in later] == list(range(6, len(evs)))
+    assert [e.model_dump() for e in later] == [e.model_dump() for e in evs[6:]]
+
+
+def test_background_stream_follows_live(scripted):
+    r = scripted.responses.create(model="synthetic", input=script("x", "y", "z", delay=0.3),
+                                  background=True)
+    evs = list(scripted.responses.retrieve(r.id, stream=True))
+    assert evs[-1].type == "response.completed" and evs[-1].response.output_text == "xyz"
+
+
+def test_background_cancel(scripted):
+    r = scripted.responses.create(model="synthetic", input=script("a", hang=True),
+                                  background=True)
+    wait_for_status(scripted, r.id, {"in_progress"})
+    cancelled = scripted.responses.cancel(r.id)
+    assert cancelled.status == "cancelled"
+    assert scripted.responses.retrieve(r.id).status == "cancelled"
+    plain = scripted.responses.create(model="synthetic", input=script("a"))
+    with pytest.raises(openai.BadRequestError):
+        scripted.responses.cancel(plain.id)

@@ -9,14 +9,17 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from config.errors import InvalidRequest
-from tasks.core import responses
-from tasks.core.generation import ClientGone
+from tasks.core import responses, responses_background as background
+from tasks.core.generation import Caller, ClientGone
 from tasks.core.schemas.responses import CreateResponseRequest
-from web import generation
+from web import generation, job_events, logs
 from web.auth import current_tenant
 from web.validation import parse_body
 
 bp = Blueprint("responses", __name__)
+
+# Seconds a cancel waits for a running job's worker to record its end (one decode step).
+CANCEL_WAIT = 2.0
 
 
 def _ferry():
@@ -29,6 +32,10 @@ def create_response():
     turn = responses.prepare(req, _ferry(), current_tenant())
     g.model = turn.prepared.entry.name
     headers = {"X-Request-Id": turn.id}
+    if req.background:
+        caller = Caller(current_tenant(), on_enqueued=logs.enqueued)
+        return Response(json.dumps(background.submit(_ferry(), turn, caller)), status=200,
+                        mimetype="application/json", headers=headers)
     try:
         if not req.stream:
             return Response(json.dumps(responses.collect(_ferry(), turn, generation.caller())),
@@ -36,6 +43,10 @@ def create_response():
         _, stream = responses.begin(_ferry(), turn, generation.caller())
     except ClientGone:
         return Response(status=499)
+    return _stream(stream, headers)
+
+
+def _stream(stream: Iterator[dict], headers: dict) -> Response:
     return Response(_sse(stream), status=200, mimetype="text/event-stream",
                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -51,7 +62,41 @@ def _sse(stream: Iterator[dict]) -> Iterator[bytes]:
 
 @bp.get("/v1/responses/<response_id>")
 def retrieve_response(response_id: str):
-    return jsonify(_store().get(response_id, owner=current_tenant().owner).response)
+    stored = _store().get(response_id, owner=current_tenant().owner)
+    if request.args.get("stream", "false").lower() != "true":
+        return jsonify(background.refresh(_ferry(), stored))
+    if not stored.response.get("background"):
+        raise InvalidRequest("Only background responses can be streamed again.",
+                             param="stream")
+    try:
+        after = int(request.args.get("starting_after", -1))
+    except ValueError:
+        raise InvalidRequest("starting_after must be an integer.",
+                             param="starting_after") from None
+    ferry = _ferry()
+    tap = ferry.relay.tap(response_id)  # before the buffer is read (web/job_events.py)
+    follower = job_events.Follower(ferry.jobs, tap, response_id, -1)
+    gone = generation.client_watch()
+
+    def evs():
+        try:
+            for item in follower.events():
+                if item is None and gone():
+                    return
+                if item is not None:
+                    yield item[1]
+        finally:
+            tap.close()
+
+    return _stream(background.replay(ferry, stored, evs(), after),
+                   {"X-Request-Id": response_id})
+
+
+@bp.post("/v1/responses/<response_id>/cancel")
+def cancel_response(response_id: str):
+    owner = current_tenant().owner
+    stored = _store().get(response_id, owner=owner)
+    return jsonify(background.cancel(_ferry(), stored, owner, wait=CANCEL_WAIT))
 
 
 @bp.delete("/v1/responses/<response_id>")

@@ -12,15 +12,10 @@ own output item. A choice cut off by ``max_output_tokens`` leaves the response
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from config.contract import events
 from config.errors import FerryError
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def usage(done: events.Done) -> dict[str, Any]:
@@ -117,6 +112,18 @@ class ResponseBuilder:
         return {"incomplete": "response.incomplete",
                 "cancelled": "response.incomplete"}.get(self.status, "response.completed")
 
+    def _id(self, prefix: str) -> str:
+        # From the response's id and the item's place: a replay of the same events (a
+        # background response) names its items as the first run did.
+        return f"{prefix}_{self.base['id'].removeprefix('resp_')}_{len(self.output)}"
+
+    def cancel(self) -> list[dict[str, Any]]:
+        """The job was cancelled before it made any output (there is no
+        ``response.cancelled`` event: the response ends ``cancelled`` in a
+        ``response.incomplete`` event)."""
+        self.finish = "cancelled"
+        return [*self._close_items(), self.event("response.incomplete", response=self.response())]
+
     def _add(self, item: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self.output.append(item)
         index = len(self.output) - 1
@@ -126,7 +133,7 @@ class ResponseBuilder:
     def _text(self, text: str) -> list[dict[str, Any]]:
         out = []
         if self.message is None:
-            self.message = {"id": _id("msg"), "type": "message", "role": "assistant",
+            self.message = {"id": self._id("msg"), "type": "message", "role": "assistant",
                             "status": "in_progress", "content": []}
             index, added = self._add(self.message)
             self.message["content"].append({"type": "output_text", "text": "",
@@ -144,7 +151,8 @@ class ResponseBuilder:
     def _call(self, ev: events.ToolCallDelta) -> list[dict[str, Any]]:
         out = []
         if ev.call not in self.calls:
-            call = {"id": _id("fc"), "type": "function_call", "call_id": ev.id or _id("call"),
+            call = {"id": self._id("fc"), "type": "function_call",
+                    "call_id": ev.id or self._id("call"),
                     "name": ev.name or "", "arguments": "", "status": "in_progress"}
             self.calls[ev.call] = call
             out.append(self._add(call)[1])
