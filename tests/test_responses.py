@@ -5,6 +5,7 @@ message is the script); SmolLM2 proves the real path (templates, grammar, prefix
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -300,3 +301,37 @@ def test_background_cancel(scripted):
     plain = scripted.responses.create(model="synthetic", input=script("a"))
     with pytest.raises(openai.BadRequestError):
         scripted.responses.cancel(plain.id)
+
+
+# -- the Batch API ---------------------------------------------------------------------------
+
+
+def test_batch_of_responses(scripted, batch_worker):
+    lines = [{"custom_id": "ok", "method": "POST", "url": "/v1/responses",
+              "body": {"model": "synthetic", "input": script("hi", " there")}},
+             {"custom_id": "bad", "method": "POST", "url": "/v1/responses",
+              "body": {"model": "synthetic", "input": script("x"),
+                       "tools": [{"type": "web_search"}]}}]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = scripted.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = scripted.batches.create(input_file_id=f.id, endpoint="/v1/responses",
+                                    completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "cancelled", "expired") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = scripted.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    out = {}
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            for raw in scripted.files.content(file_id).text.splitlines():
+                rec = json.loads(raw)
+                out[rec["custom_id"]] = rec["response"]
+    assert out["ok"]["status_code"] == 200
+    body = out["ok"]["body"]
+    assert body["object"] == "response" and body["status"] == "completed"
+    assert body["output"][0]["content"][0]["text"] == "hi there"
+    assert body["id"] == out["ok"]["request_id"]
+    assert out["bad"]["status_code"] == 400
+    assert out["bad"]["body"]["error"]["param"] == "tools[0].type"

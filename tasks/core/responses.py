@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.contract import events
-from config.errors import FerryError
+from config.errors import FerryError, InvalidRequest
 from config.tenants import Tenant
 from tasks.core import chat, generation
 from tasks.core.response_events import ResponseBuilder
@@ -144,6 +144,16 @@ def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, An
     for _ in stream:
         pass
     return builder.response()
+
+
+def answer(req: CreateResponseRequest, ferry: Ferry,
+           caller: generation.Caller) -> tuple[str, dict[str, Any]]:
+    """A batch line (``tasks.core.endpoints.answer``): the response id and object."""
+    for name in ("stream", "background"):
+        if getattr(req, name):
+            raise InvalidRequest(f"A batch line cannot ask for {name}.", param=name)
+    turn = prepare(req, ferry, caller.tenant)
+    return turn.id, collect(ferry, turn, caller)
 
 
 def input_messages(req: CreateResponseRequest) -> list[dict[str, Any]]:
