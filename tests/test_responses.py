@@ -335,3 +335,52 @@ def test_batch_of_responses(scripted, batch_worker):
     assert body["id"] == out["ok"]["request_id"]
     assert out["bad"]["status_code"] == 400
     assert out["bad"]["body"]["error"]["param"] == "tools[0].type"
+
+
+# -- the OpenAI Agents SDK ---------------------------------------------------------------------
+
+
+def test_agents_sdk_two_tool_agent(web, smollm2_worker):
+    """The Agents SDK's default model (``OpenAIResponsesModel``) runs a two-tool agent over
+    three model turns: a call to each tool, each output sent back as
+    ``function_call_output``, then the answer. Which tool comes next is set by agent hooks
+    (named ``tool_choice``, then ``none``), so the 135M model's choices cannot make the test
+    flaky; the calls' arguments and the answer are the model's. ``openai-agents`` is not a
+    dependency of the project: the test is skipped where it is not installed."""
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(("get_weather", city))
+        return f"It is sunny in {city}."
+
+    @agents.function_tool
+    def get_time(city: str) -> str:
+        """The local time in a city."""
+        calls.append(("get_time", city))
+        return f"It is noon in {city}."
+
+    class Steer(agents.AgentHooks):
+        async def on_tool_end(self, context, agent, tool, result):
+            following = "get_time" if tool.name == "get_weather" else "none"
+            agent.model_settings = agent.model_settings.resolve(
+                agents.ModelSettings(tool_choice=following))
+
+    model = agents.OpenAIResponsesModel(model="smollm2", openai_client=openai.AsyncOpenAI(
+        base_url=web.url + "/v1", api_key="unused", max_retries=0))
+    agent = agents.Agent(name="helper", instructions="Use the tools, then answer briefly.",
+                         tools=[get_weather, get_time], model=model, hooks=Steer(),
+                         reset_tool_choice=False,
+                         model_settings=agents.ModelSettings(tool_choice="get_weather",
+                                                             temperature=0, max_tokens=40))
+    result = agents.Runner.run_sync(agent, "Weather and time in Paris?", max_turns=4)
+    assert [name for name, _ in calls] == ["get_weather", "get_time"]
+    assert all(isinstance(city, str) and city for _, city in calls)
+    assert [item.type for item in result.new_items] == [
+        "tool_call_item", "tool_call_output_item", "tool_call_item", "tool_call_output_item",
+        "message_output_item"]
+    assert isinstance(result.final_output, str) and result.final_output
+    assert len(result.raw_responses) == 3
