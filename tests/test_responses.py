@@ -12,6 +12,10 @@ import time
 import openai
 import pydantic
 import pytest
+import redis
+import requests
+
+from config.contract.protocol import events_log
 
 from tests.services import Web
 
@@ -301,6 +305,42 @@ def test_background_cancel(scripted):
     plain = scripted.responses.create(model="synthetic", input=script("a"))
     with pytest.raises(openai.BadRequestError):
         scripted.responses.cancel(plain.id)
+
+
+def wait_for_job(web, job_id: str, timeout: float = 20) -> dict:
+    # The job behind a background response, read without reading the response.
+    deadline = time.monotonic() + timeout
+    while True:
+        job = requests.get(f"{web.url}/v1/jobs/{job_id}", timeout=5).json()
+        if job["status"] in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_background_read_from_the_job_once_its_events_expired(scripted, web, redis_server):
+    r = scripted.responses.create(model="synthetic", input=script("p", "q"), background=True)
+    assert wait_for_job(web, r.id)["status"] == "completed"
+    redis.Redis.from_url(redis_server.url).delete(events_log(r.id))
+    done = scripted.responses.retrieve(r.id)
+    assert done.status == "completed" and done.output_text == "pq"
+    assert done.usage.output_tokens == 2
+
+
+def test_continuing_a_background_response(scripted, web):
+    running = scripted.responses.create(model="synthetic", input=script("a", hang=True),
+                                        background=True)
+    with pytest.raises(openai.BadRequestError) as e:
+        scripted.responses.create(model="synthetic", input=script("b"),
+                                  previous_response_id=running.id)
+    assert e.value.body["param"] == "previous_response_id"
+    scripted.responses.cancel(running.id)
+    first = scripted.responses.create(model="synthetic", input=script("one"), background=True)
+    assert wait_for_job(web, first.id)["status"] == "completed"
+    # Never retrieved: continuing it reads its job first.
+    second = scripted.responses.create(model="synthetic", input=script("two"),
+                                       previous_response_id=first.id)
+    assert second.output_text == "two" and second.previous_response_id == first.id
+    assert scripted.responses.retrieve(first.id).output_text == "one"
 
 
 # -- the Batch API ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from config.errors import InvalidRequest
 from tasks.core import responses, responses_background as background
 from tasks.core.generation import Caller, ClientGone
+from tasks.core.responses_store import store_of
 from tasks.core.schemas.responses import CreateResponseRequest
 from web import generation, job_events, logs
 from web.auth import current_tenant
@@ -34,7 +35,7 @@ def create_response():
     headers = {"X-Request-Id": turn.id}
     if req.background:
         caller = Caller(current_tenant(), on_enqueued=logs.enqueued)
-        return Response(json.dumps(background.submit(_ferry(), turn, caller)), status=200,
+        return Response(json.dumps(responses.submit_background(_ferry(), turn, caller)), status=200,
                         mimetype="application/json", headers=headers)
     try:
         if not req.stream:
@@ -64,7 +65,7 @@ def _sse(stream: Iterator[dict]) -> Iterator[bytes]:
 def retrieve_response(response_id: str):
     stored = _store().get(response_id, owner=current_tenant().owner)
     if request.args.get("stream", "false").lower() != "true":
-        return jsonify(background.refresh(_ferry(), stored))
+        return jsonify(background.refresh(_ferry(), stored).response)
     if not stored.response.get("background"):
         raise InvalidRequest("Only background responses can be streamed again.",
                              param="stream")
@@ -96,7 +97,7 @@ def retrieve_response(response_id: str):
 def cancel_response(response_id: str):
     owner = current_tenant().owner
     stored = _store().get(response_id, owner=owner)
-    return jsonify(background.cancel(_ferry(), stored, owner, wait=CANCEL_WAIT))
+    return jsonify(background.cancel(_ferry(), stored, owner, wait=CANCEL_WAIT).response)
 
 
 @bp.delete("/v1/responses/<response_id>")
@@ -130,4 +131,4 @@ def list_input_items(response_id: str):
 
 
 def _store():
-    return responses.store_of(_ferry())
+    return store_of(_ferry())

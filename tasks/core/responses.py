@@ -20,9 +20,9 @@ from typing import Any
 from config.contract import events
 from config.errors import FerryError, InvalidRequest
 from config.tenants import Tenant
-from tasks.core import chat, generation
+from tasks.core import chat, generation, responses_background as background
 from tasks.core.response_events import ResponseBuilder
-from tasks.core.responses_store import ResponseStore, StoredResponse
+from tasks.core.responses_store import StoredResponse, store_of
 from tasks.core.schemas.chat import CreateChatCompletionRequest
 from tasks.core.schemas.responses import (CreateResponseRequest, FunctionCallItem,
                                           FunctionCallOutputItem, InputImage, MessageItem,
@@ -30,10 +30,6 @@ from tasks.core.schemas.responses import (CreateResponseRequest, FunctionCallIte
 from tasks.core.services import Ferry
 
 Request = CreateResponseRequest
-
-
-def store_of(ferry: Ferry) -> ResponseStore:
-    return ResponseStore(ferry.redis, ferry.settings.response_ttl)
 
 
 @dataclass
@@ -65,8 +61,13 @@ def prepare(req: CreateResponseRequest, ferry: Ferry, tenant: Tenant) -> Turn:
     req.check()
     history: list[dict[str, Any]] = []
     if req.previous_response_id is not None:
-        history = store_of(ferry).get(req.previous_response_id, owner=tenant.owner,
-                                      param="previous_response_id").messages
+        previous = background.refresh(ferry, store_of(ferry).get(
+            req.previous_response_id, owner=tenant.owner, param="previous_response_id"))
+        if background.pending(previous):
+            raise InvalidRequest(f"Response '{req.previous_response_id}' is still "
+                                 f"{previous.response['status']}; continue it once it ended.",
+                                 param="previous_response_id")
+        history = previous.messages
     history = history + input_messages(req)
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     tools = req.function_tools()
@@ -136,6 +137,18 @@ def _follow(ferry: Ferry, turn: Turn, run: generation.Run, builder: ResponseBuil
 def _keep(ferry: Ferry, turn: Turn, builder: ResponseBuilder, owner: str) -> None:
     if turn.req.store:
         store_of(ferry).put(turn.stored(builder, owner))
+
+
+def submit_background(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
+    """``background: true``: record and enqueue the turn's job (nobody follows it; see
+    ``tasks.core.responses_background``), store the response as ``queued``; its object."""
+    generation.submit(ferry, turn.prepared, caller=caller,
+                      deadline=time.time() + ferry.settings.job_deadline)
+    stored = StoredResponse(owner=caller.tenant.owner,
+                            response=turn.builder().response("queued"),
+                            input_items=turn.input_items, messages=turn.history)
+    store_of(ferry).put(stored)
+    return stored.response
 
 
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:

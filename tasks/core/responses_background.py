@@ -16,48 +16,62 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from config.contract import events
-from config.errors import InvalidRequest, rebuild
+from config.errors import FerryError, InvalidRequest, rebuild
 from config.tenants import ANY_OWNER
-from tasks.core import generation
 from tasks.core.response_events import ResponseBuilder
-from tasks.core.responses import Turn, store_of
-from tasks.core.responses_store import StoredResponse
+from tasks.core.responses_store import StoredResponse, store_of
 from tasks.core.services import Ferry
+from tasks.jobs.record import JobRecord
 
 # Job states as a response's status while the job has not ended.
 _RUNNING = {"queued": "queued", "in_progress": "in_progress"}
-
-
-def submit(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
-    """Record and enqueue the turn's job, store the response as ``queued``; its object."""
-    generation.submit(ferry, turn.prepared, caller=caller,
-                      deadline=time.time() + ferry.settings.job_deadline)
-    builder = turn.builder()
-    stored = StoredResponse(owner=caller.tenant.owner, response=builder.response("queued"),
-                            input_items=turn.input_items, messages=turn.history)
-    store_of(ferry).put(stored)
-    return stored.response
 
 
 def pending(stored: StoredResponse) -> bool:
     return stored.response.get("background") and stored.response["status"] in _RUNNING
 
 
-def refresh(ferry: Ferry, stored: StoredResponse) -> dict[str, Any]:
+def refresh(ferry: Ferry, stored: StoredResponse) -> StoredResponse:
     """A stored response as it stands now: a background one's job read again, and once
-    it ended, its final response stored."""
+    it ended, its final response stored. Its events are replayed; where the buffer no
+    longer holds them all (kept ``job_events_ttl``), the job's result is read instead."""
     if not pending(stored):
-        return stored.response
+        return stored
     record = ferry.jobs.get(stored.response["id"], owner=ANY_OWNER)
     if record is None:  # its record is gone (``job_ttl``): as it was last seen
-        return stored.response
+        return stored
     if not record.done:
-        return {**stored.response, "status": _RUNNING[record.status]}
+        return stored.model_copy(update={"response": {**stored.response,
+                                                      "status": _RUNNING[record.status]}})
     builder = ResponseBuilder(_base(stored))
     for _ in fold(builder, (ev for _, ev in ferry.jobs.replay(record.id))):
         pass
-    finalize(ferry, stored, builder)
-    return builder.response()
+    if builder.status in _RUNNING:
+        builder = ResponseBuilder(_base(stored))
+        for _ in fold(builder, _result_events(record)):
+            pass
+    return finalize(ferry, stored, builder)
+
+
+def _result_events(record: JobRecord) -> Iterator[events.Event]:
+    """A finished job's events, rebuilt from its result (the chat body)."""
+    if record.result is None:
+        err = (rebuild(record.error, 500) if record.error else
+               FerryError("The job ended without a result.", code="cancelled"
+                          if record.status == "cancelled" else None))
+        yield events.Failed(status=err.status, error=err.to_dict())
+        return
+    choice, usage = record.result["choices"][0], record.result["usage"]
+    message = choice["message"]
+    if message.get("content"):
+        yield events.Delta(0, message["content"])
+    for i, call in enumerate(message.get("tool_calls") or ()):
+        yield events.ToolCallDelta(0, i, call["function"]["arguments"], call["id"],
+                                   call["function"]["name"])
+    reason = "cancelled" if record.status == "cancelled" else choice["finish_reason"]
+    yield events.Finish(0, reason, usage["completion_tokens"])
+    yield events.Done(usage["prompt_tokens"], usage["completion_tokens"],
+                      usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
 
 
 def fold(builder: ResponseBuilder, evs: Iterable[events.Event]) -> Iterator[dict[str, Any]]:
@@ -73,9 +87,11 @@ def fold(builder: ResponseBuilder, evs: Iterable[events.Event]) -> Iterator[dict
             return
 
 
-def finalize(ferry: Ferry, stored: StoredResponse, builder: ResponseBuilder) -> None:
-    store_of(ferry).put(stored.model_copy(update={
-        "response": builder.response(), "messages": stored.messages + builder.messages()}))
+def finalize(ferry: Ferry, stored: StoredResponse, builder: ResponseBuilder) -> StoredResponse:
+    final = stored.model_copy(update={
+        "response": builder.response(), "messages": stored.messages + builder.messages()})
+    store_of(ferry).put(final)
+    return final
 
 
 def replay(ferry: Ferry, stored: StoredResponse, evs: Iterable[events.Event],
@@ -92,7 +108,7 @@ def replay(ferry: Ferry, stored: StoredResponse, evs: Iterable[events.Event],
             yield ev
 
 
-def cancel(ferry: Ferry, stored: StoredResponse, owner: str, wait: float) -> dict[str, Any]:
+def cancel(ferry: Ferry, stored: StoredResponse, owner: str, wait: float) -> StoredResponse:
     """Cancel a background response's job (queued: at once; running: its worker stops it
     within a decode step), waiting up to ``wait`` seconds for it to end; the response."""
     if not stored.response.get("background"):

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from config.errors import NotFound
 from config.tenants import ANY_OWNER
+from tasks.core.services import Ferry
 
 
 def _key(response_id: str) -> str:
@@ -51,3 +52,7 @@ class ResponseStore:
     def delete(self, response_id: str, *, owner: str) -> None:
         self.get(response_id, owner=owner)
         self.redis.delete(_key(response_id))
+
+
+def store_of(ferry: Ferry) -> ResponseStore:
+    return ResponseStore(ferry.redis, ferry.settings.response_ttl)
