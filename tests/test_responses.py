@@ -5,6 +5,8 @@ message is the script); SmolLM2 proves the real path (templates, grammar, prefix
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import time
@@ -17,7 +19,7 @@ import requests
 
 from config.contract.protocol import events_log
 
-from tests.services import Web
+from tests.services import Web, Worker
 
 
 def script(*tokens: str, **extra) -> str:
@@ -117,6 +119,10 @@ def test_a_failure_mid_stream_is_response_failed(scripted):
     (dict(input=[{"type": "reasoning", "summary": []}]), "input[0]", 400),
     (dict(previous_response_id="resp_nope"), "previous_response_id", 404),
     (dict(background=True, store=False), "store", 400),
+    (dict(truncation="auto"), "truncation", 400),
+    (dict(metadata={f"k{i}": "v" for i in range(17)}), "metadata", 400),
+    (dict(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]),
+     "input[0].content[0].file_id", 400),
 ])
 def test_error_shapes(scripted, kwargs, param, status):
     kwargs = {"model": "synthetic", "input": script("a"), **kwargs}
@@ -126,6 +132,36 @@ def test_error_shapes(scripted, kwargs, param, status):
     assert e.value.body["type"] == "invalid_request_error"
     if param == "tools[0].type":
         assert kwargs["tools"][0]["type"] in e.value.body["message"]
+
+
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+         "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_input_image_reaches_the_vision_check(scripted):
+    # input_image parts become the chat path's image parts: a model without vision refuses
+    # them by name, before anything is queued.
+    with pytest.raises(openai.BadRequestError) as e:
+        scripted.responses.create(model="synthetic", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": script("a")},
+            {"type": "input_image", "image_url": PIXEL}]}])
+    assert "synthetic" in e.value.body["message"]
+
+
+@pytest.fixture(scope="module")
+def vision_worker(redis_server, logs):
+    worker = Worker("synthetic-vision", redis_server.url, logs).start()
+    yield worker
+    worker.stop()
+
+
+def test_input_image_bytes_reach_a_vision_worker(scripted, vision_worker):
+    # The vision double answers with the number of images and each one's sha256.
+    r = scripted.responses.create(model="synthetic-vision", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": json.dumps({"describe_images": True})},
+        {"type": "input_image", "image_url": PIXEL}]}])
+    digest = hashlib.sha256(base64.b64decode(PIXEL.split(",", 1)[1])).hexdigest()
+    assert r.output_text == f"1 images {digest}"
 
 
 def test_store_retrieve_input_items_delete(scripted):

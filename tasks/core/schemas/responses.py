@@ -160,6 +160,9 @@ class CreateResponseRequest(BaseModel):
         for name in _REFUSED:
             if getattr(self, name) is not None:
                 raise Unsupported(f"{name} is not supported by this server.", param=name)
+        if self.truncation == "auto":
+            raise Unsupported("truncation 'auto' is not supported: a prompt that does not fit "
+                              "is a 400 (context_length_exceeded).", param="truncation")
         if self.background and self.stream:
             raise Unsupported("background responses are not streamed when created; create, "
                               "then GET /v1/responses/{id}?stream=true.", param="stream")
