@@ -211,6 +211,7 @@ def test_stored_responses_are_their_owners(keyed_web):
 # -- SmolLM2: the real model -----------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_three_turns_with_previous_response_id(chat):
     first = chat.responses.create(model="smollm2", input="My name is Ada. Say hi.",
                                   max_output_tokens=8, temperature=0)
@@ -231,6 +232,7 @@ def test_three_turns_with_previous_response_id(chat):
         "Thanks."]
 
 
+@pytest.mark.model
 def test_real_stream(chat):
     evs = list(chat.responses.create(model="smollm2", input="Count: one, two,",
                                      max_output_tokens=6, temperature=0, stream=True))
@@ -246,6 +248,7 @@ class Person(pydantic.BaseModel):
     age: int
 
 
+@pytest.mark.model
 def test_parse_text_format(chat):
     r = chat.responses.parse(model="smollm2", input="Invent a person: a name and an age.",
                              text_format=Person, max_output_tokens=60, temperature=0)
@@ -259,6 +262,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
                           "required": ["city"], "additionalProperties": False}}
 
 
+@pytest.mark.model
 def test_function_tool_round_trip(chat):
     r = chat.responses.create(model="smollm2", input="What is the weather in Paris?",
                               tools=[WEATHER], tool_choice="required", max_output_tokens=40,
@@ -283,6 +287,7 @@ def test_function_tool_round_trip(chat):
     assert by_hand.output_text
 
 
+@pytest.mark.model
 def test_streamed_function_call(chat):
     evs = list(chat.responses.create(model="smollm2", input="Weather in Rome?", tools=[WEATHER],
                                      tool_choice={"type": "function", "name": "get_weather"},
@@ -357,6 +362,10 @@ def test_background_read_from_the_job_once_its_events_expired(scripted, web, red
     r = scripted.responses.create(model="synthetic", input=script("p", "q"), background=True)
     assert wait_for_job(web, r.id)["status"] == "completed"
     redis.Redis.from_url(redis_server.url).delete(events_log(r.id))
+    evs = list(scripted.responses.retrieve(r.id, stream=True))
+    assert [e.type for e in evs][-3:] == ["response.content_part.done",
+                                          "response.output_item.done", "response.completed"]
+    assert evs[-1].response.output_text == "pq"
     done = scripted.responses.retrieve(r.id)
     assert done.status == "completed" and done.output_text == "pq"
     assert done.usage.output_tokens == 2
@@ -416,6 +425,7 @@ def test_batch_of_responses(scripted, batch_worker):
 # -- the OpenAI Agents SDK ---------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_agents_sdk_two_tool_agent(web, smollm2_worker):
     """The Agents SDK's default model (``OpenAIResponsesModel``) runs a two-tool agent over
     three model turns: a call to each tool, each output sent back as

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from config.errors import InvalidRequest
+from config.contract.protocol import events_log
+from config.errors import InvalidRequest, ServiceUnavailable
+from config.tenants import ANY_OWNER
 from tasks.core import responses, responses_background as background
 from tasks.core.generation import Caller, ClientGone
 from tasks.core.responses_store import store_of
@@ -75,9 +77,15 @@ def retrieve_response(response_id: str):
         raise InvalidRequest("starting_after must be an integer.",
                              param="starting_after") from None
     ferry = _ferry()
+    record = ferry.jobs.get(response_id, owner=ANY_OWNER)
+    if record is not None and record.done and not ferry.redis.exists(events_log(response_id)):
+        # Its events expired (``job_events_ttl``): the same stream, rebuilt from its result.
+        return _stream(background.replay(ferry, stored, background.result_events(record),
+                                         after), {"X-Request-Id": response_id})
     tap = ferry.relay.tap(response_id)  # before the buffer is read (web/job_events.py)
     follower = job_events.Follower(ferry.jobs, tap, response_id, -1)
     gone = generation.client_watch()
+    lost: list[str] = []
 
     def evs():
         try:
@@ -86,12 +94,22 @@ def retrieve_response(response_id: str):
                     return
                 if item is not None:
                     yield item[1]
+        except job_events.EventsLost as e:
+            lost.append(str(e))
         finally:
             tap.close()
 
-    return _stream(background.replay(ferry, stored, evs(), after),
-                   {"X-Request-Id": response_id})
+    def stream():
+        last = after
+        for ev in background.replay(ferry, stored, evs(), after):
+            last = ev["sequence_number"]
+            yield ev
+        if lost:  # some events are no longer kept (the buffer is capped): said, not skipped
+            err = ServiceUnavailable(lost[0], code="events_lost")
+            yield {"type": "error", "code": err.code, "message": err.message, "param": None,
+                   "sequence_number": last + 1}
 
+    return _stream(stream(), {"X-Request-Id": response_id})
 
 @bp.post("/v1/responses/<response_id>/cancel")
 def cancel_response(response_id: str):

@@ -48,12 +48,12 @@ def refresh(ferry: Ferry, stored: StoredResponse) -> StoredResponse:
         pass
     if builder.status in _RUNNING:
         builder = ResponseBuilder(_base(stored))
-        for _ in fold(builder, _result_events(record)):
+        for _ in fold(builder, result_events(record)):
             pass
     return finalize(ferry, stored, builder)
 
 
-def _result_events(record: JobRecord) -> Iterator[events.Event]:
+def result_events(record: JobRecord) -> Iterator[events.Event]:
     """A finished job's events, rebuilt from its result (the chat body)."""
     if record.result is None:
         err = (rebuild(record.error, 500) if record.error else
