@@ -13,7 +13,7 @@ from config.errors import InvalidRequest, ServiceUnavailable
 from config.tenants import ANY_OWNER
 from tasks.core import responses, responses_background as background
 from tasks.core.generation import Caller, ClientGone
-from tasks.core.responses_store import store_of
+from tasks.core.responses_store import StoredResponse, store_of
 from tasks.core.schemas.responses import CreateResponseRequest
 from web import generation, job_events, logs
 from web.auth import current_tenant
@@ -37,8 +37,9 @@ def create_response():
     headers = {"X-Request-Id": turn.id}
     if req.background:
         caller = Caller(current_tenant(), on_enqueued=logs.enqueued)
-        return Response(json.dumps(responses.submit_background(_ferry(), turn, caller)), status=200,
-                        mimetype="application/json", headers=headers)
+        body = responses.submit_background(_ferry(), turn, caller)
+        return Response(json.dumps(body), status=200, mimetype="application/json",
+                        headers=headers)
     try:
         if not req.stream:
             return Response(json.dumps(responses.collect(_ferry(), turn, generation.caller())),
@@ -76,12 +77,18 @@ def retrieve_response(response_id: str):
     except ValueError:
         raise InvalidRequest("starting_after must be an integer.",
                              param="starting_after") from None
-    ferry = _ferry()
+    return _stream(_replay(stored, after), {"X-Request-Id": response_id})
+
+
+def _replay(stored: StoredResponse, after: int) -> Iterator[dict]:
+    """A background response's stream events above ``after``: replayed from its job's
+    buffer, then followed live (``web.job_events.Follower``). Set up now, in the request;
+    the events are read as the response is sent."""
+    ferry, response_id = _ferry(), stored.response["id"]
     record = ferry.jobs.get(response_id, owner=ANY_OWNER)
     if record is not None and record.done and not ferry.redis.exists(events_log(response_id)):
         # Its events expired (``job_events_ttl``): the same stream, rebuilt from its result.
-        return _stream(background.replay(ferry, stored, background.result_events(record),
-                                         after), {"X-Request-Id": response_id})
+        return background.replay(ferry, stored, background.result_events(record), after)
     tap = ferry.relay.tap(response_id)  # before the buffer is read (web/job_events.py)
     follower = job_events.Follower(ferry.jobs, tap, response_id, -1)
     gone = generation.client_watch()
@@ -109,7 +116,8 @@ def retrieve_response(response_id: str):
             yield {"type": "error", "code": err.code, "message": err.message, "param": None,
                    "sequence_number": last + 1}
 
-    return _stream(stream(), {"X-Request-Id": response_id})
+    return stream()
+
 
 @bp.post("/v1/responses/<response_id>/cancel")
 def cancel_response(response_id: str):
