@@ -362,13 +362,14 @@ def test_background_read_from_the_job_once_its_events_expired(scripted, web, red
     r = scripted.responses.create(model="synthetic", input=script("p", "q"), background=True)
     assert wait_for_job(web, r.id)["status"] == "completed"
     redis.Redis.from_url(redis_server.url).delete(events_log(r.id))
+    done = scripted.responses.retrieve(r.id)
+    assert done.status == "completed" and done.output_text == "pq"
+    assert done.usage.output_tokens == 2
     evs = list(scripted.responses.retrieve(r.id, stream=True))
     assert [e.type for e in evs][-3:] == ["response.content_part.done",
                                           "response.output_item.done", "response.completed"]
     assert evs[-1].response.output_text == "pq"
-    done = scripted.responses.retrieve(r.id)
-    assert done.status == "completed" and done.output_text == "pq"
-    assert done.usage.output_tokens == 2
+    assert evs[2].item.id == done.output[0].id
 
 
 def test_continuing_a_background_response(scripted, web):
