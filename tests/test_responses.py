@@ -99,6 +99,16 @@ def test_streamed_incomplete(scripted):
     assert evs[-1].response.output_text == "x" and evs[-2].item.status == "incomplete"
 
 
+def test_a_client_that_leaves_mid_stream_cancels_the_job(scripted, web):
+    stream = scripted.responses.create(model="synthetic", input=json.dumps(
+        {"count": 1000, "rate": 50}), stream=True)
+    first = [next(iter(stream)) for _ in range(4)]
+    stream.close()
+    response_id = first[0].response.id
+    job = wait_for_job(web, response_id)
+    assert job["status"] == "cancelled"
+
+
 def test_a_failure_mid_stream_is_response_failed(scripted):
     evs = list(scripted.responses.create(model="synthetic", input=script("a", fail="boom"),
                                          stream=True))
