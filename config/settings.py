@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     # Jobs (and their results) are kept a day after they are submitted: long enough to come
     # back for them, short enough that Redis does not fill up with old answers.
     job_ttl: float = Field(default=86400.0, gt=0)
+    # Stored responses (``store: true``) live as long as jobs: long enough to continue a
+    # conversation with ``previous_response_id`` later in the day, short enough to bound Redis.
+    response_ttl: float = Field(default=86400.0, gt=0)
     # A submitted job no worker has started within this many seconds becomes ``expired``: its
     # submitter holds no connection, so it may wait longer than ``queue_timeout``, not forever.
     job_deadline: float = Field(default=3600.0, gt=0)

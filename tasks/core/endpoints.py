@@ -4,6 +4,8 @@ Each family module (``chat``, ``completions``, ``embeddings``) has its ``Request
 ``prepare(req, ferry)`` (one job: what ``/v1/jobs`` takes) and ``prepare_all(req, ferry)``
 (the request's jobs). A front door that speaks another dialect translates its request into
 one of these and the ``Run``'s events back into its own shapes; it adds no path of its own.
+Such a family (``responses``) has ``answer(req, ferry, caller) -> (request id, body)``,
+which batch lines take instead of the chat shapes' body.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import redis as redis_lib
 
 from config.errors import FerryError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
-from tasks.core import chat, completions, embeddings
+from tasks.core import chat, completions, embeddings, responses
 from tasks.core.generation import Caller, ClientGone, collect, start
 from tasks.core.services import Ferry
 from tasks.core.validation import validate
@@ -28,6 +30,7 @@ FAMILIES: dict[str, ModuleType] = {
     "/v1/chat/completions": chat,
     "/v1/completions": completions,
     "/v1/embeddings": embeddings,
+    "/v1/responses": responses,
 }
 
 Answer = tuple[int, str | None, Any]  # status, request id, JSON body
@@ -56,8 +59,10 @@ def answer(ferry: Ferry, endpoint: str, body: dict[str, Any], caller: Caller) ->
             raise PayloadTooLarge("The request body is too large.")
         fam = family(endpoint)
         req = validate(fam.Request, body)
-        run = start(ferry, fam.prepare_all(req, ferry),
-                    dataclasses.replace(caller, on_enqueued=on_enqueued))
+        counted = dataclasses.replace(caller, on_enqueued=on_enqueued)
+        if hasattr(fam, "answer"):
+            return 200, *fam.answer(req, ferry, counted)
+        run = start(ferry, fam.prepare_all(req, ferry), counted)
         return 200, run.id, collect(run)
     except ClientGone:
         return None
