@@ -27,6 +27,7 @@ class StreamResult:
     text: str = ""
     chunks: int = 0                  # chunks that carried text
     usage_tokens: int | None = None  # completion_tokens, if the server reported usage
+    usage: dict | None = None        # the whole usage object, if the server reported it
     finish_reason: str | None = None
     done: bool = False               # saw ``data: [DONE]``
     error: str | None = None
@@ -92,6 +93,7 @@ def _data(res: StreamResult, data: bytes) -> None:
         res.error = f"error event: {chunk['error'].get('message')}"
         return
     if chunk.get("usage"):
+        res.usage = chunk["usage"]
         res.usage_tokens = chunk["usage"]["completion_tokens"]
     for choice in chunk.get("choices") or ():
         text = choice.get("text")

@@ -92,9 +92,23 @@ class Finish:
 
 @dataclass(frozen=True)
 class Done:
+    """A generation job's usage. ``cached_tokens``: prompt tokens the backend read from a
+    cache instead of evaluating (OpenAI's ``prompt_tokens_details.cached_tokens``; with
+    ``n`` choices, those of the choice that reused least). ``evaluated_tokens``: prompt
+    tokens it evaluated, all choices together (``n`` choices sharing one evaluation count
+    it once); None where a backend does not count them apart from ``cached_tokens``."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    evaluated_tokens: int | None = None
     t: Literal["done"] = "done"
+
+    @property
+    def prompt_evaluated(self) -> int:
+        if self.evaluated_tokens is not None:
+            return self.evaluated_tokens
+        return self.prompt_tokens - self.cached_tokens
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ of ``parallel`` sequences, owned by one loop thread (``models.llama_batch``). Th
 a Celery threads pool; ``generate`` runs in a task thread: it renders and tokenizes the
 prompt, checks it, submits one ``Choice`` per choice to the loop and yields the events the
 loop sends back. Concurrent requests — and the ``n`` choices of one — are decoded together,
-one token each per llama_decode. Sampling is set in full for every choice
+one token each per llama_decode. A finished sequence keeps its KV cache for the next prompt
+that starts with the same tokens (``models.prefix``; option ``prefix_reuse``). Sampling is set in full for every choice
 (``models.llama_sampling``): llama-cpp-python's defaults (top_k 40, min_p 0.05) are not
 OpenAI's, which has neither.
 """
@@ -54,6 +55,10 @@ class LlamaCppOptions(BaseModel):
     # Sequences decoded together (slots), each with num_ctx tokens of KV cache: 4 keeps a
     # new request from waiting behind up to 3 others at 4x the cache of one.
     parallel: int = Field(default=4, ge=1, le=64)
+    # A finished sequence keeps its KV cache for the next prompt that starts with the same
+    # tokens (a chat's next turn), and n choices share one evaluation of their prompt. Off:
+    # every prompt is evaluated whole, as before (the benchmark's baseline; an escape hatch).
+    prefix_reuse: bool = True
 
     def threads(self) -> int:
         return self.n_threads or max(1, (os.cpu_count() or 2) - 1)
@@ -88,9 +93,10 @@ class LlamaCppBackend(Backend):
         self.template = source and ChatTemplate(
             source, bos_token=self._bos, eos_token=self._special_piece(self.engine.token_eos())
         )
-        self.loop = BatchLoop(self.engine).start()
-        log.info("llama.cpp: %d sequences of %d tokens decoded together, %d threads",
-                 opts.parallel, entry.num_ctx, opts.threads())
+        self.loop = BatchLoop(self.engine, reuse=opts.prefix_reuse).start()
+        log.info("llama.cpp: %d sequences of %d tokens decoded together, %d threads, "
+                 "prefix reuse %s", opts.parallel, entry.num_ctx, opts.threads(),
+                 "on" if opts.prefix_reuse else "off")
 
     def _special_piece(self, tok: int) -> str:
         if tok < 0:
@@ -197,10 +203,11 @@ class LlamaCppBackend(Backend):
         max_tokens = self._budget(job, len(prompt))
         choices = self.choices(job, prompt, max_tokens)
         yield Started(worker="", prompt_tokens=len(prompt))
-        for c in choices:
-            self.loop.submit(c)
+        self.loop.submit_all(choices)
         total = yield from self._follow(choices, cancelled)
-        yield Done(prompt_tokens=len(prompt), completion_tokens=total)
+        yield Done(prompt_tokens=len(prompt), completion_tokens=total,
+                   cached_tokens=min(c.cached for c in choices),
+                   evaluated_tokens=sum(c.evaluated for c in choices))
 
     def _follow(self, choices: list[Choice], cancelled: Cancelled):
         """Yield the choices' events until each has finished; returns the tokens generated."""

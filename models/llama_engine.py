@@ -8,8 +8,8 @@ unified cache they differed here). Its ``n_ctx`` is split evenly among the strea
 
 Thread safety: the model's vocabulary is read-only, so tokenizing and spelling tokens
 (``tokenize``, ``detokenize``, ``piece``, ``is_eog``) may run in any thread; everything
-that touches the context (``decode``, ``logits``, ``sample``, ``clear``) is for the one loop
-thread that owns it (``models.llama_batch``).
+that touches the context (``decode``, ``logits``, ``sample``, ``clear``, ``keep``, ``copy``)
+is for the one loop thread that owns it (``models.llama_batch``).
 """
 
 from __future__ import annotations
@@ -143,6 +143,24 @@ class LlamaEngine:
             llama_cpp.llama_memory_clear(mem, True)
         else:
             llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+
+    def keep(self, seq: int, n: int) -> int:
+        """Keep the first ``n`` tokens of sequence ``seq``'s cache and drop the rest; returns
+        how many were kept (0 where llama.cpp cannot cut a sequence, e.g. a recurrent
+        model's state: the whole sequence is dropped then)."""
+        mem = self.ctx.memory
+        if n > 0 and llama_cpp.llama_memory_seq_rm(mem, seq, n, -1):
+            return n
+        llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+        return 0
+
+    def copy(self, src: int, dst: int) -> None:
+        """Make ``dst``'s cache a copy of ``src``'s. With one KV stream per sequence this
+        copies the whole stream buffer (``num_ctx`` tokens of K and V, used or not: 47 MB
+        for SmolLM2 at 2,048, far less work than evaluating a prompt). llama.cpp copies at
+        the start of the next ``decode``, so ``src`` must not change before then; the last
+        decode's logits stay readable meanwhile."""
+        llama_cpp.llama_memory_seq_cp(self.ctx.memory, src, dst, -1, -1)
 
     def close(self) -> None:
         batch = getattr(self, "_batch", None)

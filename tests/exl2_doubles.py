@@ -7,6 +7,11 @@ allow, one prefill chunk per prefilling job, one decode step per generating job)
 (emits nothing), ``num_remaining_jobs``, and the result dicts' keys. Tokens come from a
 script, not a model: nothing here pretends to be ExLlamaV2 computing anything.
 
+Prompt caching as the generator does it across jobs: a job starting reuses the whole 256-token
+pages of its prompt that an earlier job's prompt began with (the last token is always
+evaluated), and reports them as ``cached_tokens`` / ``cached_pages``; only a new generator
+(``new_generator``) starts empty.
+
 ``JobDouble`` has ``ExLlamaV2DynamicJob``'s signature *without* its ``**kwargs``, so a
 misspelt keyword fails here instead of being silently ignored as the real class does.
 
@@ -66,6 +71,7 @@ class JobDouble:
         self.new_tokens = 0
         self.serial_number = None
         self.prefilled = 0
+        self.cached_tokens = 0
         self.held_text = ""
         self.held_ids: list[int] = []
         self.full_completion = ""
@@ -96,6 +102,7 @@ class GeneratorDouble:
         self.fail_on_iterate: int | None = None  # raise on this iterate() call (1-based)
         self.iterations = 0
         self._serial = 0
+        self._cached_prompts: list[list[int]] = []  # prompts whose pages the cache holds
 
     # --- the contract -------------------------------------------------------------------
 
@@ -148,7 +155,16 @@ class GeneratorDouble:
                 continue
             self.pending.remove(job)
             self.active.append(job)
+            self._reuse_pages(job)
             results.append(self._result(job, "started"))
+
+    def _reuse_pages(self, job: JobDouble) -> None:
+        ids = job.input_ids[0].tolist()
+        shared = max((next((i for i, (a, b) in enumerate(zip(p, ids)) if a != b),
+                           min(len(p), len(ids))) for p in self._cached_prompts), default=0)
+        job.cached_tokens = min(shared, job.prompt_len - 1) // PAGE * PAGE
+        job.prefilled = job.cached_tokens
+        self._cached_prompts.append(ids)
 
     def _result(self, job: JobDouble, stage: str, eos: bool = False, **extra) -> dict:
         r = {"job": job, "stage": stage, "eos": eos, "serial": job.serial_number, **extra}
@@ -241,7 +257,8 @@ class GeneratorDouble:
         results.append(self._result(
             job, "streaming", eos=True, eos_reason=reason, **keys,
             full_completion=job.full_completion, new_tokens=job.new_tokens,
-            prompt_tokens=job.prompt_len, cached_tokens=0, cached_pages=0,
+            prompt_tokens=job.prompt_len, cached_tokens=job.cached_tokens,
+            cached_pages=job.cached_tokens // PAGE,
             time_enqueued=0.0, time_prefill=0.0, time_generate=0.0))
 
 

@@ -230,3 +230,26 @@ def test_text_held_for_a_possible_stop_string_survives_the_end_of_turn(toys):
     assert text_of(events) == REPLY
     deltas = [e for e in events if isinstance(e, Delta)]
     assert sum(d.tokens for d in deltas) == events[-2].completion_tokens == len(REPLY)
+
+
+def test_a_later_job_reports_the_prompt_pages_the_generator_kept_as_cached_tokens(toys):
+    toy = toys(num_ctx=2048)
+    notes = "The tide turns twice a day. " * 30  # ~840 tokens of the character tokenizer
+    first = toy.run(messages=[{"role": "user", "content": notes}], max_tokens=4)
+    again = toy.run(messages=[{"role": "user", "content": notes + "Why?"}], max_tokens=4)
+    assert first[-1].cached_tokens == 0
+    # One generator across jobs: the second starts on the first's whole shared pages.
+    assert len(toy.engine.generators) == 1
+    shared = first[0].prompt_tokens - len("<|im_end|>\n<|im_start|>assistant\n")
+    assert again[-1] == Done(again[0].prompt_tokens, 4, cached_tokens=shared // 256 * 256)
+    assert again[-1].cached_tokens >= 512
+
+
+def test_n_choices_report_the_cache_of_the_choice_that_found_least(toys):
+    toy = toys(num_ctx=2048)
+    events = toy.run(n=2, messages=[{"role": "user", "content": "Tell me. " * 80}],
+                     max_tokens=2)
+    # The second job reused the first's pages, the first found none: the request had none.
+    assert sorted(j.cached_tokens for j in toy.engine.jobs)[0] == 0
+    assert max(j.cached_tokens for j in toy.engine.jobs) > 0
+    assert events[-1].cached_tokens == 0

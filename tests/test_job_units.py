@@ -104,5 +104,6 @@ def test_outcome_spells_the_endpoint_body():
     body = outcome.body(spec.shape("cmpl-1", "m", 100))
     assert body["choices"] == [{"text": "Hi there", "index": 0, "logprobs": None,
                                 "finish_reason": "stop"}]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert body["created"] == 100 and body["object"] == "text_completion"

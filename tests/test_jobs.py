@@ -42,7 +42,8 @@ def test_submit_poll_result(web, synthetic_worker):
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "ab",
                                                         "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_synchronous_requests_are_jobs(web, synthetic_worker):
@@ -75,9 +76,13 @@ def test_job_result_equals_the_synchronous_reply(web, smollm2_worker, endpoint, 
     assert sync.status_code == 200, sync.text
     job = submitted(web, body, endpoint)
     result = wait_status(web, job["id"], "completed", timeout=60)["result"]
-    assert result["id"] == job["id"] != sync.json()["id"]
+    reply = sync.json()
+    assert result["id"] == job["id"] != reply["id"]
+    # The same body but for what the prefix cache held: the job ran second, on the same prompt.
+    cached = [r["usage"].pop("prompt_tokens_details")["cached_tokens"] for r in (result, reply)]
+    assert cached[0] >= cached[1]
     assert {k: v for k, v in result.items() if k not in ("id", "created")} == \
-        {k: v for k, v in sync.json().items() if k not in ("id", "created")}
+        {k: v for k, v in reply.items() if k not in ("id", "created")}
     assert result["choices"][0]["finish_reason"] in ("stop", "length")
 
 

@@ -33,15 +33,18 @@ class Chain:
 
 class EngineDouble:
     """Choice with seed s "samples" plans[s] token by token ('a' for ever once the plan is
-    used up). Checks that every sequence is fed contiguous positions from 0 and records
-    each decode call's rows."""
+    used up). Keeps each sequence's cached tokens, checks that every sequence is fed
+    contiguous positions after them and records each decode call's rows. ``copy`` takes
+    effect at once, as llama.cpp's cell bookkeeping does (it copies the data at the next
+    decode, before that decode writes anything)."""
 
     def __init__(self, plans=None, slots=2, n_batch=8, step=0.0):
         self.plans, self.slots, self.n_batch, self.step = plans or {}, slots, n_batch, step
         self.calls: list[list[Row]] = []
-        self.cache: dict[int, int] = {}
+        self.kv: dict[int, list[int]] = {}
         self.chains: list[Chain] = []
         self.clears: list[int | None] = []
+        self.copies: list[tuple[int, int]] = []
         self.fail_next = False
         self._lock = threading.Lock()
 
@@ -58,8 +61,8 @@ class EngineDouble:
         if self.step:
             time.sleep(self.step)
         for r in rows:
-            assert r.pos == self.cache.get(r.seq, 0), (r, self.cache)
-            self.cache[r.seq] = r.pos + 1
+            assert r.pos == len(self.kv.setdefault(r.seq, [])), (r, self.kv)
+            self.kv[r.seq].append(r.token)
         with self._lock:
             self.calls.append(list(rows))
 
@@ -79,9 +82,17 @@ class EngineDouble:
     def clear(self, seq=None):
         self.clears.append(seq)
         if seq is None:
-            self.cache.clear()
+            self.kv.clear()
         else:
-            self.cache.pop(seq, None)
+            self.kv.pop(seq, None)
+
+    def keep(self, seq, n):
+        self.kv[seq] = self.kv.get(seq, [])[:n]
+        return n
+
+    def copy(self, src, dst):
+        self.copies.append((src, dst))
+        self.kv[dst] = list(self.kv.get(src, []))
 
     def piece(self, tok):
         return VOCAB[tok]
@@ -131,7 +142,7 @@ def make_loop():
 
 def test_running_choices_share_each_decode_call(make_loop):
     engine = EngineDouble({1: [1, 1, 1, EOS], 2: [2, 2, EOS], 3: [3, 4, 3, 5, EOS]}, slots=4)
-    loop = make_loop(engine)
+    loop = make_loop(engine, reuse=False)  # released sequences are cleared
     cs = [choice(1), choice(2), choice(3)]
     for c in cs:
         loop.submit(c)
@@ -168,7 +179,7 @@ def test_a_prompt_is_evaluated_alone_in_n_batch_chunks_from_its_start(make_loop)
 
 def test_slots_cap_running_choices_and_a_waiting_one_starts_when_one_frees(make_loop):
     engine = EngineDouble({1: [1] * 5 + [EOS], 2: [2] * 30 + [EOS], 3: [3, EOS]}, slots=2)
-    loop = make_loop(engine)
+    loop = make_loop(engine, reuse=False)  # the cold policy: lowest free id
     first, second, third = choice(1), choice(2), choice(3)
     for c in (first, second, third):
         loop.submit(c)
@@ -183,7 +194,7 @@ def test_slots_cap_running_choices_and_a_waiting_one_starts_when_one_frees(make_
 
 def test_cancel_frees_the_slot_within_one_step(make_loop):
     engine = EngineDouble(slots=2, step=0.002)
-    loop = make_loop(engine)
+    loop = make_loop(engine, reuse=False)  # released sequences are cleared
     victim, other = choice(1, max_tokens=100_000), choice(2, index=1, max_tokens=400)
     loop.submit(victim)
     loop.submit(other)
@@ -302,7 +313,7 @@ def test_max_tokens_zero_echoes_without_decoding(make_loop):
 
 def test_a_stop_string_ends_the_choice_and_frees_its_slot(make_loop):
     engine = EngineDouble({1: [1, 2, 3, 4, 1, 1]}, slots=1)
-    loop = make_loop(engine)
+    loop = make_loop(engine, reuse=False)  # released sequences are cleared
     c = choice(1, stop=["c "])
     loop.submit(c)
     text, fin, _ = drain(c)
@@ -344,3 +355,181 @@ def test_parallel_must_be_positive():
 
     with pytest.raises(ValidationError):
         LlamaCppOptions(parallel=0)
+
+
+# --- prompt prefix reuse ------------------------------------------------------------------
+
+
+def test_a_second_turn_keeps_the_first_turns_cache_and_evaluates_only_its_suffix(make_loop):
+    engine = EngineDouble({1: [1, 2, EOS], 2: [3, EOS]}, slots=2, n_batch=16)
+    loop = make_loop(engine)
+    first = choice(1, prompt=[5, 4, 3])
+    loop.submit(first)
+    assert drain(first)[0] == "ab"
+    # Its sequence holds its prompt and the tokens it decoded (EOS, sampled last, never was).
+    assert engine.kv[0] == [5, 4, 3, 1, 2]
+    n = len(engine.calls)
+    second = choice(2, prompt=[5, 4, 3, 1, 2, 4, 4])
+    loop.submit(second)
+    assert drain(second)[0] == "c"
+    assert [r.pos for r in engine.calls[n]] == [5, 6] and engine.calls[n][0].seq == 0
+    assert (second.cached, second.evaluated) == (5, 2)
+    assert engine.kv[0][:7] == second.prompt and engine.clears == []
+
+
+def test_a_repeated_prompt_still_evaluates_its_last_token(make_loop):
+    engine = EngineDouble({1: [1, EOS], 2: [1, EOS]}, slots=1)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=[3, 4, 5]), choice(2, prompt=[3, 4, 5])
+    loop.submit(a)
+    drain(a)
+    n = len(engine.calls)
+    loop.submit(b)
+    assert drain(b)[0] == "a"
+    assert [(r.pos, r.token, r.logits) for r in engine.calls[n]] == [(2, 5, True)]
+    assert (b.cached, b.evaluated) == (2, 1)
+
+
+def test_a_diverging_prompt_cuts_the_cache_where_it_differs(make_loop):
+    engine = EngineDouble({1: [1, 1, EOS]}, slots=1)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=[3, 4, 5, 2]), choice(2, prompt=[3, 4, 2, 2])
+    loop.submit(a)
+    drain(a)
+    n = len(engine.calls)
+    loop.submit(b)
+    drain(b)
+    assert [r.pos for r in engine.calls[n]] == [2, 3] and b.cached == 2
+    assert engine.kv[0][:4] == [3, 4, 2, 2]
+
+
+def test_a_new_choice_takes_the_sequence_holding_its_prefix_not_the_lowest_id(make_loop):
+    engine = EngineDouble({1: [1, EOS], 2: [1, EOS], 3: [1, EOS]}, slots=2)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=[1, 1, 1]), choice(2, prompt=[2, 2, 2])
+    loop.submit_all([a, b])
+    drain(a), drain(b)
+    n = len(engine.calls)
+    c = choice(3, prompt=[2, 2, 2, 1, 3])
+    loop.submit(c)
+    drain(c)
+    assert engine.calls[n][0].seq == 1 and c.cached == 4
+
+
+def test_with_reuse_off_every_prompt_is_evaluated_whole(make_loop):
+    engine = EngineDouble({1: [1, 2, EOS], 2: [3, EOS]}, slots=2)
+    loop = make_loop(engine, reuse=False)
+    first, second = choice(1, prompt=[5, 4, 3]), choice(2, prompt=[5, 4, 3, 1, 2, 4])
+    loop.submit(first)
+    drain(first)
+    n = len(engine.calls)
+    loop.submit(second)
+    drain(second)
+    assert [r.pos for r in engine.calls[n]] == list(range(6))
+    assert (second.cached, second.evaluated) == (0, 6) and engine.clears == [0, 0]
+
+
+def test_n_choices_of_one_prompt_evaluate_it_once_and_copy_the_cache(make_loop):
+    plans = {1: [1, 1, EOS], 2: [2, 2, 2, EOS], 3: [3, EOS]}
+    engine = EngineDouble(plans, slots=4, n_batch=4)
+    loop = make_loop(engine)
+    prompt = list(range(1, 6)) * 2
+    cs = [choice(seed, index=i, prompt=prompt) for i, seed in enumerate((1, 2, 3))]
+    loop.submit_all(cs)
+    assert [drain(c)[0] for c in cs] == ["aa", "bbb", "c"]
+    # One evaluation of the prompt, in n_batch chunks (decode steps ask logits of every row).
+    prompt_calls = [call for call in engine.calls if not all(r.logits for r in call)]
+    assert [[(r.seq, r.pos) for r in call] for call in prompt_calls] == [
+        [(0, 0), (0, 1), (0, 2), (0, 3)], [(0, 4), (0, 5), (0, 6), (0, 7)], [(0, 8), (0, 9)]]
+    assert engine.copies == [(0, 1), (0, 2)]
+    assert [(c.cached, c.evaluated) for c in cs] == [(0, 10), (10, 0), (10, 0)]
+    # Each follower decoded its own tokens after its copy of the prompt.
+    assert engine.kv[1] == prompt + [2, 2, 2] and engine.kv[2] == prompt + [3]
+
+
+def test_a_follower_whose_leader_is_cancelled_evaluates_the_prompt_itself(make_loop):
+    engine = EngineDouble({2: [2, 2, EOS]}, slots=2, n_batch=2, step=0.01)
+    loop = make_loop(engine)
+    prompt = list(range(1, 5)) * 5
+    leader, follower = choice(1, prompt=prompt), choice(2, index=1, prompt=prompt)
+    loop.submit_all([leader, follower])
+    deadline = time.monotonic() + 5
+    while not engine.calls:  # the leader is evaluating the prompt, the follower waits
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    loop.cancel(leader)
+    assert drain(leader)[1].finish_reason == "cancelled"
+    assert drain(follower)[0] == "bb"
+    assert (follower.cached, follower.evaluated) == (0, len(prompt)) and engine.copies == []
+    assert engine.kv[1][:len(prompt)] == prompt
+
+
+def test_a_decode_failure_forgets_every_kept_cache(make_loop):
+    engine = EngineDouble({1: [1, EOS]}, slots=1)
+    loop = make_loop(engine)
+    a = choice(1, prompt=[1, 2, 3])
+    loop.submit(a)
+    drain(a)
+    engine.fail_next = True
+    b = choice(2, prompt=[1, 2, 3, 4])
+    loop.submit(b)
+    assert isinstance(drain(b)[1], GenerationFailed)
+    c = choice(3, prompt=[1, 2, 3, 4], max_tokens=2)
+    loop.submit(c)
+    assert drain(c)[0] == "aa" and c.cached == 0
+
+
+SYSTEM = list(range(1, 5)) * 6  # a 24-token prefix several prompts share
+
+
+def prompt_positions(engine: EngineDouble, seq: int) -> list[int]:
+    """Positions ``seq`` was fed in prompt calls (decode steps ask every row's logits)."""
+    return [r.pos for call in engine.calls if not all(r.logits for r in call)
+            for r in call if r.seq == seq]
+
+
+def test_prompts_starting_alike_evaluate_their_shared_prefix_once(make_loop):
+    engine = EngineDouble({1: [1, EOS], 2: [2, EOS]}, slots=2, n_batch=8)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=SYSTEM + [1, 1]), choice(2, prompt=SYSTEM + [3, 3, 3])
+    loop.submit_all([a, b])
+    assert (drain(a)[0], drain(b)[0]) == ("a", "b")
+    # b waited for a to evaluate the prefix, got a copy, and evaluated only its own tail.
+    assert engine.copies == [(0, 1)]
+    assert prompt_positions(engine, 1) == [24, 25, 26]
+    assert (b.cached, b.evaluated) == (24, 3) and (a.cached, a.evaluated) == (0, 26)
+    assert engine.kv[1][:27] == b.prompt
+
+
+def test_a_short_shared_prefix_is_evaluated_twice_rather_than_waited_for(make_loop):
+    engine = EngineDouble(slots=2, n_batch=8)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=[1, 2, 3, 4, 5], max_tokens=1), \
+        choice(2, prompt=[1, 2, 3, 4, 1], max_tokens=1)
+    loop.submit_all([a, b])
+    drain(a), drain(b)
+    assert engine.copies == [] and prompt_positions(engine, 1) == [0, 1, 2, 3, 4]
+
+
+def test_a_new_prompt_copies_the_prefix_of_a_running_choice(make_loop):
+    engine = EngineDouble({1: [1] * 200}, slots=2, n_batch=32, step=0.002)
+    loop = make_loop(engine)
+    running = choice(1, prompt=SYSTEM, max_tokens=300)
+    loop.submit(running)
+    assert isinstance(running.out.get(timeout=5), Delta)
+    late = choice(2, prompt=SYSTEM + [5], max_tokens=2)
+    loop.submit(late)
+    assert drain(late)[0] == "aa"
+    assert engine.copies == [(0, 1)] and (late.cached, late.evaluated) == (24, 1)
+    loop.cancel(running)
+    drain(running)
+
+
+def test_a_follower_copies_the_prefix_of_a_leader_that_ended_at_once(make_loop):
+    engine = EngineDouble(slots=2, n_batch=32)
+    loop = make_loop(engine)
+    a, b = choice(1, prompt=SYSTEM + [1], max_tokens=1), choice(2, prompt=SYSTEM + [2, 2])
+    loop.submit_all([a, b])
+    drain(a)
+    assert drain(b)[1].finish_reason == "length"
+    assert engine.copies == [(0, 1)] and b.cached == 24 and prompt_positions(engine, 1) == [24, 25]

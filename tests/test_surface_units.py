@@ -244,7 +244,7 @@ def test_merged_subscription_is_prompt_major():
     assert sum(isinstance(e, events.Started) for e in out) == 1
     assert [(e.index, e.text) for e in out if isinstance(e, Delta)] == \
         [(0, "a"), (1, "a"), (2, "b"), (3, "b")]
-    assert out[-1] == events.Done(7, 4)
+    assert out[-1] == events.Done(7, 4, evaluated_tokens=7)  # usage summed over the prompts
 
 
 def test_merged_subscription_cancels_the_rest_on_failure():

@@ -21,7 +21,7 @@ class MergedSubscription:
         self.job_id = request_id
         self._current = 0
         self._started = False
-        self._prompt_tokens = self._completion_tokens = 0
+        self._usage = events.Done(0, 0, evaluated_tokens=0)
 
     def next(self, timeout: float | None = None) -> events.Event | None:
         while True:
@@ -34,11 +34,14 @@ class MergedSubscription:
                 self._started = True
                 return ev
             if isinstance(ev, events.Done):
-                self._prompt_tokens += ev.prompt_tokens
-                self._completion_tokens += ev.completion_tokens
+                u = self._usage
+                self._usage = events.Done(u.prompt_tokens + ev.prompt_tokens,
+                                          u.completion_tokens + ev.completion_tokens,
+                                          u.cached_tokens + ev.cached_tokens,
+                                          u.evaluated_tokens + ev.prompt_evaluated)
                 self._current += 1
                 if self._current == len(self.subs):
-                    return events.Done(self._prompt_tokens, self._completion_tokens)
+                    return self._usage
                 continue
             return dataclasses.replace(ev, index=self._current * self.per_prompt + ev.index)
 

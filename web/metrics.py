@@ -17,6 +17,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                Histogram, generate_latest, multiprocess)
 from prometheus_client.core import GaugeMetricFamily
 
+from models import events
 from web import limits
 
 bp = Blueprint("metrics", __name__)
@@ -27,6 +28,10 @@ TTFT = Histogram("ferry_time_to_first_token_seconds", "From enqueue to the first
 ITL = Histogram("ferry_inter_token_latency_seconds", "Between token deliveries to a request",
                 ["model"], buckets=(.001, .0025, .005, .01, .02, .04, .08, .16, .32, .64, 1.5))
 TOKENS = Counter("ferry_tokens_generated", "Completion tokens generated", ["model"])
+# source="evaluated": prompt tokens the model evaluated (a prompt shared by n choices once);
+# source="cached": prompt tokens read from its prefix cache instead (usage cached_tokens).
+PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of generation requests, "
+                        "evaluated or read from the prefix cache", ["model", "source"])
 ACTIVE = Gauge("ferry_active_requests", "Requests waiting for or receiving tokens",
                multiprocess_mode="livesum")
 
@@ -76,8 +81,10 @@ class Timing:
             ITL.labels(self.model).observe(now - self.last)
         self.last = now
 
-    def done(self, completion_tokens: int) -> None:
-        TOKENS.labels(self.model).inc(completion_tokens)
+    def done(self, usage: events.Done) -> None:
+        TOKENS.labels(self.model).inc(usage.completion_tokens)
+        PROMPT_TOKENS.labels(self.model, "evaluated").inc(usage.prompt_evaluated)
+        PROMPT_TOKENS.labels(self.model, "cached").inc(usage.cached_tokens)
 
     def close(self) -> None:
         ACTIVE.dec()

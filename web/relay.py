@@ -130,7 +130,7 @@ class Subscription(_Listener):
             if isinstance(ev, events.Started):
                 self.worker = ev.worker
             elif isinstance(ev, events.Done):
-                self.timing.done(ev.completion_tokens)
+                self.timing.done(ev)
             self._q.put(ev)
             if isinstance(ev, events.TERMINAL):
                 self.finished = True

@@ -214,7 +214,11 @@ class ExLlamaV2Backend(Backend):
         for t in tickets:
             self.loop.submit(t)
         total = yield from self._follow(tickets, out, cancelled)
-        yield Done(prompt_tokens=len(prompt), completion_tokens=total)
+        # The generator shares a prompt's cached pages among the n choices of a job and
+        # with later jobs, for as long as this one generator lives (it is rebuilt only
+        # after a failure): the choice that found least in cache speaks for the request.
+        yield Done(prompt_tokens=len(prompt), completion_tokens=total,
+                   cached_tokens=min(t.stream.cached for t in tickets))
 
     def _follow(self, tickets: list[Ticket], out: queue.Queue, cancelled: Cancelled):
         """Yield the choices' events until each has finished; returns the tokens generated."""

@@ -36,6 +36,8 @@ class ChoiceStream:
         self.piece = piece
         self.logprobs = logprobs
         self.tokens = 0  # tokens seen in results so far
+        # Prompt tokens the generator found in its cache (pages of earlier jobs), at the end.
+        self.cached = 0
         # Stop strings are matched by exllamav2 itself: the writer only splits calls off.
         self.writer = ChoiceWriter(index, [], calls) if calls is not None else None
 
@@ -72,6 +74,7 @@ class ChoiceStream:
         return [*events, Finish(self.index, last.finish_reason, self.tokens)]
 
     def _finish(self, r: dict[str, Any]) -> list[Event]:
+        self.cached = r.get("cached_tokens") or 0
         reason = r["eos_reason"]
         generated = r["new_tokens"]
         if reason == "stop_token":
