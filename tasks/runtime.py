@@ -39,6 +39,7 @@ from tasks import webhooks
 from tasks.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
                             workers_key)
 from tasks.publisher import Publisher
+from tasks.routing import Served
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class Runtime:
         self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
                                    log_ttl_ms=self.jobs.events_ttl_ms)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
+        slots = type(self.backend).worker_pool(entry)[1]
+        self.served = Served(self.redis, entry.queue, name, slots, ttl=settings.affinity_ttl,
+                             alive_for=settings.worker_timeout)
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         # Guards both sets: a cancel must not be recorded for a job that has just ended
@@ -68,6 +72,7 @@ class Runtime:
         self._stop.set()
         try:
             self.redis.zrem(workers_key(self.entry.queue), self.name)
+            self.served.forget()
         except redis_lib.RedisError:
             pass
 
@@ -79,6 +84,7 @@ class Runtime:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.zadd(key, {self.name: int((now + self.settings.worker_timeout) * 1000)})
                 pipe.zremrangebyscore(key, 0, int(now * 1000))
+                self.served.beat(pipe)
                 pipe.execute()
             except redis_lib.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
@@ -138,6 +144,7 @@ class Runtime:
         record, cancel_asked = started_job
         if cancel_asked:
             self._mark_cancelled(job.id)
+        self._load(+1)
         outcome = Outcome()
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
@@ -152,6 +159,9 @@ class Runtime:
                     # finds the job ended.
                     self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
                                  result=outcome.body(shape))
+                    # Before the terminal event too: the client's next turn, sent once it
+                    # has the reply, is routed here (tasks/routing.py).
+                    self._record_prefixes(job, outcome)
                 self.publisher.put(job.id, event)
         except FerryError as e:
             self._fail(job.id, e)
@@ -164,6 +174,7 @@ class Runtime:
             with self._jobs_lock:
                 self._active.discard(job.id)
                 self._cancelled.discard(job.id)
+            self._load(-1)
             self._release(job.id)
             self.publisher.flush()
 
@@ -225,6 +236,21 @@ class Runtime:
             return self.jobs.get(job_id, owner=ANY_OWNER)
         except redis_lib.RedisError:
             return None
+
+    def _load(self, delta: int) -> None:
+        try:
+            self.served.busy(delta)
+        except redis_lib.RedisError:
+            pass  # it expires with the heartbeat; routers then see the worker as gone
+
+    def _record_prefixes(self, job, outcome: Outcome) -> None:
+        if not isinstance(job, GenerationJob) or outcome.cancelled:
+            return
+        replies = [(c.text, c.tool_calls) for _, c in sorted(outcome.choices.items())]
+        try:
+            self.served.recorded(job, replies)
+        except redis_lib.RedisError as e:
+            log.warning("could not record the prefixes of job %s: %s", job.id, e)
 
     def _release(self, job_id: str) -> None:
         """The job no longer counts against its model's in-flight limit."""

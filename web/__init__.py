@@ -17,6 +17,7 @@ from tasks.app import make_batch_celery, make_celery
 from tasks.protocol import connect
 from tasks.redis_check import check_eviction_policy
 from tasks.jobs.store import JobStore
+from tasks.routing import Router
 from web import auth, errors, janitor, logs, metrics
 from web.relay import Relay
 
@@ -32,6 +33,8 @@ class Ferry:
     jobs: JobStore
     # Sends to the Batch API's queue, whose Celery keys are kept apart (tasks/app.py).
     batch_celery: Celery
+    # Which queue a job goes to: its model's, or a worker's own (tasks/routing.py).
+    router: Router
 
     @property
     def redis(self) -> redis_lib.Redis:
@@ -48,7 +51,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     celery = make_celery(settings)
     jobs = JobStore(redis, settings, on_end=webhooks.notifier(settings))
     ferry = Ferry(settings, Registry(settings.models), celery, Relay(settings, redis, jobs), jobs,
-                  make_batch_celery(settings))
+                  make_batch_celery(settings),
+                  Router(redis, enabled=settings.affinity, max_queued=settings.affinity_max_queued,
+                         forget_after=2 * settings.worker_timeout))
     app.extensions["ferry"] = ferry
     errors.register(app)
     auth.register(app)

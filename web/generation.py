@@ -28,7 +28,8 @@ from models.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from tasks.jobs.store import Refused
 from tasks.protocol import (BULK_PRIORITY, EMBED_PARTS_TASK, EMBED_TASK, GENERATE_TASK,
                             workers_key)
-from web import limits, logs
+from tasks.routing import Route
+from web import limits, logs, metrics
 from web.auth import current_tenant
 from web.merge import MergedSubscription
 from web.relay import Subscription
@@ -137,8 +138,9 @@ def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str 
     try:
         if subscription is not None:
             subscription.wait_confirmed()
+        route = _route(ferry, entry, job)
         ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
-                               queue=entry.queue, task_id=job.id,
+                               queue=route.queue, task_id=job.id,
                                expires=max(1.0, deadline - time.time()),
                                priority=BULK_PRIORITY if bulk else None)
     except Exception as e:
@@ -149,6 +151,17 @@ def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str 
         raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
     logs.enqueued(job.id, entry.name)
     return record
+
+
+def _route(ferry, entry: ModelEntry, job) -> Route:
+    """The shared queue, or the own queue of the worker holding the job's prefix."""
+    try:
+        route = ferry.router.choose(entry.queue, job)
+    except redis_lib.RedisError:
+        route = Route(entry.queue, "miss")  # the enqueue that follows reports Redis
+    metrics.ROUTED.labels(entry.name, "worker" if route.worker else "shared",
+                          route.reason).inc()
+    return route
 
 
 def respond(prepared: Prepared, *, stream: bool, include_usage: bool) -> Response:
