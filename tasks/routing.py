@@ -132,9 +132,11 @@ class Served:
         self.ttl_ms, self.alive_ms = int(ttl * 1000), int(alive_for * 1000)
         self.key = load_key(queue, worker)
 
-    def beat(self, pipe) -> None:
-        """Queued on the heartbeat's pipeline: the load hash lives as long as the worker."""
-        pipe.hset(self.key, "slots", self.slots)
+    def beat(self, pipe, active: int) -> None:
+        """Queued on the heartbeat's pipeline: the load hash lives as long as the worker,
+        and its count of ``active`` jobs is set right again every beat (after an outage
+        that let the hash expire, say; between beats ``busy`` moves it)."""
+        pipe.hset(self.key, mapping={"slots": self.slots, "active": active})
         pipe.pexpire(self.key, self.alive_ms)
 
     def busy(self, delta: int) -> None:

@@ -84,7 +84,7 @@ class Runtime:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.zadd(key, {self.name: int((now + self.settings.worker_timeout) * 1000)})
                 pipe.zremrangebyscore(key, 0, int(now * 1000))
-                self.served.beat(pipe)
+                self.served.beat(pipe, len(self._active))
                 pipe.execute()
             except redis_lib.RedisError as e:
                 log.warning("heartbeat failed: %s", e)

@@ -139,10 +139,9 @@ def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str 
         if subscription is not None:
             subscription.wait_confirmed()
         route = _route(ferry, entry, job)
-        ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
-                               queue=route.queue, task_id=job.id,
-                               expires=max(1.0, deadline - time.time()),
-                               priority=BULK_PRIORITY if bulk else None)
+        _send(ferry, job, route.queue, bulk)
+        if route.worker is not None and subscription is not None:
+            subscription.reroute(route.worker, lambda: _send(ferry, job, entry.queue, bulk))
     except Exception as e:
         ferry.jobs.discard(job.id)
         limits.release(ferry.redis, entry.queue, job.id, tenant.owner)
@@ -151,6 +150,13 @@ def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str 
         raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
     logs.enqueued(job.id, entry.name)
     return record
+
+
+def _send(ferry, job, queue: str, bulk: bool) -> None:
+    ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
+                           queue=queue, task_id=job.id,
+                           expires=max(1.0, job.deadline - time.time()),
+                           priority=BULK_PRIORITY if bulk else None)
 
 
 def _route(ferry, entry: ModelEntry, job) -> Route:
