@@ -35,7 +35,10 @@ from tasks.protocol import workers_key
 # ``<queue>\x06\x16<step>`` (kombu.transport.redis: PRIORITY_STEPS, Channel.sep).
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
-Reason = Literal["hit", "miss", "dead", "busy", "single", "off", "unkeyed"]
+# hit: routed. Otherwise why not: no worker named (miss), it is gone (dead) or has no free
+# thread (busy), one worker only (single), routing off, nothing to name (unkeyed), or a
+# Redis error while choosing (error).
+Reason = Literal["hit", "miss", "dead", "busy", "single", "off", "unkeyed", "error"]
 
 
 def worker_queue(queue: str, worker: str) -> str:
@@ -167,33 +170,34 @@ class Served:
 
 # -- the web's side --------------------------------------------------------------------------
 
-# KEYS: affinity key, live workers, routes. ARGV: now (ms), shared queue, extra queued jobs
-# allowed. Returns {reason} or {'hit', worker}.
+# KEYS: affinity key, live workers, routes. ARGV: now (ms), own queues' prefix, extra
+# queued jobs allowed, load keys' prefix (the workers' keys are named from what it finds).
+# Returns {reason} or {'hit', worker}.
 _CHOOSE = """
 local w = redis.call('GET', KEYS[1])
 if not w then return {'miss'} end
 local alive = redis.call('ZSCORE', KEYS[2], w)
 if not alive or tonumber(alive) < tonumber(ARGV[1]) then return {'dead'} end
 if redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf') < 2 then return {'single'} end
-local load = redis.call('HMGET', 'ferry:load:' .. ARGV[2] .. ':' .. w, 'active', 'slots')
+local load = redis.call('HMGET', ARGV[4] .. w, 'active', 'slots')
 if not load[2] then return {'dead'} end
 local active = math.max(0, tonumber(load[1] or '0'))
-local waiting = redis.call('LLEN', ARGV[2] .. '.' .. w)
+local waiting = redis.call('LLEN', ARGV[2] .. w)
 if active + waiting >= tonumber(load[2]) + tonumber(ARGV[3]) then return {'busy'} end
 redis.call('ZADD', KEYS[3], ARGV[1], w)
 return {'hit', w}
 """
 
 # KEYS: routes, live workers. ARGV: now (ms), shared queue, forget routes older than (ms),
-# then the priority suffixes. Moves every message of a lapsed worker's own queue onto the
+# own queues' prefix, then the priority suffixes. Moves every message of a lapsed worker's own queue onto the
 # shared queue, oldest first in line; returns how many.
 _RESCUE = """
 local moved = 0
 for _, w in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local alive = redis.call('ZSCORE', KEYS[2], w)
   if not alive or tonumber(alive) < tonumber(ARGV[1]) then
-    for i = 4, #ARGV do
-      local src = ARGV[2] .. '.' .. w .. ARGV[i]
+    for i = 5, #ARGV do
+      local src = ARGV[4] .. w .. ARGV[i]
       local dst = ARGV[2] .. ARGV[i]
       local msg = redis.call('LPOP', src)
       while msg do
@@ -236,7 +240,8 @@ class Router:
             return Route(queue, "unkeyed")
         found = self._choose(keys=[affinity_key(queue, name), workers_key(queue),
                                    routes_key(queue)],
-                             args=[_now_ms(), queue, self.max_queued])
+                             args=[_now_ms(), worker_queue(queue, ""), self.max_queued,
+                                   load_key(queue, "")])
         reason = found[0].decode()
         if reason != "hit":
             return Route(queue, reason)
@@ -248,7 +253,8 @@ class Router:
         how many were moved."""
         now = _now_ms()
         return int(self._rescue(keys=[routes_key(queue), workers_key(queue)],
-                                args=[now, queue, now - self.forget_ms, *_PRIORITY_SUFFIXES]))
+                                args=[now, queue, now - self.forget_ms,
+                                      worker_queue(queue, ""), *_PRIORITY_SUFFIXES]))
 
 
 def _now_ms() -> int:

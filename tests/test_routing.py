@@ -127,3 +127,27 @@ def test_a_killed_workers_routed_jobs_are_served_by_the_other(pair):
     # Later turns no longer name the dead worker.
     messages = chats[pinned[0]][0] + [{"role": "user", "content": script("after")}]
     assert turn(r, web.url, messages) == ("after ", other)
+
+
+def test_rescue_moves_a_lapsed_workers_queue_to_the_head_of_the_shared_one(redis_server):
+    """Against Redis alone: the messages of a worker whose heartbeat lapsed, every priority
+    list of them, go to the front of the shared queue's lists in their order (kombu pushes
+    on the left and pops on the right); a live worker's stay."""
+    r = redis.Redis.from_url(redis_server.url)
+    queue, now = "ferry.rescue-test", time.time()
+    r.delete(queue, queue + "\x06\x169", routing.routes_key(queue), f"ferry:workers:{queue}")
+    r.zadd(f"ferry:workers:{queue}", {"gone": int((now - 1) * 1000),
+                                      "here": int((now + 60) * 1000)})
+    r.zadd(routing.routes_key(queue), {"gone": int(now * 1000), "here": int(now * 1000)})
+    for name in ("gone", "here"):
+        own = routing.worker_queue(queue, name)
+        r.delete(own, own + "\x06\x169")
+        r.lpush(own, f"{name}-1", f"{name}-2")
+        r.lpush(own + "\x06\x169", f"{name}-bulk")
+    r.lpush(queue, "shared-1")
+    router = routing.Router(r, enabled=True, max_queued=0, forget_after=6)
+    assert router.rescue(queue) == 3
+    assert [r.rpop(queue) for _ in range(4)] == [b"gone-1", b"gone-2", b"shared-1", None]
+    assert r.lrange(queue + "\x06\x169", 0, -1) == [b"gone-bulk"]
+    assert r.llen(routing.worker_queue(queue, "here")) == 2
+    assert router.rescue(queue) == 0

@@ -164,7 +164,7 @@ def _route(ferry, entry: ModelEntry, job) -> Route:
     try:
         route = ferry.router.choose(entry.queue, job)
     except redis_lib.RedisError:
-        route = Route(entry.queue, "miss")  # the enqueue that follows reports Redis
+        route = Route(entry.queue, "error")  # the enqueue that follows reports Redis
     metrics.ROUTED.labels(entry.name, "worker" if route.worker else "shared",
                           route.reason).inc()
     return route
