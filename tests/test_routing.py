@@ -151,3 +151,38 @@ def test_rescue_moves_a_lapsed_workers_queue_to_the_head_of_the_shared_one(redis
     assert r.lrange(queue + "\x06\x169", 0, -1) == [b"gone-bulk"]
     assert r.llen(routing.worker_queue(queue, "here")) == 2
     assert router.rescue(queue) == 0
+
+
+@pytest.fixture
+def smollm2_pair(tmp_path):
+    redis_server = RedisServer(tmp_path).start()
+    web = Web(redis_server.url, tmp_path).start()
+    workers = [Worker("smollm2", redis_server.url, tmp_path).start() for _ in range(2)]
+    yield web
+    for s in (*workers, web, redis_server):
+        s.kill()
+
+
+@pytest.mark.model
+def test_smollm2_pair_warm_turns_read_their_conversation_from_cache(smollm2_pair):
+    """Two real CPU workers: 3 conversations of 3 turns, interleaved. Every warm turn reads at
+    least the whole previous turn's prompt from its worker's cache (the other worker holds
+    none of it; without routing the odd count sends each warm turn to the other one)."""
+    web = smollm2_pair
+    chats = {c: [{"role": "system", "content": f"You are guide {c}. Answer in one line."}]
+             for c in range(3)}
+    prompt_before: dict[int, int] = {}
+    for t in range(3):
+        for c, messages in chats.items():
+            messages.append({"role": "user", "content": f"Question {t}: name a colour."})
+            resp = requests.post(web.url + "/v1/chat/completions", timeout=60, json={
+                "model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0})
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            usage = body["usage"]
+            if t > 0:
+                cached = usage["prompt_tokens_details"]["cached_tokens"]
+                assert cached >= prompt_before[c], (c, t, usage)
+            prompt_before[c] = usage["prompt_tokens"]
+            messages.append({"role": "assistant",
+                             "content": body["choices"][0]["message"]["content"]})

@@ -116,7 +116,9 @@ def submit(prepared: Prepared, *, tenant: Tenant, deadline: float, webhook: str 
     can start it. ``bulk`` (default: whether this request is a batch line) queues it behind
     interactive work and outside the model's and the tenant's in-flight limits; ``live``:
     503 unless a worker serves the model now; ``subscription``: confirmed before the job is
-    enqueued. The checks and the record are one Redis round trip (``JobStore.create``)."""
+    enqueued, and told where a routed job waits (``tasks/routing.py``: the own queue of the
+    worker holding the prompt's prefix, else the model's). The checks and the record are one
+    Redis round trip (``JobStore.create``), the choice of queue another."""
     ferry = current_app.extensions["ferry"]
     entry = prepared.entry
     g.model = entry.name
