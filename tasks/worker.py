@@ -39,6 +39,10 @@ def _start(sender, **_):
     if "FERRY_WORKER_MODEL" not in os.environ:
         return  # the webhook worker runs no model
     entry = Registry(settings.models).resolve(os.environ["FERRY_WORKER_MODEL"])
+    own = worker_queue(entry.queue, sender.hostname)
+    if not sender.task_consumer.consuming_from(own):
+        # Named by an operator's own -n: its queue is the one routers will use.
+        sender.add_task_queue(own)
     app.ferry_runtime = Runtime(settings, entry, sender.hostname, app)
     app.ferry_runtime.start()
     # The model and everything loaded with it live as long as the process: out of the
