@@ -14,7 +14,7 @@ import requests
 
 from models.job import GenerationJob
 from tasks import routing
-from tests.affinity import MODEL, converse, script, turn
+from tests.affinity import MODEL, converse, script, turn, worker_of
 from tests.services import RedisServer, Web, Worker, wait_for
 from web.schemas.chat import Message
 
@@ -77,12 +77,9 @@ def test_conversations_return_to_their_worker(pair):
     assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 18
 
 
-def test_a_killed_workers_routed_jobs_are_served_by_the_other(pair):
-    """The worker holding some conversations stops (SIGSTOP: its heartbeat still looks live
-    for up to FERRY_WORKER_TIMEOUT), their next turns are routed to its own queue, and it is
-    then killed: those turns, and the ones after, are answered by the other worker, within a
-    few seconds of the kill; nothing is left in the dead worker's queue."""
-    r, web, workers = pair
+def _stop_one(r, web, workers):
+    """Conversations pinned to their workers, then the first worker SIGSTOPped: they, the
+    worker, its name and the conversations pinned to it."""
     chats = converse(r, web.url, 6, 1)
     # Turn 1 of each, so that every conversation is pinned to one worker.
     for c, (messages, _) in chats.items():
@@ -98,6 +95,42 @@ def test_a_killed_workers_routed_jobs_are_served_by_the_other(pair):
     # Past the stopped worker's last BRPOP (kombu's 1 s): Redis would hand it a message of
     # the shared queue, lost with it (README, delivery guarantees: not this test's subject).
     time.sleep(1.2)
+    return chats, victim, name, pinned
+
+
+def test_a_submitted_job_routed_to_a_killed_worker_runs_on_the_other(pair):
+    """A /v1/jobs submission has no web process waiting for it: routed to a worker that is
+    then killed, it is moved back to the shared queue by the janitor and completes on the
+    other worker."""
+    r, web, workers = pair
+    chats, victim, name, pinned = _stop_one(r, web, workers)
+    messages = chats[pinned[0]][0] + [{"role": "user", "content": script("submitted")}]
+    resp = requests.post(web.url + "/v1/jobs", timeout=10, json={
+        "endpoint": "/v1/chat/completions", "body": {"model": MODEL, "messages": messages}})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    own = routing.worker_queue(f"ferry.{MODEL}", name)
+    assert r.llen(own) == 1
+    victim.kill()
+    killed = time.monotonic()
+
+    def done() -> bool:
+        return requests.get(f"{web.url}/v1/jobs/{job_id}", timeout=5).json()["status"] == "completed"
+    wait_for(done, 3 + 3, "the submitted job completing elsewhere")
+    assert time.monotonic() - killed < 3 + 3
+    job = requests.get(f"{web.url}/v1/jobs/{job_id}", timeout=5).json()
+    assert job["result"]["choices"][0]["message"]["content"] == "submitted "
+    assert worker_of(r, job_id) == f"{MODEL}.{workers[1].proc.pid}@{os.uname().nodename}"
+    assert r.llen(own) == 0
+
+
+def test_a_killed_workers_routed_jobs_are_served_by_the_other(pair):
+    """The worker holding some conversations stops (SIGSTOP: its heartbeat still looks live
+    for up to FERRY_WORKER_TIMEOUT), their next turns are routed to its own queue, and it is
+    then killed: those turns, and the ones after, are answered by the other worker, within a
+    few seconds of the kill; nothing is left in the dead worker's queue."""
+    r, web, workers = pair
+    chats, victim, name, pinned = _stop_one(r, web, workers)
     answers: dict[int, tuple[str, str, float]] = {}
 
     def ask(c: int) -> None:
