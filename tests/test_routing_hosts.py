@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 import redis
@@ -48,8 +49,17 @@ def live(r, queue: str) -> dict[str, float]:
                                                       withscores=True)}
 
 
-def test_worker_host_cut_mid_stream_then_rejoins(hosts, tmp_path):
-    net, services = hosts
+@dataclass
+class Deployment:
+    net: Hosts
+    r: redis.Redis  # made, and used, inside the web host's namespace
+    url: str
+    queue: str
+    names: dict[str, str]  # host -> its worker's name
+
+
+def deploy(net: Hosts, services: list[Service], tmp_path) -> Deployment:
+    """Redis, the web and a worker on each of hosts a and b; ready when both beat."""
     redis_url = f"redis://{net.address('redis')}:6379/0"
     env = ferry_env(redis_url, FERRY_HOST="127.0.0.1", FERRY_PORT="8000",
                     FERRY_FILES_DIR=str(tmp_path / "files"))
@@ -68,75 +78,92 @@ def test_worker_host_cut_mid_stream_then_rejoins(hosts, tmp_path):
         wait_for(lambda: requests.get(url + "/health", timeout=1).ok, 30, "web", web.proc)
         names = {h: next(n for n in live(r, queue) if n.startswith(f"{MODEL}.{w.proc.pid}@"))
                  for h, w in workers.items()}
+    return Deployment(net, r, url, queue, names)
+
+
+def stream(d: Deployment, messages: list[dict], out: dict) -> threading.Thread:
+    """Stream a long reply (6 s) in a thread: ``out`` gets the job id, when the first chunk
+    came, and the error event with its arrival time."""
+    def follow() -> None:
+        with d.net.inside("web"):
+            body = {"model": MODEL, "stream": True, "messages": messages + [
+                {"role": "user", "content": json.dumps({"count": 60, "rate": 10})}]}
+            with requests.post(d.url + "/v1/chat/completions", stream=True, timeout=60,
+                               json=body) as resp:
+                out["id"] = resp.headers["X-Request-Id"]
+                for line in resp.iter_lines():
+                    if line.startswith(b"data: {"):
+                        out.setdefault("first", time.monotonic())
+                        if b'"error"' in line:
+                            out["error"] = json.loads(line[6:])["error"]
+                            out["at"] = time.monotonic()
+    reader = threading.Thread(target=follow)
+    reader.start()
+    return reader
+
+
+def two_at_once(d: Deployment) -> tuple[list[str], list[list[dict]]]:
+    """Two 1-second requests at once: the workers that ran them, and host a's conversation
+    (if it ran one). With both idle, each takes one (solo pools)."""
+    served: list[str] = []
+    on_a: list[list[dict]] = []
+
+    def ask(i: int) -> None:
+        with d.net.inside("web"):
+            messages = [{"role": "user", "content": script(f"back{i}", delay=1.0)}]
+            reply, worker = turn(d.r, d.url, messages)
+            served.append(worker)
+            if worker == d.names["a"]:
+                on_a.append(messages + [{"role": "assistant", "content": reply}])
+    askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(30)
+    return served, on_a
+
+
+def test_worker_host_cut_mid_stream_then_rejoins(hosts, tmp_path):
+    net, services = hosts
+    d = deploy(net, services, tmp_path)
+    with net.inside("web"):
         # Odd: with both idle, Redis hands sequential jobs to the two workers in turn, so an
         # even count would keep each conversation on one worker by itself.
-        chats = converse(r, url, 7, 3)
+        chats = converse(d.r, d.url, 7, 3)
     for c, (_, served) in chats.items():
         assert len(served) == 1, f"conversation {c} went to {served} across hosts"
-    on_a = [c for c, (_, served) in chats.items() if served == {names["a"]}]
+    on_a = [c for c, (_, served) in chats.items() if served == {d.names["a"]}]
     assert on_a and len(on_a) < len(chats), "the conversations did not spread over both hosts"
 
     # A long reply streams from host a; its cable is pulled after the first tokens.
-    stream: dict = {}
-
-    def follow() -> None:
-        with net.inside("web"):
-            messages = chats[on_a[0]][0] + [{"role": "user",
-                                              "content": json.dumps({"count": 60,
-                                                                     "rate": 10})}]
-            with requests.post(url + "/v1/chat/completions", stream=True, timeout=60,
-                               json={"model": MODEL, "messages": messages,
-                                     "stream": True}) as resp:
-                stream["id"] = resp.headers["X-Request-Id"]
-                for line in resp.iter_lines():
-                    if line.startswith(b"data: {"):
-                        stream.setdefault("first", time.monotonic())
-                        if b'"error"' in line:
-                            stream["error"] = json.loads(line[6:])["error"]
-                            stream["at"] = time.monotonic()
-    reader = threading.Thread(target=follow)
-    reader.start()
-    wait_for(lambda: "first" in stream, 20, "the stream's first tokens")
+    out: dict = {}
+    reader = stream(d, chats[on_a[0]][0], out)
+    wait_for(lambda: "first" in out, 20, "the stream's first tokens")
     net.cut("a")
     cut = time.monotonic()
     # The rest, of both hosts' conversations, is served by host b meanwhile.
     with net.inside("web"):
         for c, (messages, _) in chats.items():
-            reply, worker = turn(r, url, messages + [{"role": "user", "content": script(f"c{c}cut")}])
-            assert (reply, worker) == (f"c{c}cut ", names["b"])
+            ask = messages + [{"role": "user", "content": script(f"c{c}cut")}]
+            assert turn(d.r, d.url, ask) == (f"c{c}cut ", d.names["b"])
     reader.join(30)
-    assert stream.get("error", {}).get("code") == "worker_lost", stream
-    assert stream["at"] - cut < WORKER_TIMEOUT + 2.5
+    assert out.get("error", {}).get("code") == "worker_lost", out
+    assert out["at"] - cut < WORKER_TIMEOUT + 2.5
     with net.inside("web"):
-        assert worker_of(r, stream["id"]) == names["a"]
-
+        assert worker_of(d.r, out["id"]) == d.names["a"]
         # Plugged back in: host a beats again, by itself, and takes work again.
         net.mend("a")
-        wait_for(lambda: live(r, queue).get(names["a"], 0) > time.time(), 60,
+        wait_for(lambda: live(d.r, d.queue).get(d.names["a"], 0) > time.time(), 60,
                  "host a's worker rejoining")
-        wait_for(lambda: int(r.hget(f"ferry:load:{queue}:{names['a']}", "active") or 0) == 0,
-                 30, "host a's worker finishing its stale job")
-    # Both idle: two requests at once take one worker each (solo pools); a few tries, as
-    # host a's consumer may still be waiting out TCP's retransmission back-off.
+        load = f"ferry:load:{d.queue}:{d.names['a']}"
+        wait_for(lambda: int(d.r.hget(load, "active") or 0) == 0, 30,
+                 "host a's worker finishing its stale job")
+    # A few tries: host a's consumer may still be waiting out TCP's retransmission back-off.
     for _ in range(5):
-        served: list[str] = []
-        pinned: list[list[dict]] = []
-
-        def ask(i: int) -> None:
-            with net.inside("web"):
-                messages = [{"role": "user", "content": script(f"back{i}", delay=1.0)}]
-                reply, worker = turn(r, url, messages)
-                served.append(worker)
-                if worker == names["a"]:
-                    pinned.append(messages + [{"role": "assistant", "content": reply}])
-        askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in askers:
-            t.start()
-        for t in askers:
-            t.join(30)
-        if names["a"] in served:
+        served, pinned = two_at_once(d)
+        if d.names["a"] in served:
             break
-    assert sorted(served) == sorted(names.values())
+    assert sorted(served) == sorted(d.names.values())
 
     # Cut while idle: its next turn goes to host a's own queue, where a BRPOP the worker
     # will never read may take it. Once host a's heartbeat lapses the web sends the job to
@@ -145,5 +172,5 @@ def test_worker_host_cut_mid_stream_then_rejoins(hosts, tmp_path):
     cut = time.monotonic()
     with net.inside("web"):
         messages = pinned[0] + [{"role": "user", "content": script("stranded")}]
-        assert turn(r, url, messages) == ("stranded ", names["b"])
+        assert turn(d.r, d.url, messages) == ("stranded ", d.names["b"])
     assert time.monotonic() - cut < WORKER_TIMEOUT + 3
