@@ -189,8 +189,8 @@ return {'hit', w}
 """
 
 # KEYS: routes, live workers. ARGV: now (ms), shared queue, forget routes older than (ms),
-# own queues' prefix, then the priority suffixes. Moves every message of a lapsed worker's own queue onto the
-# shared queue, oldest first in line; returns how many.
+# own queues' prefix, then the priority suffixes. Moves every message of a lapsed worker's
+# own queue onto the shared queue, to the head of its line in their order; returns how many.
 _RESCUE = """
 local moved = 0
 for _, w in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do

@@ -41,7 +41,8 @@ def test_next_turn_prefix_is_this_turn_and_its_reply():
                       {"role": "tool", "tool_call_id": "call_client_copy", "content": "high"}]
     assert routing.prefix_digest(_job(second)) == served
     # Its own prefix is the system prompt: another conversation on it may go there too.
-    assert routing.prefix_digest(_job(first)) == routing.digest(_job(first), _job(first).messages[:1])
+    opening = _job(first)
+    assert routing.prefix_digest(opening) == routing.digest(opening, opening.messages[:1])
     assert routing.prefix_digest(_job([{"role": "user", "content": "hi"}])) is None
     third = second + [{"role": "assistant", "content": "It is high."},
                       {"role": "user", "content": "and now?"}]
@@ -115,7 +116,8 @@ def test_a_submitted_job_routed_to_a_killed_worker_runs_on_the_other(pair):
     killed = time.monotonic()
 
     def done() -> bool:
-        return requests.get(f"{web.url}/v1/jobs/{job_id}", timeout=5).json()["status"] == "completed"
+        job = requests.get(f"{web.url}/v1/jobs/{job_id}", timeout=5).json()
+        return job["status"] == "completed"
     wait_for(done, 3 + 3, "the submitted job completing elsewhere")
     assert time.monotonic() - killed < 3 + 3
     job = requests.get(f"{web.url}/v1/jobs/{job_id}", timeout=5).json()
