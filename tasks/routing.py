@@ -12,10 +12,14 @@ message (``Router``). A wrong guess costs a cache miss, never a wrong answer.
 
 Each model worker also consumes a queue of its own, ``<queue>.<worker name>``. Its messages
 exist nowhere else (model queues ack on receipt), so a worker that dies with messages there
-would strand them: every web process's janitor moves the messages of a worker whose heartbeat
-lapsed back onto the shared queue, in order, ahead of newer work (``rescue``). A move is one
-Lua script, so a message is either taken by its worker or moved, never both; a job that
-started anyway is refused a second start by its record (``JobStore.start``).
+would strand them. Two things prevent that. The web process waiting for a routed job sends it
+to the shared queue once the worker's heartbeat lapses before the job started
+(``web/relay.py``): that also covers a message the worker's pending BRPOP took into a cut
+link. And every web process's janitor moves the messages left in a lapsed worker's own queue
+to the head of the shared queue's line, in order (``rescue``), which covers jobs nobody
+waits for (``/v1/jobs``). A move is one Lua script, so a message is either taken by its
+worker or moved, never both; of two messages of one job, the job's record lets one start it
+(``JobStore.start``), so nothing runs twice.
 
 Imports neither ``web`` nor Celery: both sides use it.
 """
