@@ -153,19 +153,22 @@ class Served:
         pipe.pexpire(self.key, self.alive_ms)
         pipe.execute()
 
-    def recorded(self, job: GenerationJob, replies: list[tuple[str, list[dict]]]) -> None:
-        """A chat job ended with ``replies`` (one per choice): its prefix and each
+    def ended(self, job: GenerationJob | None, replies: list[tuple[str, list[dict]]]) -> None:
+        """A job ended here (one round trip, before its terminal event): one job less, and
+        for a chat ``job`` that ended with ``replies`` (one per choice), its prefix and each
         continuation now point here."""
-        if not job.messages:
-            return
-        names = [digest(job, job.messages + [reply_message(text, calls)])
-                 for text, calls in replies]
-        own = prefix_digest(job)
-        if own is not None:
-            names.append(own)
+        names = []
+        if job is not None and job.messages:
+            names = [digest(job, job.messages + [reply_message(text, calls)])
+                     for text, calls in replies]
+            own = prefix_digest(job)
+            if own is not None:
+                names.append(own)
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.set(affinity_key(self.queue, name), self.worker, px=self.ttl_ms)
+        pipe.hincrby(self.key, "active", -1)
+        pipe.pexpire(self.key, self.alive_ms)
         pipe.execute()
 
     def forget(self) -> None:

@@ -145,6 +145,7 @@ class Runtime:
         if cancel_asked:
             self._mark_cancelled(job.id)
         self._load(+1)
+        loaded = True
         outcome = Outcome()
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
@@ -160,8 +161,10 @@ class Runtime:
                     self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
                                  result=outcome.body(shape))
                     # Before the terminal event too: the client's next turn, sent once it
-                    # has the reply, is routed here (tasks/routing.py).
-                    self._record_prefixes(job, outcome)
+                    # has the reply, is routed here, and finds this worker free again
+                    # (tasks/routing.py).
+                    self._served(job, outcome)
+                    loaded = False
                 self.publisher.put(job.id, event)
         except FerryError as e:
             self._fail(job.id, e)
@@ -174,7 +177,8 @@ class Runtime:
             with self._jobs_lock:
                 self._active.discard(job.id)
                 self._cancelled.discard(job.id)
-            self._load(-1)
+            if loaded:
+                self._load(-1)
             self._release(job.id)
             self.publisher.flush()
 
@@ -243,14 +247,18 @@ class Runtime:
         except redis_lib.RedisError:
             pass  # it expires with the heartbeat; routers then see the worker as gone
 
-    def _record_prefixes(self, job, outcome: Outcome) -> None:
-        if not isinstance(job, GenerationJob) or outcome.cancelled:
-            return
+    def _served(self, job, outcome: Outcome) -> None:
+        """The job's load is off this worker, and a chat job's prefixes point here."""
+        with self._jobs_lock:
+            # Its result is recorded: nothing left to cancel, and no longer counted by the
+            # heartbeat's load.
+            self._active.discard(job.id)
+        chat = isinstance(job, GenerationJob) and not outcome.cancelled
         replies = [(c.text, c.tool_calls) for _, c in sorted(outcome.choices.items())]
         try:
-            self.served.recorded(job, replies)
+            self.served.ended(job if chat else None, replies)
         except redis_lib.RedisError as e:
-            log.warning("could not record the prefixes of job %s: %s", job.id, e)
+            log.warning("could not record the end of job %s for routing: %s", job.id, e)
 
     def _release(self, job_id: str) -> None:
         """The job no longer counts against its model's in-flight limit."""
