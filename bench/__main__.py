@@ -1,6 +1,6 @@
 """Runs every benchmark, then the report: ``python -m bench`` (``make bench``).
 
-    python -m bench [--quick] [--only overhead,single_stream,structured,concurrency,prefix,relay,embeddings,gpu,chaos]
+    python -m bench [--quick] [--only overhead,single_stream,structured,concurrency,prefix,affinity,relay,embeddings,gpu,chaos]
 
 ``--quick`` uses small parameters, to check that the scripts work, not to measure. A
 benchmark that fails (a wrong output, a service that would not start) is reported and the
@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-from bench import concurrency, overhead, prefix, relay, report, single_stream, structured
+from bench import affinity, concurrency, overhead, prefix, relay, report, single_stream, structured
 from bench.common import BENCH_DIR
 
 FULL = {
@@ -24,6 +24,7 @@ FULL = {
     "structured": lambda: structured.run(runs=3, tokens=300),
     "concurrency": lambda: concurrency.run([1, 8, 32], tokens=64, baseline=2),
     "prefix": lambda: prefix.run(conversations=16, turns=6, concurrent=8),
+    "affinity": lambda: affinity.run(),
     "relay": lambda: relay.run([100, 500, 1000], count=300, rate=20.0, open_rate=100.0),
 }
 QUICK = {
@@ -32,6 +33,7 @@ QUICK = {
     "structured": lambda: structured.run(runs=1, tokens=300),
     "concurrency": lambda: concurrency.run([1, 4], tokens=16, parallel=4),
     "prefix": lambda: prefix.run(**prefix.QUICK),
+    "affinity": lambda: affinity.run(**affinity.QUICK),
     "relay": lambda: relay.run([20, 50], count=20, rate=20.0),
 }
 OTHERS = ("embeddings", "gpu", "chaos")

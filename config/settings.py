@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     # unreachable or loading its data: a Redis restarted by its supervisor is back in
     # seconds; past this the janitor ends the job instead.
     redis_retry_seconds: float = Field(default=30.0, ge=0)
+    # Prefix affinity (tasks/routing.py): a chat turn goes to the worker that served the
+    # conversation before, if live and with a free thread. On: it acts only with 2+ live
+    # workers of a model, and a wrong guess costs a cache miss, never an answer.
+    affinity: bool = True
+    # How long a worker is named as holding a prefix: a 10-minute pause in a conversation
+    # is about as long as a busy worker's cache keeps an idle sequence.
+    affinity_ttl: float = Field(default=600.0, gt=0)
+    # Jobs that may wait in a worker's own queue beyond its free threads: 0, as a cold start
+    # on an idle worker beats waiting behind a busy one for short prompts.
+    affinity_max_queued: int = Field(default=0, ge=0)
     # Largest request body accepted (bytes).
     max_body_bytes: int = 16 * 1024 * 1024
     # A JSON schema (response_format, each tool's parameters) as compact JSON: validating it

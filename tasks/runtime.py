@@ -41,6 +41,7 @@ from tasks import webhooks
 from config.contract.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
                                       worker_jobs_key, workers_key)
 from tasks.publisher import Publisher
+from tasks.routing import Served
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class Runtime:
                                    log_ttl_ms=self.jobs.events_ttl_ms,
                                    retry_s=settings.redis_retry_seconds)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
+        slots = type(self.backend).worker_pool(entry)[1]
+        self.served = Served(self.redis, entry.queue, name, slots, ttl=settings.affinity_ttl,
+                             alive_for=settings.worker_timeout)
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         # Guards both sets: a cancel must not be recorded for a job that has just ended
@@ -71,6 +75,7 @@ class Runtime:
         self._stop.set()
         try:
             self.redis.zrem(workers_key(self.entry.queue), self.name)
+            self.served.forget()
         except redis_lib.RedisError:
             pass
 
@@ -86,6 +91,7 @@ class Runtime:
                 pipe.zremrangebyscore(key, 0, int(now * 1000))
                 pipe.set(worker_jobs_key(self.name), running,
                          px=int(self.settings.worker_timeout * 1000))
+                self.served.beat(pipe, len(self._active))
                 pipe.execute()
             except redis_lib.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
@@ -146,6 +152,8 @@ class Runtime:
         record, cancel_asked = started_job
         if cancel_asked:
             self._mark_cancelled(job.id)
+        self._load(+1)
+        loaded = True
         outcome = Outcome()
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
@@ -160,6 +168,11 @@ class Runtime:
                     # finds the job ended.
                     self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
                                  result=outcome.body(shape))
+                    # Before the terminal event too: the client's next turn, sent once it
+                    # has the reply, is routed here, and finds this worker free again
+                    # (tasks/routing.py).
+                    self._served(job, outcome)
+                    loaded = False
                 self.publisher.put(job.id, event)
         except FerryError as e:
             self._fail(job.id, e)
@@ -172,6 +185,8 @@ class Runtime:
             with self._jobs_lock:
                 self._active.discard(job.id)
                 self._cancelled.discard(job.id)
+            if loaded:
+                self._load(-1)
             self._release(job.id)
             self.publisher.flush()
 
@@ -233,6 +248,25 @@ class Runtime:
             return self.jobs.get(job_id, owner=ANY_OWNER)
         except redis_lib.RedisError:
             return None
+
+    def _load(self, delta: int) -> None:
+        try:
+            self.served.busy(delta)
+        except redis_lib.RedisError:
+            pass  # it expires with the heartbeat; routers then see the worker as gone
+
+    def _served(self, job, outcome: Outcome) -> None:
+        """The job's load is off this worker, and a chat job's prefixes point here."""
+        with self._jobs_lock:
+            # Its result is recorded: nothing left to cancel, and no longer counted by the
+            # heartbeat's load.
+            self._active.discard(job.id)
+        chat = isinstance(job, GenerationJob) and not outcome.cancelled
+        replies = [(c.text, c.tool_calls) for _, c in sorted(outcome.choices.items())]
+        try:
+            self.served.ended(job if chat else None, replies)
+        except redis_lib.RedisError as e:
+            log.warning("could not record the end of job %s for routing: %s", job.id, e)
 
     def _release(self, job_id: str) -> None:
         """The job no longer counts against its model's in-flight limit."""

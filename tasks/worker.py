@@ -24,6 +24,7 @@ from models import backend_class
 from tasks.app import log_format, make_celery, make_webhook_celery, worker_argv
 from config.contract.protocol import WEBHOOK_QUEUE, connect
 from tasks.redis_check import EvictingRedis, check_eviction_policy
+from tasks.routing import worker_queue
 from tasks.runtime import Runtime
 
 settings = load_settings()
@@ -38,6 +39,10 @@ def _start(sender, **_):
     if "FERRY_WORKER_MODEL" not in os.environ:
         return  # the webhook worker runs no model
     entry = Registry(settings.models).resolve(os.environ["FERRY_WORKER_MODEL"])
+    own = worker_queue(entry.queue, sender.hostname)
+    if not sender.task_consumer.consuming_from(own):
+        # Named by an operator's own -n: its queue is the one routers will use.
+        sender.add_task_queue(own)
     app.ferry_runtime = Runtime(settings, entry, sender.hostname, app)
     app.ferry_runtime.start()
     # The model and everything loaded with it live as long as the process: out of the
@@ -87,10 +92,13 @@ def main(argv: list[str]) -> None:
         # class is named by the setting: -P takes only Celery's own pool names.
         app.conf.worker_pool = THREAD_POOL
         pool_option = []
+    name = f"{entry.name}.{os.getpid()}@{socket.gethostname()}"
+    # The shared queue and this worker's own (prefix affinity, tasks/routing.py).
+    queues = f"{entry.queue},{worker_queue(entry.queue, name)}"
     app.worker_main(worker_argv(
-        settings, "-Q", entry.queue, *pool_option, "-c", str(concurrency),
+        settings, "-Q", queues, *pool_option, "-c", str(concurrency),
         "--prefetch-multiplier", "1",
-        "-n", f"{entry.name}.{os.getpid()}@{socket.gethostname()}", "--without-gossip",
+        "-n", name, "--without-gossip",
         # Liveness is Ferry's own heartbeat (tasks/runtime.py), not Celery's events.
         "--without-mingle", "--without-heartbeat", *extra,
     ))

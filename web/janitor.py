@@ -1,7 +1,8 @@
 """Ends jobs that nobody else will: queued past their deadline (``expired``), or running on
 a worker that died (``failed``, ``worker_lost``), or queued with their Celery message lost
 (``failed``, ``job_lost``: see ``LostMessages``). Their webhooks fire from here, so they
-fire with no client connected. Every web process runs one; the transitions in
+fire with no client connected. It moves jobs routed to a worker that died back onto their
+model's queue (``tasks/routing.py``). Every web process runs one; the transitions in
 ``jobs.store`` are atomic, so a job is ended once however many sweep. It also deletes files
 past their ``expires_at`` (metadata and content) and drops expired batches from the list."""
 
@@ -62,6 +63,7 @@ def _run(ferry) -> None:
         gevent.sleep(INTERVAL)
         try:
             ferry.jobs.sweep(lambda queue: set(ferry.relay.live_workers(queue)))
+            _rescue(ferry)
             lost.sweep()
             files.sweep_expired()
             batches.sweep_expired()
@@ -69,3 +71,12 @@ def _run(ferry) -> None:
             log.warning("job sweep skipped: %s", e)
         except Exception:
             log.exception("job sweep failed")
+
+
+def _rescue(ferry) -> None:
+    """Jobs routed to a worker that died since are moved back to their model's queue."""
+    for entry in ferry.registry:
+        moved = ferry.router.rescue(entry.queue)
+        if moved:
+            log.warning("moved %d jobs of a lapsed %s worker back to %s", moved, entry.name,
+                        entry.queue)

@@ -30,9 +30,11 @@ from tasks.core import limits
 from tasks.core.merge import MergedSubscription
 from tasks.core.relay import Subscription
 from tasks.core.services import Ferry
+from tasks.core.timing import ROUTED
 from tasks.jobs.record import JobRecord
 from tasks.jobs.shapes import Outcome, ResponseSpec, Shape
 from tasks.jobs.store import Refused
+from tasks.routing import Route
 
 log = logging.getLogger("ferry.web")
 
@@ -84,8 +86,10 @@ def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
            subscription: Subscription | None = None) -> JobRecord:
     """Record the job as the caller's, then enqueue it. The record exists before any worker
     can start it. ``live``: 503 unless a worker serves the model now; ``subscription``:
-    confirmed before the job is enqueued. The checks and the record are one Redis round
-    trip (``JobStore.create``)."""
+    confirmed before the job is enqueued, and told where a routed job waits
+    (``tasks/routing.py``: the own queue of the worker holding the prompt's prefix, else the
+    model's). The checks and the record are one Redis round trip (``JobStore.create``), the
+    choice of queue another."""
     entry, tenant, bulk = prepared.entry, caller.tenant, caller.bulk
     job = prepared.job.model_copy(update={"deadline": deadline})
     try:
@@ -104,10 +108,10 @@ def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
     try:
         if subscription is not None:
             subscription.wait_confirmed()
-        ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
-                               queue=entry.queue, task_id=job.id,
-                               expires=max(1.0, deadline - time.time()),
-                               priority=BULK_PRIORITY if bulk else None)
+        route = _route(ferry, entry, job)
+        _send(ferry, job, route.queue, bulk)
+        if route.worker is not None and subscription is not None:
+            subscription.reroute(route.worker, lambda: _send(ferry, job, entry.queue, bulk))
     except Exception as e:
         ferry.jobs.discard(job.id)
         limits.release(ferry.redis, entry.queue, job.id, tenant.owner)
@@ -116,6 +120,23 @@ def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
         raise ServiceUnavailable(f"Could not enqueue the request: {e}") from None
     caller.on_enqueued(job.id, entry.name)
     return record
+
+
+def _send(ferry: Ferry, job, queue: str, bulk: bool) -> None:
+    ferry.celery.send_task(_TASKS[type(job)], args=[job.model_dump(mode="json")],
+                           queue=queue, task_id=job.id,
+                           expires=max(1.0, job.deadline - time.time()),
+                           priority=BULK_PRIORITY if bulk else None)
+
+
+def _route(ferry: Ferry, entry: ModelEntry, job) -> Route:
+    """The shared queue, or the own queue of the worker holding the job's prefix."""
+    try:
+        route = ferry.router.choose(entry.queue, job)
+    except redis_lib.RedisError:
+        route = Route(entry.queue, "error")  # the enqueue that follows reports Redis
+    ROUTED.labels(entry.name, "worker" if route.worker else "shared", route.reason).inc()
+    return route
 
 
 class Run:

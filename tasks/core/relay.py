@@ -99,9 +99,19 @@ class Subscription(_Listener):
         self.queue = queue
         self.created = time.monotonic()
         self.worker: str | None = None
+        # The worker whose own queue the job was sent to, and how to send it to the shared
+        # queue instead (``reroute``).
+        self.routed_to: str | None = None
+        self._resend = None
         self.timing = Timing(model or queue)
         self._next_seq = 0
         self._on_close: list | None = []
+
+    def reroute(self, worker: str, resend) -> None:
+        """The job waits in ``worker``'s own queue: should that worker's heartbeat lapse
+        before the job starts, the watchdog calls ``resend()`` once (the job's record lets
+        only one of the two messages start it)."""
+        self.routed_to, self._resend = worker, resend
 
     def on_close(self, callback) -> None:
         """Run ``callback()`` when the subscription closes (e.g. to release admission)."""
@@ -294,6 +304,16 @@ class Relay:
 
     def _check(self, sub: Subscription, live: set[str], now: float) -> None:
         waited = now - sub.created
+        if sub.worker is None and sub.routed_to is not None and sub.routed_to not in live:
+            # Its message may be lost with the worker (taken by a BRPOP the worker never
+            # read); the janitor moves it if it is still there.
+            log.warning("job %s: its worker %s lapsed before it started; sent to %s",
+                        sub.job_id, sub.routed_to, sub.queue)
+            resend, sub.routed_to = sub._resend, None
+            try:
+                resend()
+            except Exception as e:
+                log.warning("could not resend %s: %s", sub.job_id, e)
         if sub.worker is not None:
             if sub.worker not in live:
                 sub._fail(WorkerLost(f"The worker running this request ({sub.worker}) stopped "

@@ -16,6 +16,7 @@ from tasks.app import make_batch_celery, make_celery
 from tasks.core.relay import Relay
 from tasks.jobs.store import JobStore
 from tasks.redis_check import check_eviction_policy
+from tasks.routing import Router
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Ferry:
     jobs: JobStore
     # Sends to the Batch API's queue, whose Celery keys are kept apart (tasks/app.py).
     batch_celery: Celery
+    # Which queue a job goes to: its model's, or a worker's own (tasks/routing.py).
+    router: Router
 
     @property
     def redis(self) -> redis_lib.Redis:
@@ -38,4 +41,6 @@ def build(settings: Settings) -> Ferry:
     check_eviction_policy(redis, settings.allow_redis_eviction)
     jobs = JobStore(redis, settings, on_end=webhooks.notifier(settings))
     return Ferry(settings, Registry(settings.models), make_celery(settings),
-                 Relay(settings, redis, jobs), jobs, make_batch_celery(settings))
+                 Relay(settings, redis, jobs), jobs, make_batch_celery(settings),
+                 Router(redis, enabled=settings.affinity, max_queued=settings.affinity_max_queued,
+                        forget_after=2 * settings.worker_timeout))

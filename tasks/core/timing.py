@@ -18,6 +18,10 @@ TOKENS = Counter("ferry_tokens_generated", "Completion tokens generated", ["mode
 # source="cached": prompt tokens read from its prefix cache instead (usage cached_tokens).
 PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of generation requests, "
                         "evaluated or read from the prefix cache", ["model", "source"])
+# route="worker": sent to the worker holding the prompt's prefix (reason "hit"); "shared":
+# to the model's queue, with why (miss, dead, busy, single, off, unkeyed: tasks/routing.py).
+ROUTED = Counter("ferry_routed", "Generation and embedding jobs by the queue they were sent "
+                 "to", ["model", "route", "reason"])
 ACTIVE = Gauge("ferry_active_requests", "Requests waiting for or receiving tokens",
                multiprocess_mode="livesum")
 

@@ -35,6 +35,7 @@ from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.record import JobRecord, JobStatus
 from tasks.jobs.shapes import ResponseSpec
+from tasks.routing import routes_key, worker_queue
 from config.contract import events
 from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, celery_list,
                                       events_channel, events_log,
@@ -149,7 +150,8 @@ redis.call('PUBLISH', KEYS[4], out)
 return 1
 """
 # The queued jobs of a lane created before ARGV[1] whose Celery message is not in the lane's
-# list (KEYS: lane, list). The list is read from its oldest end (kombu pops from the right),
+# list, nor in the lane's list of any worker jobs were routed to (KEYS: lane, list, routed-to
+# workers; ARGV: created before, worker-queue prefix, lane suffix). The list is read from its oldest end (kombu pops from the right),
 # where old jobs' messages are, and only until every one is found: O(old jobs) when nothing
 # is lost. A message's task id is its envelope's first "id" key (Celery's headers).
 _MISSING = """
@@ -157,15 +159,21 @@ local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 10
 if #old == 0 then return {} end
 local missing, left = {}, #old
 for _, id in ipairs(old) do missing[id] = true end
-local n, page = redis.call('LLEN', KEYS[2]), 200
-local i = 0
-while i < n and left > 0 do
-  local msgs = redis.call('LRANGE', KEYS[2], -(i + page), -(i + 1))
-  for _, m in ipairs(msgs) do
-    local id = string.match(m, '"id": ?"([^"]+)"')
-    if id and missing[id] then missing[id] = nil; left = left - 1 end
+local lists = {KEYS[2]}
+for _, w in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  table.insert(lists, ARGV[2] .. w .. ARGV[3])
+end
+for _, list in ipairs(lists) do
+  local n, page = redis.call('LLEN', list), 200
+  local i = 0
+  while i < n and left > 0 do
+    local msgs = redis.call('LRANGE', list, -(i + page), -(i + 1))
+    for _, m in ipairs(msgs) do
+      local id = string.match(m, '"id": ?"([^"]+)"')
+      if id and missing[id] then missing[id] = nil; left = left - 1 end
+    end
+    i = i + page
   end
-  i = i + page
 end
 local out = {}
 for _, id in ipairs(old) do if missing[id] then table.insert(out, id) end end
@@ -336,8 +344,12 @@ class JobStore:
         in no queue: lost with Redis's last writes before a restart, or with a worker killed
         between taking a message and starting its job. A worker may be in that window right
         now, so the caller confirms with a second look before ``fail_lost_message``."""
-        found = self._missing(keys=[queued_key(queue, bulk), celery_list(queue, bulk)],
-                              args=[created_before])
+        # Besides the model's list, the own lists of the workers jobs were routed to
+        # (``tasks/routing.py``): a routed job waits there until its worker takes it.
+        found = self._missing(keys=[queued_key(queue, bulk), celery_list(queue, bulk),
+                                    routes_key(queue)],
+                              args=[created_before, worker_queue(queue, ""),
+                                    celery_list("", bulk)])
         return [raw.decode() for raw in found]
 
     def fail_lost_message(self, job_id: str) -> bool:
