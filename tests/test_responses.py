@@ -442,9 +442,10 @@ def test_agents_sdk_two_tool_agent(web, smollm2_worker):
     three model turns: a call to each tool, each output sent back as
     ``function_call_output``, then the answer. Which tool comes next is set by agent hooks
     (named ``tool_choice``, then ``none``), so the 135M model's choices cannot make the test
-    flaky; the calls' arguments and the answer are the model's. ``openai-agents`` is not a
-    dependency of the project: the test is skipped where it is not installed."""
-    agents = pytest.importorskip("agents")
+    flaky; the calls' arguments and the answer are the model's. ``openai-agents`` is in the
+    test extra, so it is always there."""
+    import agents
+
     agents.set_tracing_disabled(True)
     calls = []
 
