@@ -83,18 +83,19 @@ class Runtime:
         key = workers_key(self.entry.queue)
         while not self._stop.is_set():
             now = time.time()
+            # Under the lock: a job's end (``_served``) takes it off the published load in
+            # the same lock, so a beat cannot write back a count read before that end.
             with self._jobs_lock:
-                running = " ".join(sorted(self._active))
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zadd(key, {self.name: int((now + self.settings.worker_timeout) * 1000)})
-                pipe.zremrangebyscore(key, 0, int(now * 1000))
-                pipe.set(worker_jobs_key(self.name), running,
-                         px=int(self.settings.worker_timeout * 1000))
-                self.served.beat(pipe, len(self._active))
-                pipe.execute()
-            except redis_lib.RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.zadd(key, {self.name: int((now + self.settings.worker_timeout) * 1000)})
+                    pipe.zremrangebyscore(key, 0, int(now * 1000))
+                    pipe.set(worker_jobs_key(self.name), " ".join(sorted(self._active)),
+                             px=int(self.settings.worker_timeout * 1000))
+                    self.served.beat(pipe, len(self._active))
+                    pipe.execute()
+                except redis_lib.RedisError as e:
+                    log.warning("heartbeat failed: %s", e)
             self._stop.wait(self.settings.heartbeat_interval)
 
     def _listen_cancels(self) -> None:
@@ -257,16 +258,16 @@ class Runtime:
 
     def _served(self, job, outcome: Outcome) -> None:
         """The job's load is off this worker, and a chat job's prefixes point here."""
-        with self._jobs_lock:
-            # Its result is recorded: nothing left to cancel, and no longer counted by the
-            # heartbeat's load.
-            self._active.discard(job.id)
         chat = isinstance(job, GenerationJob) and not outcome.cancelled
         replies = [(c.text, c.tool_calls) for _, c in sorted(outcome.choices.items())]
-        try:
-            self.served.ended(job if chat else None, replies)
-        except redis_lib.RedisError as e:
-            log.warning("could not record the end of job %s for routing: %s", job.id, e)
+        with self._jobs_lock:
+            # Its result is recorded: nothing left to cancel, and no longer counted by the
+            # heartbeat's load (held across the write, see ``_heartbeat``).
+            self._active.discard(job.id)
+            try:
+                self.served.ended(job if chat else None, replies)
+            except redis_lib.RedisError as e:
+                log.warning("could not record the end of job %s for routing: %s", job.id, e)
 
     def _release(self, job_id: str) -> None:
         """The job no longer counts against its model's in-flight limit."""

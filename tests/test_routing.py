@@ -75,7 +75,8 @@ def test_conversations_return_to_their_worker(pair):
     metrics = requests.get(web.url + "/metrics", timeout=5).text
     hits = [line for line in metrics.splitlines()
             if line.startswith("ferry_routed_total{") and 'reason="hit"' in line]
-    assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 18
+    routed = [line for line in metrics.splitlines() if line.startswith("ferry_routed_total{")]
+    assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 18, routed
 
 
 def _stop_one(r, web, workers):
