@@ -161,3 +161,19 @@ class BatchWorker(Service):
 
         wait_for(ready, timeout, "batch worker", self.proc)
         return self
+
+
+def chat_once_recovered(client, model: str, messages: list[dict], within: float = 30):
+    """A chat answered once Ferry has recovered from a Redis restart: web and worker
+    reconnect on their own, so the first requests may race the worker's reconnection (503);
+    any other error, or no answer within ``within`` seconds, fails the test."""
+    import openai
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return client.chat.completions.create(model=model, messages=messages)
+        except openai.APIStatusError as e:
+            assert e.status_code == 503, e
+            assert time.monotonic() < deadline, "Ferry did not recover after the Redis restart"
+            time.sleep(0.5)

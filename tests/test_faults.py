@@ -12,7 +12,7 @@ import pytest
 import redis
 import requests
 
-from tests.services import RedisServer, Web, Worker
+from tests.services import RedisServer, Web, Worker, chat_once_recovered
 
 
 def script(**kw) -> list[dict]:
@@ -88,17 +88,7 @@ def test_redis_restart_fails_in_flight_then_recovers(stack, tmp_path, request):
     assert errors and isinstance(errors[0], openai.APIError)
     restarted = RedisServer(tmp_path, port=redis_server.port).start()
     request.addfinalizer(restarted.kill)
-    # Web and worker reconnect on their own; the first requests may race the worker's
-    # reconnection (503), then requests succeed.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            r = client.chat.completions.create(model="doomed", messages=script(tokens=["ok"]))
-            break
-        except openai.APIStatusError as e:
-            assert e.status_code == 503, e
-            assert time.monotonic() < deadline, "Ferry did not recover after the Redis restart"
-            time.sleep(0.5)
+    r = chat_once_recovered(client, "doomed", script(tokens=["ok"]))
     assert r.choices[0].message.content == "ok"
 
 
