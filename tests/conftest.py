@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.services import BatchWorker, RedisServer, Web, Worker
+from tests.services import BatchWorker, RedisServer, Service, Web, Worker
 
 # The tests' upload limit, small enough to exceed cheaply.
 MAX_FILE_BYTES = 1024 * 1024
@@ -14,6 +14,25 @@ MAX_FILE_BYTES = 1024 * 1024
 # handed out again within seconds (production: tasks/app.py, config/settings.py).
 BATCH_ENV = {"FERRY_BATCH_CHUNK_LINES": "4", "FERRY_BATCH_VISIBILITY_TIMEOUT": "20",
              "FERRY_BATCH_LINE_TIMEOUT": "15", "FERRY_BATCH_CHUNK_RETRIES": "2"}
+
+
+# Services that tests started and left running, stopped at the end of the session and named
+# in the summary (a leftover redis-server or worker would otherwise outlive pytest).
+LEFTOVERS: list[Service] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_services():
+    yield
+    LEFTOVERS.extend(s for s in Service.started if s.running)
+    for service in LEFTOVERS:
+        service.kill()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if LEFTOVERS:
+        terminalreporter.write_line("stopped services that tests left running: " + ", ".join(
+            f"{s.argv[0].rsplit('/', 1)[-1]} ({s.log})" for s in LEFTOVERS))
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,10 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 class Service:
+    # Every service started in this test session, so that conftest can stop what a test
+    # forgot to (and name it) instead of leaving it running after pytest exits.
+    started: list["Service"] = []
+
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
         self.argv, self.env, self.log = argv, env, log
         self.proc: subprocess.Popen | None = None
@@ -57,7 +61,12 @@ class Service:
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        Service.started.append(self)
         return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> None:
         if self.proc is None or self.proc.poll() is not None:
