@@ -20,7 +20,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from tests.jobclient import CHAT, scripted, submitted, wait_status
 from tests.services import RedisServer, Web, Worker
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (make test installs it)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY_A, KEY_B = "console-key-a-0001", "console-key-b-0002"
