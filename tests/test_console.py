@@ -40,6 +40,9 @@ def page(browser):
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    # The page's Content-Security-Policy must not have blocked anything of its own.
+    pg.on("console", lambda m: errors.append(m.text)
+          if m.type == "error" and "Content Security Policy" in m.text else None)
     yield pg
     context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
@@ -216,6 +219,26 @@ def new_batch_row(page: Page, before: list[str]):
         " return r && !known.includes(r.dataset.batchId) && r.dataset.batchId; }",
         arg=before, timeout=15000)
     return page.locator(f"#batch-rows tr[data-batch-id='{handle.json_value()}']")
+
+
+def test_playground_json_mode_with_the_real_model(web, smollm2_worker, page):
+    """SmolLM2 through the playground with JSON mode, temperature and max tokens: the request
+    carries them, and the streamed reply is a JSON object (grammar-constrained)."""
+    open_console(page, web.url)
+    page.locator("#pg-model option[value=smollm2]").wait_for(state="attached")
+    page.select_option("#pg-model", "smollm2")
+    page.check("#pg-json")
+    page.fill("#pg-temperature", "0")
+    page.fill("#pg-max-tokens", "48")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.fill("#pg-input", "Describe a cat as JSON with a name and an age.")
+        page.press("#pg-input", "Enter")
+    body = sent.value.post_data_json
+    assert body["response_format"] == {"type": "json_object"} and body["stream"] is True
+    assert body["temperature"] == 0 and body["max_tokens"] == 48
+    stats = page.locator(".msg.assistant .stats").last
+    expect(stats).to_contain_text("completion tokens", timeout=60000)
+    assert reply_text(page).lstrip().startswith("{"), reply_text(page)
 
 
 def synthetic_worker_name(web) -> str:

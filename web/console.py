@@ -13,4 +13,9 @@ bp = Blueprint("console", __name__, static_folder="console", static_url_path="/c
 @bp.get("/")
 def index():
     # Always revalidated: a new deployment's page is picked up on reload.
-    return send_from_directory(bp.static_folder, "index.html", max_age=0)
+    resp = send_from_directory(bp.static_folder, "index.html", max_age=0)
+    # Only this origin's own files run; the page cannot be framed (it holds a key).
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'none'")
+    return resp

@@ -45,12 +45,17 @@ export function usageOf(result) {
   return { prompt, completion };
 }
 
-// Runs fn now and every `every` ms while the page `name` is shown; returns a stop function.
+// Runs fn now and every `every` ms until the returned function is called. Each run is a
+// request of the caller's key (it counts against its rpm): after a failure (a 429 among
+// them) the next run waits twice as long, up to 30 s.
 export function repeat(fn, every) {
-  let timer = null, stopped = false;
+  let timer = null, stopped = false, delay = every;
   const tick = async () => {
-    try { await fn(); } catch (e) { console.warn(e); }
-    if (!stopped) timer = setTimeout(tick, every);
+    try { await fn(); delay = every; } catch (e) {
+      console.warn(e);
+      delay = Math.min(30000, delay * 2);
+    }
+    if (!stopped) timer = setTimeout(tick, delay);
   };
   tick();
   return () => { stopped = true; clearTimeout(timer); };
