@@ -160,6 +160,8 @@ def test_console_end_to_end(web, synthetic_worker, batch_worker, page, shots, tm
     # Batches: upload a JSONL file, create a batch, watch it complete, download its output.
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": CHAT,
               "body": scripted(tokens=[f"line {i}"])} for i in range(3)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": CHAT,
+                  "body": scripted(model="gpt-4o", tokens=["x"])})
     source = tmp_path / "requests.jsonl"
     source.write_text("".join(json.dumps(x) + "\n" for x in lines))
     page.click("nav a[data-page=batches]")
@@ -168,13 +170,17 @@ def test_console_end_to_end(web, synthetic_worker, batch_worker, page, shots, tm
     page.click("#batch-create")
     row = new_batch_row(page, before)
     expect(row).to_have_attribute("data-status", "completed", timeout=60000)
-    expect(row.locator(".counts")).to_have_text("3 / 0 / 3")
+    expect(row.locator(".counts")).to_have_text("3 / 1 / 4")
     with page.expect_download() as download:
         row.locator("button.download-output").click()
     out = [json.loads(x) for x in Path(download.value.path()).read_text().splitlines()]
     assert sorted(o["custom_id"] for o in out) == ["c0", "c1", "c2"]
     assert {o["response"]["body"]["choices"][0]["message"]["content"] for o in out} == {
         "line 0", "line 1", "line 2"}
+    with page.expect_download() as download:
+        row.locator("button.download-errors").click()
+    [err] = [json.loads(x) for x in Path(download.value.path()).read_text().splitlines()]
+    assert err["custom_id"] == "bad" and err["response"]["status_code"] == 404
     screenshot(page, shots / "batches.png")
     # A slow batch, cancelled from its row.
     slow = [{"custom_id": f"s{i}", "method": "POST", "url": CHAT,
