@@ -227,6 +227,7 @@ def new_batch_row(page: Page, before: list[str]):
     return page.locator(f"#batch-rows tr[data-batch-id='{handle.json_value()}']")
 
 
+@pytest.mark.model
 def test_playground_json_mode_with_the_real_model(web, smollm2_worker, page):
     """SmolLM2 through the playground with JSON mode, temperature and max tokens: the request
     carries them, and the streamed reply is a JSON object (grammar-constrained)."""
