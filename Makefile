@@ -48,11 +48,18 @@ run: install
 
 # tests/test_routing_hosts.py makes hosts of network namespaces with iproute2's ip: as root
 # on Debian/Ubuntu it is installed if missing; elsewhere that test says why it is skipped.
+# tests/test_console.py drives Debian's chromium (/usr/bin/chromium) through Playwright, never
+# Playwright's own browser download: as root with apt-get it is installed if missing (the
+# package lists fetched first if the install finds none); without it that test fails.
 # Then the import contracts (pyproject.toml, [tool.importlinter]): a layering broken fails fast.
 test: install
 	@command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q iproute2 >/dev/null; } || \
 		echo "make test: no iproute2 (ip): the multi-host routing test will be skipped"
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+		echo "make test: no /usr/bin/chromium (Debian's chromium): the console test will fail"
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5), treated as success"; exit 0; fi; exit $$rc

@@ -38,6 +38,7 @@ from config.contract.events import RESULTS, EmbeddedParts, Embedded, Event, Star
 from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
+from tasks.cluster import TokenMeter
 from config.contract.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
                                       worker_jobs_key, workers_key)
 from tasks.publisher import Publisher
@@ -59,6 +60,8 @@ class Runtime:
         slots = type(self.backend).worker_pool(entry)[1]
         self.served = Served(self.redis, entry.queue, name, slots, ttl=settings.affinity_ttl,
                              alive_for=settings.worker_timeout)
+        # Tokens generated, for the console's tokens per second (tasks/cluster.py).
+        self.meter = TokenMeter(entry.queue)
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         # Guards both sets: a cancel must not be recorded for a job that has just ended
@@ -93,6 +96,7 @@ class Runtime:
                     pipe.set(worker_jobs_key(self.name), " ".join(sorted(self._active)),
                              px=int(self.settings.worker_timeout * 1000))
                     self.served.beat(pipe, len(self._active))
+                    self.meter.beat(pipe, now)
                     pipe.execute()
                 except redis_lib.RedisError as e:
                     log.warning("heartbeat failed: %s", e)
@@ -164,6 +168,7 @@ class Runtime:
                 if isinstance(event, Started):
                     event = dataclasses.replace(event, worker=self.name)
                 outcome.add(event)
+                self.meter.add(event)
                 if isinstance(event, RESULTS):
                     # Recorded before the terminal event is published: a watcher that saw it
                     # finds the job ended.

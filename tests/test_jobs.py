@@ -372,3 +372,57 @@ def test_cli_submits_follows_and_prints_the_result(web, synthetic_worker, tmp_pa
     out = subprocess.run([*cli, "status", "chatcmpl-nope"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "404" in out.stderr
+
+
+def test_list_jobs_newest_first_by_cursor(web, redis_server, synthetic_worker):
+    """GET /v1/jobs: the caller's jobs newest first, in pages that follow ``after``, each the
+    job object of GET /v1/jobs/{id} (queue wait and run time apart); the owner's index
+    expires with its newest job."""
+    mine = [submitted(web, scripted(tokens=[f"t{i}"]))["id"] for i in range(5)]
+    for job_id in mine:
+        wait_status(web, job_id, "completed")
+    seen, after = [], None
+    for limit in (2, 2, 1):
+        params = {"limit": limit, **({"after": after} if after else {})}
+        r = requests.get(web.url + "/v1/jobs", params=params, timeout=10)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert page["object"] == "list" and len(page["data"]) == limit
+        assert (page["first_id"], page["last_id"]) == (page["data"][0]["id"], page["data"][-1]["id"])
+        if len(seen) < 4:
+            assert page["has_more"] is True
+        seen += page["data"]
+        after = page["last_id"]
+    # Newest first: this test's five jobs, in reverse order of submission.
+    assert [j["id"] for j in seen] == mine[::-1]
+    newest = seen[0]
+    assert newest == get(web, newest["id"]).json()
+    assert newest["status"] == "completed" and newest["model"] == "synthetic"
+    assert newest["queue_wait_ms"] >= 0 and newest["run_time_ms"] >= 0
+    assert newest["result"]["usage"]["completion_tokens"] == 1
+    # A cursor no longer listed (or never) is an empty page, not an error.
+    r = requests.get(web.url + "/v1/jobs", params={"after": "chatcmpl-gone"}, timeout=10)
+    assert r.json()["data"] == [] and r.json()["has_more"] is False
+    for bad in ("0", "101", "x"):
+        r = requests.get(web.url + "/v1/jobs", params={"limit": bad}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
+    r_ = redis.Redis.from_url(redis_server.url)
+    ttl = r_.pttl("ferry:jobs:owner:") / 1000
+    assert 0 < newest["retained_until"] - time.time() - ttl < 2, (ttl, newest["retained_until"])
+
+
+def test_list_jobs_index_is_pruned_with_the_jobs(strict, redis_server):
+    """Entries of jobs past their TTL leave the owner's index when a new job is recorded, so
+    the index is as bounded as the records themselves."""
+    web, _ = strict
+    index = redis.Redis.from_url(redis_server.url)
+    old = submitted(web, scripted(model="unserved", tokens=["x"]))
+    cancel(web, old["id"])
+    assert index.zscore("ferry:jobs:owner:", old["id"]) is not None
+    time.sleep(max(0.0, old["retained_until"] - time.time()) + 0.05)
+    new = submitted(web, scripted(model="unserved", tokens=["x"]))
+    cancel(web, new["id"])
+    assert index.zscore("ferry:jobs:owner:", old["id"]) is None
+    listed = requests.get(web.url + "/v1/jobs", params={"limit": 100}, timeout=10).json()
+    assert listed["data"][0]["id"] == new["id"]
+    assert old["id"] not in [j["id"] for j in listed["data"]]

@@ -380,3 +380,25 @@ def test_the_cli_sends_its_key(web, tmp_path):
     assert run.returncode == 0, run.stderr
     [record] = [json.loads(x) for x in out.read_text().splitlines()]
     assert record["response"]["body"]["choices"][0]["message"]["content"] == "batch"
+
+
+def test_job_list_shows_only_the_callers_jobs(web, alice, bob):
+    """GET /v1/jobs with keys on: each key lists its own jobs (submitted and synchronous),
+    never another's, and another key's job id as a cursor finds nothing."""
+    made = {}
+    for name, who in (("alice", alice), ("bob", bob)):
+        r = who.post(web.url + "/v1/jobs", json={"endpoint": CHAT, "body": scripted(
+            tokens=[name])}, timeout=10)
+        assert r.status_code == 202, r.text
+        sync = who.post(web.url + CHAT, json=scripted(tokens=["s"]), timeout=30)
+        assert sync.status_code == 200, sync.text
+        made[name] = {r.json()["id"], sync.headers["X-Request-Id"]}
+    for name, who in (("alice", alice), ("bob", bob)):
+        listed = who.get(web.url + "/v1/jobs", params={"limit": 100}, timeout=10).json()
+        ids = {j["id"] for j in listed["data"]}
+        other = made["bob" if name == "alice" else "alice"]
+        assert made[name] <= ids and not ids & other, (name, ids)
+    cursor = next(iter(made["alice"]))
+    r = bob.get(web.url + "/v1/jobs", params={"after": cursor}, timeout=10)
+    assert r.status_code == 200 and r.json()["data"] == []
+    assert requests.get(web.url + "/v1/jobs", timeout=10).status_code == 401

@@ -24,11 +24,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.register(app)
     metrics.register(app)
     logs.register(app)
-    from web import (batches, chat, completions, embeddings, files, health, jobs as jobs_api,
-                     models, openapi, responses)
+    from web import (batches, chat, completions, console, embeddings, files, health,
+                     jobs as jobs_api, models, openapi, responses, workers)
 
     for module in (chat, completions, embeddings, responses, files, batches, jobs_api, models,
-                   health, metrics, openapi):
+                   workers, health, metrics, openapi, console):
         app.register_blueprint(module.bp)
     janitor.start(ferry)
     return app

@@ -1,6 +1,7 @@
 """The jobs API: submit an OpenAI request now, watch it or collect it later, cancel it.
 
     POST /v1/jobs                  {"endpoint", "body", "webhook"?} -> 202, the job object
+    GET  /v1/jobs                  the caller's jobs, newest first (?after=<id>&limit=<n>)
     GET  /v1/jobs/{id}             the job object; every synchronous request is a job too
                                    (its X-Request-Id is the job id)
     GET  /v1/jobs/{id}/events      SSE: replay, then live (web/job_events.py)
@@ -27,7 +28,7 @@ from tasks.core import endpoints
 from tasks.core.generation import Caller, submit
 from web import job_events, logs
 from web.auth import current_tenant
-from web.schemas.jobs import CreateJobRequest
+from web.schemas.jobs import CreateJobRequest, ListJobsRequest
 from web.validation import parse_body, validate
 
 bp = Blueprint("jobs", __name__)
@@ -86,6 +87,14 @@ def create_job():
                     deadline=time.time() + ferry.settings.job_deadline, webhook=req.webhook)
     return jsonify(_public(record)), 202, {"Location": f"/v1/jobs/{record.id}",
                                            "X-Request-Id": record.id}
+
+
+@bp.get("/v1/jobs")
+def list_jobs():
+    q = validate(ListJobsRequest, request.args.to_dict())
+    found, has_more = current_app.extensions["ferry"].jobs.list(
+        current_tenant().owner, after=q.after, limit=q.limit)
+    return jsonify(q.page([_public(r) for r in found], has_more))
 
 
 @bp.get("/v1/jobs/<job_id>")

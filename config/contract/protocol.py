@@ -38,6 +38,13 @@ def owner_pending_key(owner: str) -> str:
     return f"ferry:pending-owner:{owner}"
 
 
+def owner_jobs_key(owner: str) -> str:
+    """An owner's jobs (member = job id, score = creation time), newest last: what
+    ``GET /v1/jobs`` lists. Pruned of entries older than the job TTL at each new job, and
+    the key itself expires with its newest job's record."""
+    return f"ferry:jobs:owner:{owner}"
+
+
 def workers_key(queue: str) -> str:
     return f"ferry:workers:{queue}"
 

@@ -73,9 +73,17 @@ class JobRecord(BaseModel):
             # Rounded up: the record is deleted at the exact time, never after this.
             "retained_until": math.ceil(self.retained_until),
             "queue_position": queue_position if self.status == "queued" else None,
+            # Kept apart, as milliseconds (the times above are whole seconds): waiting for a
+            # worker (until it started, or ended unstarted) and running on it.
+            "queue_wait_ms": _ms(self.created, self.started or self.finished),
+            "run_time_ms": _ms(self.started, self.finished),
             "webhook": self.webhook, "result": self.result,
             "result_omitted": self.result_omitted, "error": self.error,
         }
+
+
+def _ms(start: float | None, end: float | None) -> int | None:
+    return None if start is None or end is None else max(0, round((end - start) * 1000))
 
 
 def _ts(t: float | None) -> int | None:

@@ -38,8 +38,8 @@ from tasks.jobs.shapes import ResponseSpec
 from tasks.routing import routes_key, worker_queue
 from config.contract import events
 from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, celery_list,
-                                      events_channel, events_log,
-                                      job_key, owner_pending_key, pending_key, queued_key,
+                                      events_channel, events_log, job_key, owner_jobs_key,
+                                      owner_pending_key, pending_key, queued_key,
                                       request_cancel, worker_jobs_key)
 
 
@@ -64,7 +64,7 @@ class Refused(Exception):
 
 # Records a new job, after the checks that may refuse it, in one round trip.
 # KEYS: job, pending jobs, the model's in-flight set, the model's live workers, the owner's
-# in-flight set, the lane. ARGV: job id, deadline, expiry (Unix ms), now, now (ms), model
+# in-flight set, the lane, the owner's jobs. ARGV: job id, deadline, expiry (Unix ms), now, now (ms), model
 # in-flight limit (0: none), stale before, check workers (1/0), owner in-flight limit (0:
 # none), owner stale before, created before this are gone (lane), then the record's
 # field/value pairs. Both limits are checked before either set is joined, so a refused job
@@ -90,6 +90,9 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[11])
 redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[11])
+redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])
+redis.call('PEXPIREAT', KEYS[7], ARGV[3])
 return {'ok'}
 """
 
@@ -215,6 +218,25 @@ class JobStore:
             return None
         return record
 
+    def list(self, owner: str, *, after: str | None,
+             limit: int) -> tuple[list[JobRecord], bool]:
+        """``owner``'s jobs newest first, those after the job ``after`` (none if that job is
+        no longer listed); and whether more follow. Two round trips: the page of ids from the
+        owner's index, then their records. A record gone (its TTL passed a moment before the
+        index was pruned) is left out."""
+        index, start = owner_jobs_key(owner), 0
+        if after is not None:
+            rank = self.redis.zrevrank(index, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
+        ids = self.redis.zrevrange(index, start, start + limit)
+        pipe = self.redis.pipeline(transaction=False)
+        for raw in ids[:limit]:
+            pipe.hgetall(job_key(raw.decode()))
+        found = [JobRecord.from_hash(h) for h in pipe.execute() if h]
+        return [r for r in found if r.owner == owner], len(ids) > limit
+
     def position(self, record: JobRecord) -> int | None:
         """Jobs ahead of a queued one: those of its lane created before it and not yet
         started, and for a bulk job every queued interactive one too (Celery takes those
@@ -262,7 +284,8 @@ class JobStore:
         found = self._create(
             keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else unused,
                   live_workers or unused,
-                  owner_in_flight.key if owner_in_flight else unused, queued_key(queue, bulk)],
+                  owner_in_flight.key if owner_in_flight else unused, queued_key(queue, bulk),
+                  owner_jobs_key(owner)],
             args=[job_id, deadline, int(record.retained_until * 1000), now, int(now * 1000),
                   in_flight.limit if in_flight else 0,
                   in_flight.stale_before if in_flight else 0, 1 if live_workers else 0,
@@ -275,12 +298,14 @@ class JobStore:
 
     def discard(self, job_id: str) -> None:
         """Forget a job that could not be enqueued (its submitter got an error instead)."""
-        lane = self.redis.hget(job_key(job_id), "lane")
+        lane, owner = self.redis.hmget(job_key(job_id), "lane", "owner")
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(job_key(job_id))
         pipe.zrem(PENDING_JOBS, job_id)
         if lane is not None:
             pipe.zrem(lane.decode(), job_id)
+        if owner is not None:
+            pipe.zrem(owner_jobs_key(owner.decode()), job_id)
         pipe.execute()
 
     def start(self, job_id: str, worker: str) -> tuple[JobRecord, bool] | None:

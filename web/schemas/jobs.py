@@ -1,4 +1,4 @@
-"""POST /v1/jobs: an OpenAI request body, and where it would have been sent."""
+"""POST /v1/jobs: an OpenAI request body, and where it would have been sent; GET /v1/jobs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.jobs.shapes import Endpoint
+from web.schemas.batches import ListBatchesRequest
 
 
 class CreateJobRequest(BaseModel):
@@ -18,3 +19,8 @@ class CreateJobRequest(BaseModel):
     body: dict[str, Any]
     # POSTed the final job object when the job ends (see tasks/webhooks.py).
     webhook: Annotated[str, Field(max_length=2048)] | None = None
+
+
+class ListJobsRequest(ListBatchesRequest):
+    """The caller's jobs, newest first: ``after`` a job id, ``limit`` (1-100, default 20),
+    OpenAI's list shape (the same cursor as ``GET /v1/batches``)."""
