@@ -14,8 +14,10 @@ calls ``get_next(mask=True)`` (our ``prepare_logit_mask``, or its result when it
 generator's filter pool) and ``mask_logits`` on the CPU logits, else ``next()`` for
 ``(allowed, end)`` token collections; ``feed`` with each sampled token, after which a filter
 that ``use_background_worker`` gets its next ``prepare_logit_mask`` scheduled in the pool, to
-overlap the next forward pass on the GPU. We always take the mask path: the mask is computed
-in the pool (~50 µs of llguidance for 49k tokens) and ``mask_logits`` only fills -inf.
+overlap the next forward pass on the GPU. We always take the mask path: the mask and a
+float bias of 0 / -inf made from it are computed in the pool, and ``mask_logits``, on the
+loop thread, only adds that bias to the logits (one vectorised add, as exllamav2 adds its
+own ``token_bias``: a boolean ``masked_fill_`` costs several times more).
 
 An exception raised by a filter propagates out of ``iterate()``, and the loop then fails
 every job of the worker and rebuilds the generator. A grammar failure (llguidance refusing
@@ -28,8 +30,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from config.errors import GenerationFailed
 from models.guidance import Grammar, TokenMask
+
+# Token allowed (1) or not (0) -> what is added to its logit.
+_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)
 
 
 class MaskFilterLogic:
@@ -41,11 +48,12 @@ class MaskFilterLogic:
         self.grammar = grammar
         self.mask: TokenMask = grammar.mask()
         self.failure: GenerationFailed | None = None
-        self._allowed: Any = None  # numpy 0/1 over the vocabulary, from prepare_logit_mask
+        self._bias = np.zeros(grammar.n_vocab, dtype=np.float32)
+        self._ready = False  # _bias holds the next step's mask (prepare_logit_mask ran)
 
     def begin(self, prefix_str: str) -> None:
         self.mask = self.grammar.mask()
-        self.failure, self._allowed = None, None
+        self.failure, self._ready = None, False
 
     def feed(self, token: Any) -> None:
         """``token``: the sampled (1, 1) tensor (or an int)."""
@@ -57,18 +65,20 @@ class MaskFilterLogic:
             self.failure = e
 
     def prepare_logit_mask(self) -> bool:
-        self._allowed = self._compute()
+        np.take(_BIAS, self._compute(), out=self._bias)
+        self._ready = True
         return True
 
     def mask_logits(self, logits: Any) -> Any:
-        """-inf where the mask says no, in place; ``logits`` is the head's width, which may
-        exceed the vocabulary (the rest is never allowed)."""
+        """-inf where the mask says no, in place; ``logits`` (a CPU float tensor) is the
+        head's width, which may exceed the vocabulary (the rest is never allowed)."""
         import torch
 
-        allowed = self._allowed if self._allowed is not None else self._compute()
-        self._allowed = None
-        n = min(len(allowed), logits.shape[-1])
-        logits[:n].masked_fill_(torch.from_numpy(allowed[:n]) == 0, float("-inf"))
+        if not self._ready:
+            self.prepare_logit_mask()
+        self._ready = False
+        n = min(len(self._bias), logits.shape[-1])
+        logits[:n].add_(torch.from_numpy(self._bias[:n]))
         logits[n:] = float("-inf")
         return logits
 
@@ -83,9 +93,7 @@ class MaskFilterLogic:
     def can_mask_logits(self) -> bool:
         return True
 
-    def _compute(self) -> Any:
-        import numpy as np
-
+    def _compute(self) -> np.ndarray:
         if self.failure is None and not self.mask.stopped:
             try:
                 return self.mask.compute()
