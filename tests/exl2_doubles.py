@@ -22,8 +22,9 @@ filter can mask and uses the background worker): the double "samples" the script
 when the filters allow it, else the allowed token the script ranks next. The filters are
 Ferry's own (models/exllamav2/grammar.py) over real llguidance grammars, so they really
 constrain the double's output. ``HFEngineDouble`` tokenizes with a model directory's real
-tokenizer.json (the vocabulary its grammars are compiled for). ``EmbeddingDouble`` has the parts of ``ExLlamaV2MMEmbedding`` the
-backend uses (text alias, token ids from 10^9 upward, unique per object).
+tokenizer.json (the vocabulary its grammars are compiled for). ``EmbeddingDouble`` has the
+parts of ``ExLlamaV2MMEmbedding`` the backend uses (text alias, token ids from 10^9 upward,
+unique per object).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ grammar compiled for SmolLM2's tokenizer.json.
 Needs the exllamav2 package, so it is skipped in CI (which has no GPU and does not install
 it). It runs on a CPU too with the 0.3.2 wheel unpacked on PYTHONPATH, not installed
 (``pip download --no-deps exllamav2==0.3.2``, unzip, ``PYTHONPATH=<dir> pytest
-tests/test_exllamav2_api.py``). Without CUDA, exllamav2 imports only with its compiled extension stubbed out, as its
+tests/test_exllamav2_api.py``). Without CUDA, exllamav2 imports only with its compiled
+extension stubbed out, as its
 own CPU-side tests do; the check then runs in a subprocess so the stub stays there. Nothing
 here loads a model or generates.
 """

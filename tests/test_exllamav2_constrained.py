@@ -97,8 +97,8 @@ def test_json_mode_cannot_end_inside_the_json_and_ends_at_an_end_token(scripted)
 def test_json_schema_output_validates(scripted):
     toy = scripted('{"n": 3, "tags": ["a", "b", "c"]}', IM_END)
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1},
-                                               "tags": {"type": "array", "items": {"type": "string"},
-                                                        "maxItems": 2}},
+                                               "tags": {"type": "array", "maxItems": 2,
+                                                        "items": {"type": "string"}}},
               "required": ["n", "tags"]}
     events = toy.run(response_format=ResponseFormat(type="json_schema", json_schema=schema))
     out = json.loads(text_of(events))

@@ -81,8 +81,8 @@ def test_the_rebuilt_tokenizer_json_tokenizes_as_llama_cpp(hf):
 
 def test_the_mask_walks_a_valid_reply_and_holds_off_the_end_tokens(hf, lltok):
     schema = {"type": "object", "properties": {"n": {"type": "integer"},
-                                               "tags": {"type": "array", "items": {"type": "string"},
-                                                        "maxItems": 2}},
+                                               "tags": {"type": "array", "maxItems": 2,
+                                                        "items": {"type": "string"}}},
               "required": ["n", "tags"], "additionalProperties": False}
     f = new_filter(lltok, Constraint(schema))
     pool = ThreadPoolExecutor(max_workers=1)

@@ -8,8 +8,9 @@ threads do this at once; the loop decodes their jobs together.
 Constrained output (response_format, tool calls) is compiled by ``models.guidance``, as on
 llama.cpp, with the llguidance tokenizer of the model directory's tokenizer.json (built once,
 when the worker loads), and applied as a token mask by one fresh filter per job
-(``grammar.py``); tool calls come out as the same ToolCallDeltas. Vision models (registry ``vision = true``)
-get their images' embeddings from the loop thread (``vision.py``), aliases in the prompt.
+(``grammar.py``); tool calls come out as the same ToolCallDeltas. Vision models (registry
+``vision = true``) get their images' embeddings from the loop thread (``vision.py``),
+aliases in the prompt.
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ class ExLlamaV2Backend(Backend):
         out: queue.Queue = queue.Queue()
         logprobs = job.top_logprobs is not None
         stop_by = time.time() + self.entry.max_job_seconds
-        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, self._calls(constraint)),
+        calls = self._calls(constraint)
+        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, calls),
                           out=out, deadline=job.deadline, stop_by=stop_by)
                    for i, spec in enumerate(specs)]
         for t in tickets:
