@@ -57,6 +57,10 @@ class ModelEntry(BaseModel):
     # finish_reason "length", as at max_tokens. Ten minutes covers a full context on a slow
     # CPU model; one job cannot hold the model's slots for an hour.
     max_job_seconds: float = Field(default=600.0, gt=0)
+    # Digits of a JSON schema integer that sets no minimum or maximum (structured output):
+    # 15 digits are exact in a double (2^53 > 10^15), as JavaScript clients read numbers, and
+    # a model repeating a digit stops there instead of filling max_tokens with one number.
+    max_integer_digits: int = Field(default=15, ge=1, le=100)
     options: dict[str, Any] = {}
 
     @model_validator(mode="after")

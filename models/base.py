@@ -88,7 +88,9 @@ class Backend(BaseBackend):
     # claims vision its backend does not have.
     supports_vision: bool = False
     # Grammar-constrained output: ``response_format`` json_object / json_schema and tool calls.
-    supports_constraints: ClassVar[bool] = False
+    # A backend may turn it off per instance once the model is loaded (a tokenizer its
+    # grammar engine cannot read).
+    supports_constraints: bool = False
     # ``sampling.logit_bias``.
     supports_logit_bias: ClassVar[bool] = False
     # ``job.echo``: each choice opens with the prompt (a ``Delta`` with ``prompt=True``).

@@ -15,7 +15,14 @@ How schemas are compiled:
   schemas people write rarely overlap, and llguidance cannot decide when they do;
 - ``format`` values llguidance does not know are annotations (dropped, as JSON Schema 2020-12
   has them); those it knows (``FORMATS``) are enforced;
+- an ``integer`` without a ``minimum`` (``maximum``) gets one of ``integer_digits`` digits
+  (``ModelEntry.max_integer_digits``), or of as many as its other bound has: llguidance's
+  integers are otherwise any number of digits, and a model that starts repeating a digit
+  (SmolLM2 writes one token per digit) fills max_tokens with one number;
 - anything else llguidance refuses is a 400 with its message, which names the keyword.
+
+Both backends compile here, with the tokenizer of their model (``tokenizer_from_llama``,
+``tokenizer_from_hf``), so they accept the same schemas and refuse the same ones.
 
 ``Grammar`` is compiled in the task thread (compiling drops the GIL, and the loop thread that
 decodes every stream never waits for it); the loop thread takes one ``TokenMask`` per choice
@@ -42,6 +49,10 @@ FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname
 # Keywords whose values are JSON data, not schemas.
 _VALUES = {"const", "enum", "default", "examples"}
 _OPTIONS = {"whitespace_pattern": WHITESPACE, "coerce_one_of": True}
+# Digits of an integer without bounds (ModelEntry.max_integer_digits' default).
+INTEGER_DIGITS = 15
+_LOWER, _UPPER = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
+_INT64 = 2 ** 63 - 1  # llguidance's JSON numbers are 64-bit: a larger bound is a 400
 
 
 def tokenizer_from_llama(vocab: Any, eog: list[int]) -> Any:
@@ -54,12 +65,22 @@ def tokenizer_from_llama(vocab: Any, eog: list[int]) -> Any:
         return lltokenizer_from_vocab(vocab, eos_token=eog)
 
 
-def grammar_text(constraint: Constraint) -> str:
+def tokenizer_from_hf(tokenizer_json: str, n_vocab: int, eog: list[int]) -> Any:
+    """The llguidance tokenizer of a Hugging Face ``tokenizer.json`` (its text), as
+    ExLlamaV2 model directories ship it (~0.4 s for 49k tokens: once per worker).
+    ``n_vocab``: the model head's width, which may exceed the tokenizer's; ``eog``: as
+    for ``tokenizer_from_llama``."""
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=sorted(set(eog)))
+
+
+def grammar_text(constraint: Constraint, integer_digits: int = INTEGER_DIGITS) -> str:
     """The llguidance grammar of a constraint: JSON between ``open`` and ``close``, or
     (``text_allowed``) plain text that does not start as a call does."""
     from llguidance import LLMatcher
 
-    schema = {**_strip_formats(constraint.schema), "x-guidance": _OPTIONS}
+    schema = {**_prepare(constraint.schema, integer_digits), "x-guidance": _OPTIONS}
     c = constraint
     if not (c.open or c.close or c.text_allowed):
         return LLMatcher.grammar_from_json_schema(schema)
@@ -77,38 +98,62 @@ def _class_char(ch: str) -> str:
     return "\\" + ch if ch in "\\]^-[/" else ch
 
 
-def _strip_formats(schema: Any) -> Any:
-    """The schema without ``format``s outside ``FORMATS`` (a copy)."""
+def _prepare(schema: Any, integer_digits: int) -> Any:
+    """The schema without ``format``s outside ``FORMATS``, its integers bounded (a copy)."""
     def visit(node: Any) -> Any:
         if isinstance(node, list):
             return [visit(x) for x in node]
         if not isinstance(node, dict):
             return node
-        return {k: v if k in _VALUES else visit(v) for k, v in node.items()
-                if not (k == "format" and isinstance(v, str) and v not in FORMATS)}
+        out = {k: v if k in _VALUES else visit(v) for k, v in node.items()
+               if not (k == "format" and isinstance(v, str) and v not in FORMATS)}
+        return _bound_integer(out, integer_digits)
     return visit(schema)
+
+
+def _bound_integer(node: dict[str, Any], digits: int) -> dict[str, Any]:
+    """An integer schema's missing bounds: the largest (smallest) number of ``digits``
+    digits, or of as many as the other bound has (so that the two never conflict), within
+    64 bits."""
+    types = node.get("type")
+    if not (types == "integer" or isinstance(types, list) and "integer" in types):
+        return node
+    lower = [node[k] for k in _LOWER if _is_number(node.get(k))]
+    upper = [node[k] for k in _UPPER if _is_number(node.get(k))]
+    if lower and upper:
+        return node
+    width = max([digits, *(len(str(abs(int(b)))) for b in lower + upper)])
+    extreme = min(10 ** width - 1, _INT64)
+    return {**node, **({} if lower else {"minimum": -extreme}),
+            **({} if upper else {"maximum": extreme})}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(eq=False)
 class Grammar:
-    """A compiled constraint: the prototype matcher that every choice's mask copies."""
+    """A compiled constraint: the prototype matcher that every choice's mask copies.
+    ``end``: the tokens that may end a complete reply (the tokenizer's end tokens)."""
 
     matcher: Any
     n_vocab: int
+    end: tuple[int, ...] = ()
 
     def mask(self) -> "TokenMask":
         return TokenMask(self.matcher.deep_copy(), self.n_vocab)
 
 
-def compile_grammar(constraint: Constraint, tokenizer: Any, n_vocab: int,
-                    param: str) -> Grammar:
+def compile_grammar(constraint: Constraint, tokenizer: Any, n_vocab: int, param: str,
+                    integer_digits: int = INTEGER_DIGITS) -> Grammar:
     """Compiled and its first mask computed (llguidance builds lexer states lazily, so the
     first mask pays for them here, in the task thread); a 400 naming what llguidance refuses.
     llguidance's parser limits (grammar size, lexer fuel, lexer states) bound the work."""
     from llguidance import LLMatcher
 
     try:
-        text = grammar_text(constraint)
+        text = grammar_text(constraint, integer_digits)
     except ValueError as e:
         raise InvalidRequest(f"The JSON schema cannot be compiled: {e}", param=param) from None
     matcher = LLMatcher(tokenizer, text, log_level=0)
@@ -119,7 +164,7 @@ def compile_grammar(constraint: Constraint, tokenizer: Any, n_vocab: int,
     if matcher.is_error():
         raise InvalidRequest(f"The JSON schema cannot be enforced while generating: "
                              f"{matcher.get_error()}", param=param)
-    return Grammar(matcher, n_vocab)
+    return Grammar(matcher, n_vocab, tuple(tokenizer.eos_tokens))
 
 
 @dataclass(eq=False)
@@ -141,6 +186,11 @@ class TokenMask:
         if self.matcher.is_error():
             raise GenerationFailed(f"The grammar failed: {self.matcher.get_error()}")
         return np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:self.n_vocab]
+
+    @property
+    def stopped(self) -> bool:
+        """The reply is complete and has ended (its end token accepted)."""
+        return self.matcher.is_stopped()
 
     def apply(self, logits: np.ndarray) -> None:
         """Disallowed tokens' logits to -inf, in place."""

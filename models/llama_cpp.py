@@ -167,7 +167,7 @@ class LlamaCppBackend(Backend):
         if constraint is None:
             return None
         param = "tools" if constraint.is_tool_call else "response_format"
-        return self.engine.compile_grammar(constraint, param)
+        return self.engine.compile_grammar(constraint, param, self.entry.max_integer_digits)
 
     # -- generation -----------------------------------------------------------------------
 

@@ -112,8 +112,10 @@ class LlamaEngine:
         return (llama_cpp.llama_vocab_fim_pre(v), llama_cpp.llama_vocab_fim_suf(v),
                 llama_cpp.llama_vocab_fim_mid(v))
 
-    def compile_grammar(self, constraint: Constraint, param: str) -> guidance.Grammar:
-        return guidance.compile_grammar(constraint, self._grammar_tokenizer, self.n_vocab, param)
+    def compile_grammar(self, constraint: Constraint, param: str,
+                        integer_digits: int = guidance.INTEGER_DIGITS) -> guidance.Grammar:
+        return guidance.compile_grammar(constraint, self._grammar_tokenizer, self.n_vocab, param,
+                                        integer_digits)
 
     # -- the loop thread only -----------------------------------------------------------------
 

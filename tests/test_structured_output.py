@@ -165,3 +165,29 @@ def test_bad_response_format_type_is_400(chat):
         chat.chat.completions.create(model="smollm2", messages=FRIENDS, max_tokens=5,
                                      response_format={"type": "yaml"})
     assert e.value.body["param"] == "response_format"
+
+
+def test_an_integer_without_bounds_stops_at_the_models_digit_limit():
+    """In-process on the real model (the digit limit is a registry setting): asked to copy a
+    22-digit number, SmolLM2 writes it all unless the grammar stops it."""
+    from config import Registry, load_settings
+    from config.contract.events import Delta
+    from config.contract.job import GenerationJob, ResponseFormat, Sampling
+    from models import load_backend
+
+    entry = Registry(load_settings().models).resolve("smollm2")
+    number = "1234567890123456789012"
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    job = GenerationJob(id="d", model="smollm2", max_tokens=60, sampling=Sampling(temperature=0),
+                        messages=[{"role": "user", "content":
+                                   f'Give the number {number} as JSON: {{"n": {number}}}'}],
+                        response_format=ResponseFormat(type="json_schema", json_schema=schema))
+    for digits in (15, 3):
+        backend = load_backend(entry.model_copy(update={"max_integer_digits": digits}))
+        try:
+            text = "".join(e.text for e in backend.generate(job, lambda: False)
+                           if isinstance(e, Delta))
+        finally:
+            backend.close()
+        assert json.loads(text) == {"n": int(number[:digits])}

@@ -5,10 +5,12 @@ it renders and tokenizes the prompt, checks it against the context and the cache
 one job per choice to the loop and yields the events the loop sends back. Several task
 threads do this at once; the loop decodes their jobs together.
 
-Constrained output (response_format, tool calls) goes through formatron grammars built from
-the same ``models.constraints`` as llama.cpp's (``grammar.py``), one fresh filter per job;
-tool calls come out as the same ToolCallDeltas. Vision models (registry ``vision = true``)
-get their images' embeddings from the loop thread (``vision.py``), aliases in the prompt.
+Constrained output (response_format, tool calls) is compiled by ``models.guidance``, as on
+llama.cpp, with the llguidance tokenizer of the model directory's tokenizer.json (built once,
+when the worker loads), and applied as a token mask by one fresh filter per job
+(``grammar.py``); tool calls come out as the same ToolCallDeltas. Vision models (registry
+``vision = true``) get their images' embeddings from the loop thread (``vision.py``),
+aliases in the prompt.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from typing import Any
 
 from config.errors import FerryError, GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
-from models import constraints, tools
+from models import constraints, guidance, tools
 from models.base import Backend, Cancelled, completion_budget, context_exceeded
 from config.contract.events import Done, Event, Started
-from models.exllamav2.grammar import Grammar, grammar_for
 from models.exllamav2.loop import BatchLoop, Ticket
 from models.exllamav2.model_dir import ModelDir
 from models.exllamav2.options import ExLlamaV2Options, Limits
@@ -50,7 +51,7 @@ class ExLlamaV2Backend(Backend):
     supports_logprobs = True
     # Through ExLlamaV2's dense token_bias (models/exllamav2/sampling.py).
     supports_logit_bias = True
-    # formatron grammars (models/exllamav2/grammar.py).
+    # llguidance masks (models/guidance.py, through models/exllamav2/grammar.py).
     supports_constraints = True
 
     @classmethod
@@ -80,6 +81,7 @@ class ExLlamaV2Backend(Backend):
         if eot is not None:
             end.add(eot)
         self.end_ids = frozenset(end)
+        self.grammar_tokenizer = self._grammar_tokenizer(entry)
         self.loop = BatchLoop(engine)
         engine.warmup(self.loop.generator)
         self.loop.start()
@@ -101,6 +103,23 @@ class ExLlamaV2Backend(Backend):
             raise ValueError(f"model {entry.name!r}: exllamav2 cannot use a draft model with "
                              "image input; remove options.draft or vision")
         return True
+
+    def _grammar_tokenizer(self, entry: ModelEntry) -> Any:
+        """llguidance's tokenizer of tokenizer.json, with masks as wide as the model's head
+        (which may exceed the tokenizer) and every token id the directory names; any end id
+        may end a complete constrained reply. One llguidance cannot read leaves the model
+        serving text, and structured output refused with a 400 (``check``)."""
+        end = sorted(self.end_ids)
+        self.mask_width = max([self.engine.vocab_size, *(i + 1 for i in end),
+                               *(i + 1 for i in self.files.added_tokens.values())])
+        try:
+            return guidance.tokenizer_from_hf((self.files.path / "tokenizer.json").read_text(),
+                                              self.mask_width, end)
+        except (OSError, ValueError) as e:
+            log.error("model %r: llguidance cannot read %s/tokenizer.json (%s); it serves "
+                      "no structured output or tool calls", entry.name, self.files.path, e)
+            self.supports_constraints = False
+            return None
 
     @property
     def tool_format(self) -> tools.ToolFormat:
@@ -175,11 +194,11 @@ class ExLlamaV2Backend(Backend):
         return wanted
 
     def specs(self, job: GenerationJob, prompt: list[int], max_tokens: int,
-              grammar: Grammar | None = None, embeddings: list[Any] = ()) -> list[JobSpec]:
+              grammar: guidance.Grammar | None = None, embeddings: list[Any] = ()
+              ) -> list[JobSpec]:
         s = job.sampling
         base_seed = s.seed if s.seed is not None else random.getrandbits(31)
-        # The tokenizer's EOS (what formatron forces when a grammar is complete) is among
-        # the end ids.
+        # A complete constrained reply allows only the end ids, each a stop condition.
         stops = stop_conditions(self.end_ids, job.stop)
         # exllamav2 ends a job at new_tokens >= max_new_tokens - num_draft_tokens.
         max_new = max_tokens + self.limits.num_draft_tokens
@@ -187,20 +206,30 @@ class ExLlamaV2Backend(Backend):
                         settings=settings_fields(s, token_bias(s.logit_bias, self.engine.vocab_size)),
                         seed=base_seed + i, stop_conditions=stops, top_logprobs=job.top_logprobs,
                         # Grammars hold parse state: every choice gets its own filter.
-                        filters=tuple(self.engine.new_filters(grammar, self.end_ids))
+                        filters=tuple(self.engine.new_filters(grammar))
                         if grammar is not None else (),
                         embeddings=tuple(embeddings))
                 for i in range(job.n)]
 
-    def _calls(self, grammar: Grammar | None) -> tools.CallParser | None:
-        if grammar is None or not grammar.is_tool_call:
+    def _grammar(self, constraint: constraints.Constraint | None) -> guidance.Grammar | None:
+        """Compiled here, in the task thread: a schema llguidance refuses is a 400 before
+        anything is queued, and the loop thread never waits for a compilation."""
+        if constraint is None:
             return None
-        return tools.CallParser(grammar.text_allowed, self.tool_format)
+        param = "tools" if constraint.is_tool_call else "response_format"
+        return guidance.compile_grammar(constraint, self.grammar_tokenizer, self.mask_width,
+                                        param, self.entry.max_integer_digits)
+
+    def _calls(self, constraint: constraints.Constraint | None) -> tools.CallParser | None:
+        if constraint is None or not constraint.is_tool_call:
+            return None
+        return tools.CallParser(constraint.text_allowed, self.tool_format)
 
     # --- generating -------------------------------------------------------------------------
 
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
-        grammar = grammar_for(constraints.for_job(job, self.tool_format))
+        constraint = constraints.for_job(job, self.tool_format)
+        grammar = self._grammar(constraint)
         prompt, embeddings = self.prompt(job)
         max_tokens = self.budget(job, len(prompt))
         specs = self.specs(job, prompt, max_tokens, grammar, embeddings)
@@ -208,7 +237,8 @@ class ExLlamaV2Backend(Backend):
         out: queue.Queue = queue.Queue()
         logprobs = job.top_logprobs is not None
         stop_by = time.time() + self.entry.max_job_seconds
-        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, self._calls(grammar)),
+        calls = self._calls(constraint)
+        tickets = [Ticket(spec, ChoiceStream(i, self.engine.piece, logprobs, calls),
                           out=out, deadline=job.deadline, stop_by=stop_by)
                    for i, spec in enumerate(specs)]
         for t in tickets:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.exllamav2.grammar import (FirstTokens, Grammar, GrammarFilterLogic, build_formatter,
-                                      import_formatron)
+from models.exllamav2.grammar import MaskFilterLogic
+from models.guidance import Grammar
 from models.exllamav2.options import CacheType, ExLlamaV2Options, Limits
 from models.exllamav2.spec import JobSpec, job_kwargs
 
@@ -64,12 +62,13 @@ def generator_kwargs(model: Any, cache: Any, tokenizer: Any, limits: Limits, max
 
 
 @functools.cache
-def _grammar_filter_class() -> type:
-    """Ferry's grammar filter as the ExLlamaV2Filter subclass the generator needs (it calls
-    base-class methods such as ``background_drop`` and ``get_next``)."""
+def _mask_filter_class() -> type:
+    """Ferry's mask filter as the ExLlamaV2Filter subclass the generator needs (it calls
+    base-class methods such as ``background_drop``, ``get_next`` and
+    ``background_prepare_logit_mask``)."""
     from exllamav2.generator.filters import ExLlamaV2Filter
 
-    return type("FerryGrammarFilter", (GrammarFilterLogic, ExLlamaV2Filter), {})
+    return type("FerryMaskFilter", (MaskFilterLogic, ExLlamaV2Filter), {})
 
 
 class Exl2Engine:
@@ -86,11 +85,6 @@ class Exl2Engine:
         self.limits = limits
         self.draft_model = self.draft_cache = None
         self.vision_tower = None
-        # formatron's vocabulary of this tokenizer (built once, on first use) and the
-        # first-token sets of tool_choice auto, by (first character, stop ids).
-        self._grammar_lock = threading.Lock()
-        self._engine_vocabulary: Any = None
-        self._first_tokens: dict[tuple, FirstTokens] = {}
         if opts.draft is not None:
             # The generator wants the draft's max_seq_len >= the model's and equal cache sizes.
             _, self.draft_model, self.draft_cache = self._load(
@@ -166,38 +160,10 @@ class Exl2Engine:
         return self.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True,
                                      embeddings=embeddings)[0].tolist()
 
-    def new_filters(self, grammar: Grammar, stop_ids: Iterable[int]) -> list:
-        """A fresh filter for one job: formatron's FormatterFilter over a new Formatter,
-        inside Ferry's GrammarFilter (see grammar.GrammarFilterLogic). Built in the task
-        thread: compiling the grammar is CPU work the loop thread need not do."""
-        import_formatron()  # formatron's pydantic workaround, before its integration loads
-        from formatron.integrations.exllamav2 import FormatterFilter
-
-        stops = tuple(sorted(set(stop_ids)))
-        formatter = build_formatter(grammar, self._vocabulary(), self._decode)
-        inner = FormatterFilter(self.model, self.tokenizer, formatter)
-        first = self._first(grammar.first, stops) if grammar.text_allowed else None
-        return [_grammar_filter_class()(self.model, self.tokenizer, inner, stops, first)]
-
-    def _vocabulary(self) -> Any:
-        with self._grammar_lock:
-            if self._engine_vocabulary is None:
-                import_formatron()
-                from formatron.integrations.exllamav2 import create_engine_vocabulary
-
-                self._engine_vocabulary = create_engine_vocabulary(self.tokenizer)
-            return self._engine_vocabulary
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(torch.tensor(ids))
-
-    def _first(self, first: str, stops: tuple[int, ...]) -> FirstTokens:
-        with self._grammar_lock:
-            key = (first, stops)
-            if key not in self._first_tokens:
-                self._first_tokens[key] = FirstTokens.of(
-                    self.tokenizer.get_id_to_piece_list(False), first, stops)
-            return self._first_tokens[key]
+    def new_filters(self, grammar: Grammar) -> list:
+        """A fresh filter for one job (a copy of the compiled grammar's matcher, ~1 µs),
+        built in the task thread."""
+        return [_mask_filter_class()(self.model, self.tokenizer, grammar)]
 
     def piece(self, token: int) -> str:
         # The model's head can be wider than the tokenizer's vocabulary; such ids (masked off,

@@ -9,7 +9,8 @@ pool). Everything ``iterate()`` returns is translated here, so a task thread onl
 Guarantees to a ticket's reader: it receives Deltas, then exactly one final item — a
 ``Finish`` (its reason ``cancelled`` after a cancel; ``generator.cancel`` emits nothing, so
 the loop sends it) or a ``FerryError``. An exception from ``iterate()`` fails every live
-ticket and the generator is rebuilt (its page table is lost), as TabbyAPI did.
+ticket and the generator is rebuilt (its page table is lost), as TabbyAPI did; a choice whose
+grammar failed (``grammar.MaskFilterLogic.failure``) ends with its own ``GenerationFailed``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from config.errors import ContextLengthExceeded, FerryError, GenerationFailed, RequestExpired
+from models.exllamav2.grammar import failure_of
 from models.exllamav2.results import ChoiceStream
 from models.loop import InboxLoop
 from models.exllamav2.spec import JobSpec, sync_penalty_window
@@ -175,8 +177,14 @@ class BatchLoop(InboxLoop):
             return
         if r["stage"] == "started":
             ticket.started = True
-        for event in ticket.stream.feed(r):
-            ticket.out.put(event)
+        failure = failure_of(ticket.spec.filters) if r["eos"] else None
+        if failure is not None:
+            # The filter ended the job with an end token; the reply is not complete.
+            log.warning("a grammar failed while generating: %s", failure)
+            ticket.out.put(failure)
+        else:
+            for event in ticket.stream.feed(r):
+                ticket.out.put(event)
         if r["eos"]:
             del self._live[ticket.key]
 

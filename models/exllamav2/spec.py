@@ -47,9 +47,9 @@ def job_kwargs(spec: JobSpec, identifier: Any, input_ids: Any, gen_settings: Any
         "return_probs": logprobs,
         "return_logits": False,
         "filters": list(spec.filters),
-        # Once formatron's grammar is complete it allows only the tokenizer's EOS (which is
-        # among the stop conditions): take it at once.
-        "filter_prefer_eos": bool(spec.filters),
+        # Not with llguidance masks: EOS may be allowed before the reply is complete (plain
+        # text of tool_choice auto), and a complete reply allows only the end ids anyway.
+        "filter_prefer_eos": False,
         "embeddings": list(spec.embeddings),
         "identifier": identifier,
     }
