@@ -52,7 +52,19 @@ run: install
 # Playwright's own browser download: as root with apt-get it is installed if missing (the
 # package lists fetched first if the install finds none); without it that test fails.
 # Then the import contracts (pyproject.toml, [tool.importlinter]): a layering broken fails fast.
-test: install
+# The exllamav2 0.3.2 wheel, unpacked beside the venv and not installed (it needs CUDA to run):
+# tests/test_exllamav2_api.py checks the names the GPU backend passes to it, and composes
+# Ferry's llguidance filter with its real filter base class, on the CPU.
+EXL2_WHEEL_DIR := $(WHEEL_CACHE)/exllamav2-0.3.2
+EXL2_API := $(VENV)/exllamav2-0.3.2
+
+$(EXL2_API):
+	@ls $(EXL2_WHEEL_DIR)/exllamav2-0.3.2-*.whl >/dev/null 2>&1 || \
+		$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(EXL2_WHEEL_DIR) exllamav2==0.3.2
+	$(BIN)/python -m zipfile -e $$(ls $(EXL2_WHEEL_DIR)/exllamav2-0.3.2-*.whl | head -1) $@.tmp
+	mv $@.tmp $@
+
+test: install $(EXL2_API)
 	@command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q iproute2 >/dev/null; } || \
 		echo "make test: no iproute2 (ip): the multi-host routing test will be skipped"
@@ -61,7 +73,7 @@ test: install
 		  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 		echo "make test: no /usr/bin/chromium (Debian's chromium): the console test will fail"
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	FERRY_TEST_EXLLAMAV2_PATH=$(CURDIR)/$(EXL2_API) $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5), treated as success"; exit 0; fi; exit $$rc
 
 # The bench extra only adds client and peer-server packages; it never touches the

@@ -5,12 +5,10 @@ Ferry's llguidance mask filter composed with exllamav2's real filter base class,
 the generator drives it (mask computed in a thread pool, logits masked, token fed) over a
 grammar compiled for SmolLM2's tokenizer.json.
 
-Needs the exllamav2 package, so it is skipped in CI (which has no GPU and does not install
-it). It runs on a CPU too with the 0.3.2 wheel unpacked on PYTHONPATH, not installed
-(``pip download --no-deps exllamav2==0.3.2``, unzip, ``PYTHONPATH=<dir> pytest
-tests/test_exllamav2_api.py``). Without CUDA, exllamav2 imports only with its compiled
-extension stubbed out, as its
-own CPU-side tests do; the check then runs in a subprocess so the stub stays there. Nothing
+Needs the exllamav2 package: installed (a GPU host), or the 0.3.2 wheel unpacked, not
+installed, at FERRY_TEST_EXLLAMAV2_PATH, which ``make test`` does on every machine. Without
+CUDA, exllamav2 imports only with its compiled extension stubbed out, as its own CPU-side
+tests do; the check runs in a subprocess so the stub and the path stay there. Nothing
 here loads a model or generates.
 """
 
@@ -18,16 +16,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+UNPACKED = os.environ.get("FERRY_TEST_EXLLAMAV2_PATH", "")
+
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("exllamav2") is None,
-    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host; on a CPU, put "
-           "the unpacked 0.3.2 wheel on PYTHONPATH)")
+    importlib.util.find_spec("exllamav2") is None and not Path(UNPACKED, "exllamav2").is_dir(),
+    reason="exllamav2 is not installed (pip install '.[gpu]' on a GPU host) and "
+           "FERRY_TEST_EXLLAMAV2_PATH names no unpacked 0.3.2 wheel (make test sets it)")
 
 CHECK = r"""
 import dataclasses, inspect, json, sys, types
@@ -125,8 +126,11 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def api():
     root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    if UNPACKED:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [UNPACKED, env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", CHECK], cwd=root, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
