@@ -58,10 +58,10 @@ run: install
 EXL2_WHEEL_DIR := $(WHEEL_CACHE)/exllamav2-0.3.2
 EXL2_API := $(VENV)/exllamav2-0.3.2
 
-$(EXL2_API):
+$(EXL2_API): | $(STAMP)
 	@ls $(EXL2_WHEEL_DIR)/exllamav2-0.3.2-*.whl >/dev/null 2>&1 || \
 		$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(EXL2_WHEEL_DIR) exllamav2==0.3.2
-	$(BIN)/python -m zipfile -e $$(ls $(EXL2_WHEEL_DIR)/exllamav2-0.3.2-*.whl | head -1) $@.tmp
+	rm -rf $@.tmp && $(BIN)/python -m zipfile -e $$(ls $(EXL2_WHEEL_DIR)/exllamav2-0.3.2-*.whl | head -1) $@.tmp
 	mv $@.tmp $@
 
 test: install $(EXL2_API)
