@@ -53,7 +53,8 @@ class ProcWatch:
     def __init__(self, pids: list[int], interval: float = 0.2,
                  cpu: dict[str, list[int]] | None = None, web: int = 1):
         self.pids, self.interval = pids, interval
-        self.cpu_groups = {"web": pids[:web], **(cpu or {})}
+        self.cpu_groups = {"web": pids[:web], **(cpu or {}),
+                           **({f"web{i}": [p] for i, p in enumerate(pids[:web])} if web > 1 else {})}
         self.peak_rss = {p: 0 for p in pids}
         self.peak_total = 0
         self._stop = threading.Event()
@@ -183,10 +184,13 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
         "tokens_per_s": tokens / wall, "wall_s": wall,
         "chunks_per_token": sum(r.chunks for r in results) / max(tokens, 1),
         **{f"{k}_us_per_token": 1e6 * v * wall / max(tokens, 1)
-           for k, v in {**watch.cpu_shares, "client": client_cpu}.items()},
+           for k, v in {**watch.cpu_shares, "client": client_cpu}.items()
+           if not k[3:].isdigit()},
         "web_rss_peak_mb": max(watch.peak_rss[p] for p in web_pids),
         "web_rss_total_peak_mb": watch.peak_total,
         "web_cpu_share": watch.cpu_share,
+        "web_cpu_share_each": [watch.cpu_shares[f"web{i}"] for i in range(len(web_pids))]
+        if len(web_pids) > 1 else [watch.cpu_share],
         "workers_cpu_share": watch.cpu_shares.get("workers"),
         "redis_cpu_share": watch.cpu_shares.get("redis"),
         "client_lag_p99_ms": ms(pct(lags, 99)), "client_lag_max_ms": ms(max(lags, default=0)),
@@ -222,7 +226,8 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
                   f"{row['web_us_per_token']:.0f}, workers {row['workers_us_per_token']:.0f}, "
                   f"redis {row['redis_us_per_token']:.0f}, client "
                   f"{row['client_us_per_token']:.0f}; chunks/token "
-                  f"{row['chunks_per_token']:.2f}", flush=True)
+                  f"{row['chunks_per_token']:.2f}; web CPU % each "
+                  f"{', '.join(f'{100 * c:.0f}' for c in row['web_cpu_share_each'])}", flush=True)
     print_table(f"Relay capacity: {web_workers} web process(es) (gunicorn + gevent); {workers} "
                 f"synthetic worker "
                 f"processes (Celery gevent pool, up to {per_worker} jobs each); {count} tokens per "

@@ -15,8 +15,9 @@ import requests
 
 from bench.stack import _GEVENT_WORKER
 from config.contract import events
-from tasks.jobs.shapes import ChatShape
+from tasks.jobs.shapes import ChatShape, CompletionShape
 from tests.services import Worker
+from web.generation import _data, _TextChunks
 
 WINDOW_MS = 1000
 
@@ -73,6 +74,20 @@ def test_coalesce_merges_a_choices_deltas_and_keeps_logprobs_aligned():
     # Through the wire format and back, and a web channel's message holds several jobs.
     routed = events.encode_routed([("a", events.encode(3, out[:2])), ("b", events.encode(0, out[2:3]))])
     assert events.decode_routed(routed) == [("a", 3, out[:2]), ("b", 0, out[2:3])]
+
+
+def test_text_chunks_from_the_template_are_the_shapes_own_bytes():
+    shapes = [ChatShape("chatcmpl-1", "m", 7), CompletionShape("cmpl-1", "m", 7)]
+    for shape in shapes:
+        for include_usage in (False, True):
+            texts = _TextChunks(shape, include_usage)
+            for index in (0, 2):
+                for text in ("t1 ", 'a"b\\c\n', "héllo ☃", "\u2028", "\x00ferry-text\x00"):
+                    ev = events.Delta(index, text)
+                    assert texts.get(ev) == _data(shape.chunk(index, ev), include_usage)
+    # Logprobs asked for: the shape builds every chunk itself.
+    assert _TextChunks(ChatShape("chatcmpl-1", "m", 7, logprobs=True), False).get(
+        events.Delta(0, "x")) is None
 
 
 def test_fast_tokens_come_in_fewer_chunks_with_the_same_text(scripted):
