@@ -16,8 +16,8 @@ The buffer's TTL is pushed forward on a job's first message, its last, and every
 between: not with every token.
 
 A drain that finds Redis unreachable or loading (restarted) is sent again, with back-off,
-for up to ``retry_s``: a script runs whole or not at all, so a retry never appends twice, and
-the job's buffer still ends with its terminal event once Redis is back.
+for up to ``retry_s``: a script runs whole or not at all, so a failed send leaves no half of
+a drain behind, and the job's buffer still ends with its terminal event once Redis is back.
 """
 
 from __future__ import annotations
