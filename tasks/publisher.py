@@ -79,6 +79,13 @@ class Publisher:
         self._any, self._now = threading.Event(), threading.Event()
         self._jobs: dict[str, _Job] = {}  # only the sending thread touches it
         self._script = redis.register_script(_SEND)
+        try:
+            # Loaded now, while nothing waits: a job's first events would otherwise pay the
+            # NOSCRIPT round trips (Redis forgets scripts when it restarts; redis-py then
+            # loads it again by itself).
+            self._script.sha = redis.script_load(_SEND)
+        except redis_lib.RedisError:
+            pass
         self._thread = threading.Thread(target=self._run, name="ferry-publisher", daemon=True)
         self._thread.start()
 
@@ -172,7 +179,9 @@ class Publisher:
                     return
                 log.warning("publishing events for %d jobs: %s; retrying", len(batches), e)
                 time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                # Capped low: the buffer should be written soon after Redis is back, before
+                # the runtime's end write (backing off to 2 s) makes watchers read it.
+                pause = min(pause * 2, 0.5)
             except Exception:
                 # The web side notices the gap (or the dead connection) and fails the request.
                 log.exception("could not publish events for %d jobs", len(batches))
