@@ -24,6 +24,7 @@ class StreamResult:
     sent: float                      # monotonic time the request was sent
     ttft: float | None = None        # seconds to the first non-empty text
     times: list[float] = field(default_factory=list)  # arrival of each non-empty text chunk
+    pieces: list[str] = field(default_factory=list)  # the text of each of those chunks
     text: str = ""
     chunks: int = 0                  # chunks that carried text
     usage_tokens: int | None = None  # completion_tokens, if the server reported usage
@@ -108,6 +109,7 @@ def _data(res: StreamResult, data: bytes) -> None:
             if res.ttft is None:
                 res.ttft = now - res.sent
             res.times.append(now)
+            res.pieces.append(text)
             res.text += text
             res.chunks += 1
         if choice.get("finish_reason"):

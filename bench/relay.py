@@ -7,16 +7,21 @@ pool runs one job per process, and a thread pool spent more CPU on the GIL than 
 process spent relaying). Every stream asks for ``count`` tokens at ``rate`` per second;
 streams open at ``open_rate`` per second.
 
-Reported per level: the inter-token gaps the clients see, over all streams from first token to
-last, and their p99 in excess of the nominal 1/rate (the "added" delay; an upper bound on what
-the relay adds, as it also holds the token source's and the client's own scheduling), the same
-while all streams are open at once ("steady"), streams that failed or came back incomplete
-(every stream must carry exactly the scripted tokens), and the web process's peak RSS and CPU.
-The client (asyncio + aiohttp, this process, not the web's) measures its own event-loop lag
-and CPU, so a client that cannot keep up shows as such. Goal at 500 streams: p99 added
-<= 50 ms, no errors, RSS <= 400 MB.
+Reported per level: the gaps between the chunks the clients see, over all streams from first
+token to last, and their p99 in excess of the nominal time of the tokens a chunk carries
+(k/rate for k tokens: a worker may coalesce a job's tokens into one chunk; the "added" delay,
+an upper bound on what the relay adds, as it also holds the token source's and the client's
+own scheduling), the same while all streams are open at once ("steady"), streams that failed
+or came back incomplete (every stream must carry exactly the scripted text), chunks per token,
+and the web processes' peak RSS and CPU. CPU is also given per token, in µs of CPU time of the
+web processes, the workers (the synthetic source's own pacing included) and Redis, with the
+client's (asyncio + aiohttp, this process, which also measures its own event-loop lag) beside:
+a client that cannot keep up shows as such. Goal at 500 streams: p99 added <= 50 ms, no
+errors, RSS <= 400 MB. The last line gives the most streams per web process that met p99
+added <= 50 ms with no errors.
 
     python -m bench.relay [--levels 100,500,1000] [--count 300] [--rate 20] [--open-rate 100]
+                          [--web-workers 1] [--coalesce-ms MS]
 """
 
 from __future__ import annotations
@@ -35,20 +40,21 @@ import numpy as np
 
 from bench.client import StreamResult, connector, stream
 from bench.common import CheckFailed, ms, pct, print_table, save
-from bench.stack import Stack, web_worker_pid
+from bench.stack import Stack
 
 GOAL_STREAMS, GOAL_ADDED_MS, GOAL_RSS_MB = 500, 50.0, 400.0
 TICK = 0.01  # the client's lag probe interval (s)
 
 
 class ProcWatch:
-    """Peak RSS of some processes, sampled from /proc; CPU time of the first one and of each
-    group in ``cpu`` (label: pids), as shares of one core."""
+    """Peak RSS of some processes, sampled from /proc; CPU time of the first ``web`` of them
+    and of each group in ``cpu`` (label: pids), as shares of one core."""
 
     def __init__(self, pids: list[int], interval: float = 0.2,
-                 cpu: dict[str, list[int]] | None = None):
+                 cpu: dict[str, list[int]] | None = None, web: int = 1):
         self.pids, self.interval = pids, interval
-        self.cpu_groups = {"web": pids[:1], **(cpu or {})}
+        self.cpu_groups = {"web": pids[:web], **(cpu or {}),
+                           **({f"web{i}": [p] for i, p in enumerate(pids[:web])} if web > 1 else {})}
         self.peak_rss = {p: 0 for p in pids}
         self.peak_total = 0
         self._stop = threading.Event()
@@ -93,6 +99,22 @@ def expected_text(count: int) -> str:
     return "".join(f"t{i} " for i in range(count))  # what models/synthetic.py emits
 
 
+def tokens_in(text: str) -> int:
+    return text.count(" ")  # each synthetic token ends with one
+
+
+def web_worker_pids(web, n: int) -> list[int]:
+    """The pids of the ``n`` gunicorn workers under the web master (the processes serving)."""
+    deadline = time.monotonic() + 20
+    path = Path(f"/proc/{web.proc.pid}/task/{web.proc.pid}/children")
+    while time.monotonic() < deadline:
+        children = [int(c) for c in path.read_text().split()]
+        if len(children) >= n:
+            return children[:n]
+        time.sleep(0.1)
+    raise RuntimeError(f"gunicorn has fewer than {n} worker processes")
+
+
 async def _lag_probe(lags: list[float], stop: asyncio.Event) -> None:
     while not stop.is_set():
         t = time.monotonic()
@@ -127,35 +149,48 @@ async def clients(url: str, n: int, count: int, rate: float,
 
 
 def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: float,
-                client_cpu: float, watch: ProcWatch, web_pid: int, count: int,
+                client_cpu: float, watch: ProcWatch, web_pids: list[int], count: int,
                 rate: float) -> dict:
     want = expected_text(count)
     errors = [r for r in results if r.error is not None]
-    incomplete = [r for r in results if r.error is None and (r.text != want or r.chunks != count)]
+    incomplete = [r for r in results if r.error is None and r.text != want]
     good = [r for r in results if r.error is None and r.text == want]
-    gaps = np.concatenate([np.diff(r.times) for r in good]) if good else np.array([])
     nominal = 1.0 / rate
+    gaps = np.concatenate([np.diff(r.times) for r in good]) if good else np.array([])
+    # Each gap less the nominal time of the tokens its chunk brought.
+    added = np.concatenate([np.diff(r.times) - nominal * np.array([tokens_in(p) for p in
+                                                                   r.pieces[1:]])
+                            for r in good]) if good else np.array([])
     # The window in which every stream was open: from the last first token to the first
     # last token (empty if the first streams ended before the last began).
     steady = np.array([])
     if good:
         lo, hi = max(r.times[0] for r in good), min(r.times[-1] for r in good)
         if hi > lo:
-            steady = np.concatenate([np.diff(t)[(t[1:] > lo) & (t[1:] <= hi)]
-                                     for t in (np.array(r.times) for r in good)])
+            steady = np.concatenate([
+            (np.diff(t) - nominal * np.array([tokens_in(p) for p in r.pieces[1:]]))
+            [(t[1:] > lo) & (t[1:] <= hi)] for r, t in ((r, np.array(r.times)) for r in good)])
+    tokens = sum(tokens_in(r.text) for r in results)
     return {
         "streams": n, "ok": len(good), "errors": len(errors), "incomplete": len(incomplete),
         "error_samples": sorted({r.error for r in errors})[:5],
         "gap_p50_ms": ms(pct(gaps, 50)), "gap_p99_ms": ms(pct(gaps, 99)),
         "gap_max_ms": ms(float(gaps.max())) if gaps.size else None,
-        "added_p99_ms": ms(pct(gaps, 99) - nominal) if gaps.size else None,
+        "added_p99_ms": ms(pct(added, 99)) if added.size else None,
         "steady_gaps": int(steady.size),
-        "steady_added_p99_ms": ms(pct(steady, 99) - nominal) if steady.size else None,
+        "steady_added_p99_ms": ms(pct(steady, 99)) if steady.size else None,
         "ttft_p50_ms": ms(pct([r.ttft for r in good], 50)),
         "ttft_p99_ms": ms(pct([r.ttft for r in good], 99)),
-        "tokens_per_s": sum(r.chunks for r in results) / wall, "wall_s": wall,
-        "web_rss_peak_mb": watch.peak_rss[web_pid], "web_rss_total_peak_mb": watch.peak_total,
+        "tokens_per_s": tokens / wall, "wall_s": wall,
+        "chunks_per_token": sum(r.chunks for r in results) / max(tokens, 1),
+        **{f"{k}_us_per_token": 1e6 * v * wall / max(tokens, 1)
+           for k, v in {**watch.cpu_shares, "client": client_cpu}.items()
+           if not k[3:].isdigit()},
+        "web_rss_peak_mb": max(watch.peak_rss[p] for p in web_pids),
+        "web_rss_total_peak_mb": watch.peak_total,
         "web_cpu_share": watch.cpu_share,
+        "web_cpu_share_each": [watch.cpu_shares[f"web{i}"] for i in range(len(web_pids))]
+        if len(web_pids) > 1 else [watch.cpu_share],
         "workers_cpu_share": watch.cpu_shares.get("workers"),
         "redis_cpu_share": watch.cpu_shares.get("redis"),
         "client_lag_p99_ms": ms(pct(lags, 99)), "client_lag_max_ms": ms(max(lags, default=0)),
@@ -164,7 +199,7 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
 
 
 def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 2,
-        open_rate: float = 100.0) -> dict:
+        open_rate: float = 100.0, web_workers: int = 1) -> dict:
     per_worker = math.ceil(max(levels) / workers) + 10
     rows = []
     with Stack("relay") as stack:
@@ -172,40 +207,56 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
         redis_pid = stack.services[-1].proc.pid
         worker_pids = [w.proc.pid for w in
                        stack.workers("synthetic", workers, "-c", str(per_worker), gevent=True)]
-        web = stack.web()
-        web_pid = web_worker_pid(web)
+        web = stack.web(FERRY_WEB_WORKERS=str(web_workers))
+        web_pids = web_worker_pids(web, web_workers)
         url = web.url + "/v1/chat/completions"
         asyncio.run(clients(url, 10, 5, rate, 0.1))  # warm up: connections, imports, pools
         for n in levels:
-            with ProcWatch([web_pid, web.proc.pid],
+            with ProcWatch([*web_pids, web.proc.pid], web=web_workers,
                            cpu={"workers": worker_pids, "redis": [redis_pid]}) as watch:
                 results, lags, wall, client_cpu = asyncio.run(
                     clients(url, n, count, rate, n / open_rate))
-            row = level_stats(n, results, lags, wall, client_cpu, watch, web_pid, count, rate)
+            row = level_stats(n, results, lags, wall, client_cpu, watch, web_pids, count, rate)
             rows.append(row)
             print(f"  {n:>5} streams: p99 added {row['added_p99_ms'] or 0:.1f} ms, errors "
                   f"{row['errors']}, incomplete {row['incomplete']}, web RSS "
                   f"{row['web_rss_total_peak_mb']:.0f} MB, CPU % web "
                   f"{100 * row['web_cpu_share']:.0f}, workers {100 * row['workers_cpu_share']:.0f}, "
-                  f"redis {100 * row['redis_cpu_share']:.0f}", flush=True)
-    print_table(f"Relay capacity: one web process (gunicorn + gevent); {workers} synthetic worker "
+                  f"redis {100 * row['redis_cpu_share']:.0f}; CPU µs/token web "
+                  f"{row['web_us_per_token']:.0f}, workers {row['workers_us_per_token']:.0f}, "
+                  f"redis {row['redis_us_per_token']:.0f}, client "
+                  f"{row['client_us_per_token']:.0f}; chunks/token "
+                  f"{row['chunks_per_token']:.2f}; web CPU % each "
+                  f"{', '.join(f'{100 * c:.0f}' for c in row['web_cpu_share_each'])}", flush=True)
+    print_table(f"Relay capacity: {web_workers} web process(es) (gunicorn + gevent); {workers} "
+                f"synthetic worker "
                 f"processes (Celery gevent pool, up to {per_worker} jobs each); {count} tokens per "
                 f"stream at {rate:g} tok/s (nominal gap {1000 / rate:.0f} ms); streams opened at "
                 f"{open_rate:g}/s. CPU % is of one core; {os.cpu_count()} cores in all",
                 ["streams", "ok", "errors", "incomplete", "gap p50 ms", "gap p99 ms",
                  "added p99 ms", "steady added p99", "TTFT p99 ms", "web RSS MB", "web CPU %",
-                 "workers CPU %", "redis CPU %", "client lag p99 ms", "client CPU %"],
+                 "workers CPU %", "redis CPU %", "client lag p99 ms", "client CPU %",
+                 "µs/token web", "workers", "redis", "client", "chunks/token"],
                 [[r["streams"], r["ok"], r["errors"], r["incomplete"], r["gap_p50_ms"],
                   r["gap_p99_ms"], r["added_p99_ms"], r["steady_added_p99_ms"], r["ttft_p99_ms"],
                   r["web_rss_total_peak_mb"], 100 * r["web_cpu_share"],
                   100 * r["workers_cpu_share"], 100 * r["redis_cpu_share"],
-                  r["client_lag_p99_ms"], 100 * r["client_cpu_share"]] for r in rows])
+                  r["client_lag_p99_ms"], 100 * r["client_cpu_share"], r["web_us_per_token"],
+                  r["workers_us_per_token"], r["redis_us_per_token"], r["client_us_per_token"],
+                  r["chunks_per_token"]] for r in rows])
+    carried = [r["streams"] for r in rows if r["errors"] == 0 and r["incomplete"] == 0
+               and r["added_p99_ms"] is not None and r["added_p99_ms"] <= GOAL_ADDED_MS]
+    per_web = max(carried) / web_workers if carried else 0
+    print(f"streams per web process at p99 added <= {GOAL_ADDED_MS:g} ms: "
+          f"{'at least ' if carried and max(carried) == max(levels) else ''}{per_web:g} "
+          f"(of the levels run)")
     at = next((r for r in rows if r["streams"] == GOAL_STREAMS), None)
     met = at is not None and at["errors"] == 0 and at["incomplete"] == 0 and \
         at["added_p99_ms"] is not None and at["added_p99_ms"] <= GOAL_ADDED_MS and \
         at["web_rss_total_peak_mb"] <= GOAL_RSS_MB
     data = {"count": count, "rate": rate, "open_rate": open_rate, "synthetic_workers": workers,
-            "synthetic_pool": f"gevent, {per_worker} jobs per process", "web_processes": 1,
+            "synthetic_pool": f"gevent, {per_worker} jobs per process",
+            "web_processes": web_workers, "streams_per_web_process": per_web,
             "rows": rows,
             "goal": {"streams": GOAL_STREAMS, "added_p99_ms": GOAL_ADDED_MS,
                      "rss_mb": GOAL_RSS_MB, "errors": 0},
@@ -223,8 +274,14 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=20.0, help="tokens per second per stream")
     p.add_argument("--workers", type=int, default=2, help="synthetic worker processes")
     p.add_argument("--open-rate", type=float, default=100.0, help="new streams per second")
+    p.add_argument("--web-workers", type=int, default=1, help="web processes (FERRY_WEB_WORKERS)")
+    p.add_argument("--coalesce-ms", type=float, default=None,
+                   help="the workers' FERRY_STREAM_COALESCE_MS (default: the setting's)")
     a = p.parse_args()
-    run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate)
+    if a.coalesce_ms is not None:
+        os.environ["FERRY_STREAM_COALESCE_MS"] = str(a.coalesce_ms)  # inherited by the workers
+    run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate,
+        a.web_workers)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ class Stack:
         return started
 
     def web(self, **env: str) -> Web:
-        web = self._add(Web(self.redis_url, self.log_dir, **ENV, FERRY_WEB_WORKERS="1", **env))
+        web = self._add(Web(self.redis_url, self.log_dir, **{**ENV, "FERRY_WEB_WORKERS": "1", **env}))
         web.start()
         return web
 

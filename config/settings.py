@@ -186,6 +186,14 @@ class Settings(BaseSettings):
     # ...and capped at this many entries (one per published batch of events) per job, so one
     # huge job cannot fill Redis; a longer job's earliest events can no longer be replayed.
     job_events_max: int = Field(default=10000, ge=16)
+    # A worker holds a streaming job's tokens after its first for up to this many ms and
+    # sends them as one delta, with whatever other jobs have by then, in one round trip: a
+    # message per token cost more CPU (web, worker, Redis) than the token's text; a few ms
+    # is below what a reader of a stream can see. 0: send as fast as Redis takes them.
+    stream_coalesce_ms: float = Field(default=5.0, ge=0, le=1000)
+    # ...or until one job holds this many tokens (vLLM's stream_interval), so a fast model's
+    # chunks stay small enough to look like streaming.
+    stream_coalesce_tokens: int = Field(default=16, ge=1)
     # Largest result kept in a job's record (bytes of JSON): a long chat answer is tens of KB,
     # a 2,048-input embedding result megabytes, and a record lives a day. A bigger result is
     # answered in full to its synchronous client and left out of the record (it says so).

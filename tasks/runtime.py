@@ -55,7 +55,9 @@ class Runtime:
         self.jobs = JobStore(self.redis, settings, on_end=webhooks.notifier(settings))
         self.publisher = Publisher(self.redis, log_max=settings.job_events_max,
                                    log_ttl_ms=self.jobs.events_ttl_ms,
-                                   retry_s=settings.redis_retry_seconds)
+                                   retry_s=settings.redis_retry_seconds,
+                                   window_s=settings.stream_coalesce_ms / 1000,
+                                   window_tokens=settings.stream_coalesce_tokens)
         self.batcher = self._batcher() if isinstance(self.backend, EmbeddingBackend) else None
         slots = type(self.backend).worker_pool(entry)[1]
         self.served = Served(self.redis, entry.queue, name, slots, ttl=settings.affinity_ttl,
@@ -179,12 +181,12 @@ class Runtime:
                     # (tasks/routing.py).
                     self._served(job, outcome)
                     loaded = False
-                self.publisher.put(job.id, event)
+                self.publisher.put(job.id, event, job.reply_to)
         except FerryError as e:
-            self._fail(job.id, e)
+            self._fail(job, e)
         except Exception:
             log.exception("job %s failed", job.id)
-            self._fail(job.id, GenerationFailed("The model failed on this request."))
+            self._fail(job, GenerationFailed("The model failed on this request."))
         finally:
             log.info("finished job=%s cancelled=%s usage=%s seconds=%.3f", job.id,
                      outcome.cancelled, outcome.usage, time.monotonic() - started)
@@ -281,9 +283,9 @@ class Runtime:
         except redis_lib.RedisError:
             pass  # the web sweeps stale entries
 
-    def _fail(self, job_id: str, err: FerryError) -> None:
-        self._finish(job_id, "failed", error=err.to_dict())
-        self.publisher.put(job_id, failed(err))
+    def _fail(self, job, err: FerryError) -> None:
+        self._finish(job.id, "failed", error=err.to_dict())
+        self.publisher.put(job.id, failed(err), job.reply_to)
 
     def _retrying(self, what: str, write):
         """``write()``, again with back-off while Redis is down or loading its data, for up to

@@ -7,13 +7,19 @@ and one ``Finish`` per choice, then exactly one terminal event: ``Done`` (with u
 nothing follows it.
 
 On the wire a message is a batch: ``{"s": <seq of the first event>, "e": [event, ...]}``;
-sequence numbers let the reader detect a gap (a lost message) instead of guessing.
+sequence numbers let the reader detect a gap (a lost message) instead of guessing. A web
+process's own channel carries several jobs' batches in one message, each with its job id:
+``[{"j": <job id>, "s": ..., "e": [...]}, ...]`` (``encode_routed``), so one PUBLISH and one
+read serve every stream of that process a worker had events for.
+
+A worker may ``coalesce`` a job's consecutive deltas into one before numbering them: the
+text, token counts and logprobs of the merged delta are those of its parts, in order.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, Union
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -148,13 +154,63 @@ RESULTS = (Done, Embedded, EmbeddedParts)
 TERMINAL = (*RESULTS, Failed)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(first_seq: int, events: list[Event]) -> str:
-    return json.dumps({"s": first_seq, "e": [asdict(e) for e in events]}, separators=(",", ":"))
+    # An event's __dict__ is its fields (their values are plain JSON already): asdict's
+    # recursive deep copy cost more than the JSON itself.
+    return _ENCODER.encode({"s": first_seq, "e": [vars(e) for e in events]})
+
+
+def encode_routed(messages: list[tuple[str, str]]) -> str:
+    """One message for a web process's channel: ``(job id, encode(...))`` pairs, spliced
+    (each batch is encoded once, for the job's replay buffer and for this)."""
+    return "[" + ",".join('{"j":' + _ENCODER.encode(job_id) + "," + message[1:]
+                          for job_id, message in messages) + "]"
+
+
+def _events(raw: list[dict]) -> list[Event]:
+    return [_TYPES[e["t"]](**e) for e in raw]
 
 
 def decode(data: str | bytes) -> tuple[int, list[Event]]:
     msg = json.loads(data)
-    return msg["s"], [_TYPES[e["t"]](**e) for e in msg["e"]]
+    return msg["s"], _events(msg["e"])
+
+
+def decode_routed(data: str | bytes) -> list[tuple[str, int, list[Event]]]:
+    return [(m["j"], m["s"], _events(m["e"])) for m in json.loads(data)]
+
+
+def _merge(a: Event, b: Event) -> Event | None:
+    """``a`` and ``b`` as one event, or None if they cannot be one."""
+    if type(a) is not type(b) or a.index != b.index:
+        return None
+    if isinstance(a, Delta):
+        if a.prompt != b.prompt or (a.logprobs is None) != (b.logprobs is None):
+            return None
+        return Delta(a.index, a.text + b.text, a.tokens + b.tokens,
+                     None if a.logprobs is None else a.logprobs + b.logprobs, a.prompt)
+    if isinstance(a, ToolCallDelta):
+        if a.call != b.call or b.id is not None or b.name is not None:
+            return None
+        return ToolCallDelta(a.index, a.call, a.arguments + b.arguments, a.id, a.name,
+                             a.tokens + b.tokens)
+    return None
+
+
+def coalesce(evs: list[Event]) -> list[Event]:
+    """Consecutive deltas of one choice (text, or one tool call's argument fragments)
+    merged into one; every other event kept as it is, in order."""
+    out: list[Event] = []
+    for ev in evs:
+        merged = _merge(out[-1], ev) if out and isinstance(ev, (Delta, ToolCallDelta)) else None
+        if merged is None:
+            out.append(ev)
+        else:
+            out[-1] = merged
+    return out
 
 
 def failed(err) -> Failed:

@@ -67,6 +67,9 @@ class GenerationJob(BaseModel):
 
     id: str
     model: str
+    # The web process's channel for its events (``protocol.reply_channel``); None: only the
+    # job's own channel (nobody waits for it synchronously).
+    reply_to: str | None = None
     # As chat templates expect them: ``content`` a string, or a list of OpenAI content parts
     # when it holds images; assistant ``tool_calls`` with ``function.arguments`` already
     # parsed into objects; ``tool`` messages with ``tool_call_id``.
@@ -108,6 +111,9 @@ class EmbeddingJob(BaseModel):
 
     id: str
     model: str
+    # The web process's channel for its events (``protocol.reply_channel``); None: only the
+    # job's own channel (nobody waits for it synchronously).
+    reply_to: str | None = None
     input: list[str | list[int]] = Field(min_length=1)
     # Shorten the vectors to this many components (re-normalised); None: the model's size.
     dimensions: int | None = None
@@ -135,6 +141,9 @@ class EmbeddingPartsJob(BaseModel):
 
     id: str
     model: str
+    # The web process's channel for its events (``protocol.reply_channel``); None: only the
+    # job's own channel (nobody waits for it synchronously).
+    reply_to: str | None = None
     parts: list[EmbeddingPart] = Field(min_length=1)
     deadline: float | None = None
     bulk: bool = True

@@ -1,7 +1,8 @@
 """The Redis names shared by workers and the web process.
 
 Delivery: job events go over pub/sub, which keeps no backlog. A subscriber must be
-subscribed *before* the job can start, so the web subscribes first, then enqueues.
+subscribed *before* the job can start, so the web subscribes first (its process's reply
+channel, once), then enqueues.
 Cancels are both published (for running jobs) and left as a key (for jobs not yet started).
 Worker liveness is a sorted set per queue: member = worker name, score = the Unix time (ms)
 until which the worker is presumed alive; workers push it forward every heartbeat.
@@ -20,7 +21,17 @@ CANCEL_TTL = 600
 
 
 def events_channel(job_id: str) -> str:
+    """A job's own channel, for its watchers (``/v1/jobs/{id}/events``, background responses)."""
     return f"ferry:ev:{job_id}"
+
+
+def reply_channel(process_id: str) -> str:
+    """One web process's channel, subscribed once when it starts: a job submitted by it names
+    this channel (``reply_to``), and its events come there too, with its id. A new stream
+    then costs no SUBSCRIBE and no wait for Redis to confirm one (a burst of a thousand
+    SUBSCRIBEs queued behind the tokens of the open streams timed out), and a worker sends
+    one message per web process for all the jobs it has events for."""
+    return f"ferry:reply:{process_id}"
 
 
 def cancel_key(job_id: str) -> str:

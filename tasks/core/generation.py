@@ -91,7 +91,8 @@ def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
     model's). The checks and the record are one Redis round trip (``JobStore.create``), the
     choice of queue another."""
     entry, tenant, bulk = prepared.entry, caller.tenant, caller.bulk
-    job = prepared.job.model_copy(update={"deadline": deadline})
+    reply_to = subscription.channel if subscription is not None else None
+    job = prepared.job.model_copy(update={"deadline": deadline, "reply_to": reply_to})
     try:
         # Batch lines are paced by the batch worker (chunks x lines in flight) and queue
         # behind interactive work; the in-flight limit protects interactive clients.
@@ -100,7 +101,8 @@ def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
             queue=entry.queue, spec=prepared.spec, deadline=deadline, owner=tenant.owner,
             webhook=webhook, in_flight=None if bulk else limits.in_flight(ferry.settings, entry),
             owner_in_flight=None if bulk else limits.owner_in_flight(ferry.settings, tenant),
-            live_workers=workers_key(entry.queue) if live else None, bulk=bulk)
+            live_workers=workers_key(entry.queue) if live else None, bulk=bulk,
+            reply_to=reply_to)
     except Refused as e:
         raise limits.refusal(entry, e, tenant) from None
     except redis_lib.RedisError as e:

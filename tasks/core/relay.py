@@ -2,8 +2,10 @@
 
 One pub/sub connection per web process, read by one greenlet, dispatches to per-request
 queues: the number of Redis connections does not grow with the number of open streams.
-Several listeners may follow one job (its synchronous client and watchers of
-``/v1/jobs/{id}/events``); the channel is subscribed while any of them is open.
+The synchronous requests' jobs all publish on the process's own reply channel
+(``protocol.reply_channel``, subscribed once; each message holds the events of several jobs,
+by job id), so opening a stream sends Redis nothing. Watchers of ``/v1/jobs/{id}/events``
+subscribe to the job's own channel while any of them is open.
 
 Guarantees to a ``Subscription`` reader: the subscription is confirmed by Redis before
 ``subscribe`` returns (so the job may be enqueued safely: pub/sub drops what is published
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import gevent
 import gevent.event
@@ -30,7 +33,7 @@ from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.store import JobStore
 from config.contract import events
-from config.contract.protocol import events_channel, workers_key
+from config.contract.protocol import events_channel, reply_channel, workers_key
 from tasks.core.timing import Timing
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,11 @@ class _Listener:
     # Whether the watchdog fails it when its worker dies or it waits too long.
     watched = False
 
-    def __init__(self, relay: "Relay", job_id: str):
+    def __init__(self, relay: "Relay", job_id: str, channel: str, key: str):
         self.relay, self.job_id = relay, job_id
-        self.channel = events_channel(job_id)
+        # The channel its events come on, and its key among the relay's listeners: the
+        # channel for a tap, the job id for a subscription (on the shared reply channel).
+        self.channel, self.key = channel, key
         self.confirmed = gevent.event.Event()
         self.finished = False
         self._q: gevent.queue.Queue = gevent.queue.Queue()
@@ -56,6 +61,8 @@ class _Listener:
     def next(self, timeout: float | None = None):
         """The next item, or None if none arrived within ``timeout``."""
         try:
+            if self._q.qsize():
+                return self._q.get_nowait()  # no timer to arm and cancel
             return self._q.get(timeout=timeout)
         except gevent.queue.Empty:
             return None
@@ -95,7 +102,7 @@ class Subscription(_Listener):
     watched = True
 
     def __init__(self, relay: "Relay", job_id: str, queue: str, model: str = ""):
-        super().__init__(relay, job_id)
+        super().__init__(relay, job_id, relay.channel, job_id)
         self.queue = queue
         self.created = time.monotonic()
         self.worker: str | None = None
@@ -162,7 +169,12 @@ class Subscription(_Listener):
 class Relay:
     def __init__(self, settings: Settings, redis: redis_lib.Redis, jobs: JobStore):
         self.settings, self.redis, self.jobs = settings, redis, jobs
+        # Listeners by key (``_Listener.key``).
         self._subs: dict[str, list[_Listener]] = {}
+        # Named on first use: after gunicorn forked this process from its master.
+        self._channel: str | None = None
+        # Set while Redis has confirmed the reply channel's subscription on this connection.
+        self._ready = gevent.event.Event()
         self._pubsub = None
         self._reader = None
         self._watchdog = None
@@ -181,7 +193,15 @@ class Relay:
         return self._add(Subscription(self, job_id, queue, model), wait)
 
     def tap(self, job_id: str) -> Tap:
-        return self._add(Tap(self, job_id))
+        channel = events_channel(job_id)
+        return self._add(Tap(self, job_id, channel, channel))
+
+    @property
+    def channel(self) -> str:
+        """This process's reply channel: the ``reply_to`` of the jobs it submits."""
+        if self._channel is None:
+            self._channel = reply_channel(uuid.uuid4().hex)
+        return self._channel
 
     @property
     def open_streams(self) -> int:
@@ -191,9 +211,9 @@ class Relay:
 
     def _ensure_running(self) -> None:
         if self._pubsub is None:
+            self._ready.clear()
             self._pubsub = self.redis.pubsub()
-            # Subscribe once to something so that the reader has a connection to block on.
-            self._pubsub.subscribe("ferry:relay")
+            self._pubsub.subscribe(self.channel)
             self._pubsub.connection.register_connect_callback(self._reconnected)
         if self._reader is None or self._reader.dead:
             self._reader = gevent.spawn(self._read_loop)
@@ -201,11 +221,14 @@ class Relay:
             self._watchdog = gevent.spawn(self._watch_loop)
 
     def _add(self, listener, wait: bool = True):
-        subs = self._subs.setdefault(listener.channel, [])
+        subs = self._subs.setdefault(listener.key, [])
         subs.append(listener)
         try:
             self._ensure_running()
-            if len(subs) == 1:
+            if listener.channel == self.channel:
+                if self._ready.is_set():
+                    listener.confirmed.set()  # else the reader sets it, once Redis confirms
+            elif len(subs) == 1:
                 self._pubsub.subscribe(listener.channel)
             elif any(s.confirmed.is_set() for s in subs):
                 listener.confirmed.set()  # the channel is subscribed already
@@ -217,14 +240,14 @@ class Relay:
         return listener
 
     def _remove(self, listener: _Listener) -> None:
-        subs = self._subs.get(listener.channel)
+        subs = self._subs.get(listener.key)
         if subs is None or listener not in subs:
             return
         subs.remove(listener)
         if subs:
             return
-        del self._subs[listener.channel]
-        if self._pubsub is not None:
+        del self._subs[listener.key]
+        if self._pubsub is not None and listener.channel != self.channel:
             try:
                 self._pubsub.unsubscribe(listener.channel)
             except redis_lib.RedisError:
@@ -237,7 +260,14 @@ class Relay:
                 msg = pubsub.get_message(timeout=1.0)
                 if msg is None:
                     continue
-                subs = self._subs.get(msg["channel"].decode())
+                channel = msg["channel"].decode()
+                if channel == self.channel:
+                    if msg["type"] == "message":
+                        self._dispatch_routed(msg["data"])
+                    elif msg["type"] == "subscribe":
+                        self._confirm_replies()
+                    continue
+                subs = self._subs.get(channel)
                 if not subs:
                     continue
                 if msg["type"] == "subscribe":
@@ -248,6 +278,7 @@ class Relay:
         except (redis_lib.RedisError, OSError) as e:
             log.warning("relay lost Redis (%s); failing %d open streams", e, len(self._subs))
             self._pubsub = None
+            self._ready.clear()
             for sub in [s for subs in self._subs.values() for s in subs]:
                 sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
             try:
@@ -265,11 +296,34 @@ class Relay:
         before the drop therefore fails now, as when the relay loses Redis for good; one
         still waiting for its confirmation gets it on the new connection. Called on the
         reader's greenlet (or a subscriber's) inside redis-py: no Redis call here."""
+        self._ready.clear()  # until Redis confirms the channel again on the new connection
         dropped = [s for subs in self._subs.values() for s in subs if s.confirmed.is_set()]
         if dropped:
             log.warning("relay reconnected to Redis; failing %d open streams", len(dropped))
         for sub in dropped:
             sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
+
+    def _confirm_replies(self) -> None:
+        self._ready.set()
+        for subs in list(self._subs.values()):
+            for sub in subs:
+                if sub.channel == self.channel:
+                    sub.confirmed.set()
+
+    def _dispatch_routed(self, data: bytes) -> None:
+        """A message on the reply channel: batches of several jobs, each to its listeners."""
+        try:
+            batches = events.decode_routed(data)
+        except (ValueError, KeyError, TypeError):
+            # Whose events were lost is unknown: every stream on the channel may miss some.
+            for subs in list(self._subs.values()):
+                for sub in list(subs):
+                    if sub.channel == self.channel:
+                        sub._fail(ServiceUnavailable("A worker sent an unreadable event."))
+            return
+        for job_id, first, evs in batches:
+            for sub in tuple(self._subs.get(job_id, ())):
+                sub._deliver(first, evs)
 
     @staticmethod
     def _dispatch(subs: list[_Listener], data: bytes) -> None:

@@ -37,8 +37,9 @@ class Timing:
         now = time.monotonic()
         if self.last is None:
             TTFT.labels(self.model).observe(now - self.start)
+            self._itl = ITL.labels(self.model)  # once: labels() cost as much as observe()
         else:
-            ITL.labels(self.model).observe(now - self.last)
+            self._itl.observe(now - self.last)
         self.last = now
 
     def done(self, usage: events.Done) -> None:

@@ -130,7 +130,7 @@ return 1
 """
 
 # Ends a job nobody else will report on. KEYS: job, index (pending or running), events log,
-# channel. ARGV: from status, to status, now, error json or '', terminal event json, stream
+# channel (and the web process's reply channel the job names, if any). ARGV: from status, to status, now, error json or '', terminal event json, stream
 # max length, stream ttl (ms), job id, worker ('' = any).
 _END = """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
@@ -150,6 +150,10 @@ local out = '{"s":' .. seq .. ',"e":[' .. ARGV[5] .. ']}'
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'm', out)
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PUBLISH', KEYS[4], out)
+local reply = redis.call('HGET', KEYS[1], 'reply_to')
+if reply then
+  redis.call('PUBLISH', reply, '[{"j":' .. cjson.encode(ARGV[8]) .. ',' .. string.sub(out, 2) .. ']')
+end
 return 1
 """
 # The queued jobs of a lane created before ARGV[1] whose Celery message is not in the lane's
@@ -268,18 +272,22 @@ class JobStore:
     def create(self, *, job_id: str, endpoint: str, model: str, queue: str, spec: ResponseSpec,
                deadline: float, owner: str, webhook: str | None = None,
                in_flight: InFlight | None = None, owner_in_flight: InFlight | None = None,
-               live_workers: str | None = None, bulk: bool = False) -> JobRecord:
+               live_workers: str | None = None, bulk: bool = False,
+               reply_to: str | None = None) -> JobRecord:
         """Record a queued job of ``owner``. ``in_flight``: count it against the model's
         in-flight limit (``Refused("full")`` at the limit); ``owner_in_flight``: against its
         owner's (``Refused("owner_full")``); ``live_workers``: the model's heartbeat set,
         ``Refused("no_worker")`` if no worker in it is live; ``bulk``: its lane (see the
-        module docstring). One round trip in all."""
+        module docstring); ``reply_to``: the web process's channel its events also go to
+        (where an end reported here goes too). One round trip in all."""
         now = time.time()
         record = JobRecord(id=job_id, endpoint=endpoint, model=model, queue=queue,
                            status="queued", spec=spec, created=now, deadline=deadline,
                            retained_until=now + self.settings.job_ttl, webhook=webhook,
                            owner=owner)
         fields = [x for kv in record.to_hash().items() for x in kv]
+        if reply_to:
+            fields += ["reply_to", reply_to]
         unused = job_key(job_id)
         found = self._create(
             keys=[job_key(job_id), PENDING_JOBS, in_flight.key if in_flight else unused,
