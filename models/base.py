@@ -91,6 +91,8 @@ class Backend(BaseBackend):
     supports_constraints: ClassVar[bool] = False
     # ``sampling.logit_bias``.
     supports_logit_bias: ClassVar[bool] = False
+    # ``sampling.top_k``.
+    supports_top_k: ClassVar[bool] = False
     # ``job.echo``: each choice opens with the prompt (a ``Delta`` with ``prompt=True``).
     supports_echo: ClassVar[bool] = False
     # Fill-in-the-middle (``job.suffix``). Depends on the model's vocabulary, so a backend
@@ -106,6 +108,8 @@ class Backend(BaseBackend):
         if job.sampling.logit_bias and not self.supports_logit_bias:
             raise Unsupported(f"The model '{name}' does not support logit_bias.",
                               param="logit_bias")
+        if job.sampling.top_k and not self.supports_top_k:
+            raise Unsupported(f"The model '{name}' does not support top_k.", param="top_k")
         if not self.supports_constraints:
             if job.response_format is not None:
                 raise Unsupported(f"The model '{name}' cannot constrain its output to JSON.",
@@ -126,6 +130,11 @@ class Backend(BaseBackend):
 
     @abstractmethod
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]: ...
+
+    def count_prompt(self, job: GenerationJob) -> int:
+        """The prompt tokens ``generate`` would report for ``job`` (``job.count_only``)."""
+        raise Unsupported(f"The model '{job.model}' cannot count prompt tokens.",
+                          param="model")
 
 
 def by_length(token_lists: Sequence[list[int]], batch_size: int, dimensions: int,

@@ -68,6 +68,7 @@ class LlamaCppBackend(Backend):
     supports_logprobs = True
     supports_constraints = True
     supports_logit_bias = True
+    supports_top_k = True
     supports_echo = True
 
     @classmethod
@@ -129,6 +130,9 @@ class LlamaCppBackend(Backend):
             raise InvalidRequest("The prompt is empty.",
                                  param="messages" if job.messages is not None else "prompt")
         return tokens
+
+    def count_prompt(self, job: GenerationJob) -> int:
+        return len(self.prompt_tokens(job))
 
     def _chat_tokens(self, job: GenerationJob) -> list[int]:
         if not self.template:

@@ -25,10 +25,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.register(app)
     logs.register(app)
     from web import (batches, chat, completions, embeddings, files, health, jobs as jobs_api,
-                     models, openapi, responses)
+                     messages, models, openapi, responses)
 
-    for module in (chat, completions, embeddings, responses, files, batches, jobs_api, models,
-                   health, metrics, openapi):
+    for module in (chat, completions, embeddings, responses, messages, files, batches, jobs_api,
+                   models, health, metrics, openapi):
         app.register_blueprint(module.bp)
     janitor.start(ferry)
     return app

@@ -18,6 +18,9 @@ class Sampling(BaseModel):
 
     temperature: float = 1.0
     top_p: float = 1.0
+    # Only the k most likely tokens are drawn from; 0: all (OpenAI has no top_k; Anthropic's
+    # Messages API does). Backends without it refuse a non-zero value (``supports_top_k``).
+    top_k: int = 0
     seed: int | None = None
     # OpenAI's penalties: over the tokens generated so far (not the prompt), subtracted from
     # the logits once per occurrence (frequency) or once per distinct token (presence).
@@ -94,6 +97,10 @@ class GenerationJob(BaseModel):
     tool_choice: ToolChoice = "auto"
     # Unix time after which nobody waits for this job any more.
     deadline: float | None = None
+    # Only count the prompt's tokens (rendered and tokenized exactly as for generating):
+    # ``Started`` then ``Done`` with ``completion_tokens`` 0, nothing generated. Anthropic's
+    # ``/v1/messages/count_tokens``; only the worker holds the model's template and tokenizer.
+    count_only: bool = False
 
     @property
     def calls_tools(self) -> bool:

@@ -199,6 +199,9 @@ class ExLlamaV2Backend(Backend):
 
     # --- generating -------------------------------------------------------------------------
 
+    def count_prompt(self, job: GenerationJob) -> int:
+        return len(self.prompt(job)[0])
+
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
         grammar = grammar_for(constraints.for_job(job, self.tool_format))
         prompt, embeddings = self.prompt(job)

@@ -1,0 +1,383 @@
+"""/v1/messages (Anthropic's Messages API) through the official ``anthropic`` client: create,
+the stream's event sequence and the SDK's stream helpers, stop reasons, usage, every error
+type's shape, x-api-key auth and tenants, and count_tokens. The synthetic worker scripts
+replies (its last message is the script); SmolLM2 proves the real path (template, tool
+grammar, prefix reuse, top_k, token counts)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anthropic
+import pytest
+import requests
+
+from tests.services import Web
+
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+         "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def script(*tokens: str, **extra) -> str:
+    return json.dumps({"tokens": list(tokens), **extra})
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture
+def claude(web) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=web.url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def scripted(claude, synthetic_worker):
+    return claude
+
+
+@pytest.fixture
+def smol(claude, smollm2_worker):
+    return claude
+
+
+def test_create(scripted):
+    r = scripted.messages.create(model="synthetic", max_tokens=10, system="Be brief.",
+                                 messages=user(script("Hel", "lo", prompt_tokens=7)),
+                                 metadata={"user_id": "u-1"},
+                                 # Not in this SDK's signature any more; the API takes them.
+                                 extra_body={"temperature": 0.5, "top_p": 0.9})
+    assert r.id.startswith("msg_") and r.type == "message" and r.role == "assistant"
+    assert r.model == "synthetic" and r.content[0].type == "text"
+    assert [b.text for b in r.content] == ["Hello"]
+    assert r.stop_reason == "end_turn" and r.stop_sequence is None
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (7, 2)
+    assert (r.usage.cache_read_input_tokens, r.usage.cache_creation_input_tokens) == (0, 0)
+    assert r._request_id == r.id
+
+
+def test_block_content_and_system_blocks(scripted):
+    r = scripted.messages.create(model="synthetic", max_tokens=10,
+                                 system=[{"type": "text", "text": "Be brief.",
+                                          "cache_control": {"type": "ephemeral"}}],
+                                 messages=[{"role": "user", "content": "first"},
+                                           {"role": "assistant", "content": [
+                                               {"type": "text", "text": "ok"}]},
+                                           {"role": "user", "content": [
+                                               {"type": "text", "text": script("a", "b")}]}])
+    assert r.content[0].text == "ab"
+
+
+def test_max_tokens_and_stop_sequence(scripted):
+    r = scripted.messages.create(model="synthetic", max_tokens=2,
+                                 messages=user(script("a", "b", "c")))
+    assert r.stop_reason == "max_tokens" and r.content[0].text == "ab"
+    r = scripted.messages.create(model="synthetic", max_tokens=10, stop_sequences=["S", "T"],
+                                 messages=user(script("a", "b", "T", "c")))
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == "T"
+    assert r.content[0].text == "ab"
+
+
+STREAM = ["message_start", "ping", "content_block_start", "content_block_delta",
+          "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+
+
+def test_stream_event_sequence(scripted, web):
+    body = dict(model="synthetic", max_tokens=10, messages=user(script("Hel", "lo",
+                                                                       prompt_tokens=5)))
+    # The client skips pings; the wire has one after message_start.
+    evs = list(scripted.messages.create(**body, stream=True))
+    assert [e.type for e in evs] == [k for k in STREAM if k != "ping"]
+    start = evs[0].message
+    assert start.id.startswith("msg_") and start.content == [] and start.usage.input_tokens == 5
+    assert evs[1].index == 0 and evs[1].content_block.type == "text"
+    assert [e.delta.text for e in evs[2:4]] == ["Hel", "lo"]
+    assert evs[5].delta.stop_reason == "end_turn" and evs[5].usage.output_tokens == 2
+    wire = sse(raw(web, {**body, "stream": True}).text)
+    assert [name for name, _ in wire] == STREAM
+    assert all(name == data["type"] for name, data in wire)
+
+
+def test_stream_helpers(scripted):
+    body = dict(model="synthetic", max_tokens=10, messages=user(script("Hel", "lo")))
+    with scripted.messages.stream(**body) as stream:
+        assert "".join(stream.text_stream) == "Hello"
+        final = stream.get_final_message()
+    created = scripted.messages.create(**body)
+    assert final.content[0].text == "Hello" and final.stop_reason == "end_turn"
+    assert final.usage == created.usage
+
+
+def raw(web, body: dict, headers: dict | None = None) -> requests.Response:
+    return requests.post(web.url + "/v1/messages", json=body, headers=headers, timeout=30)
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for chunk in text.strip().split("\n\n"):
+        name, data = chunk.split("\n")
+        out.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+def test_a_failure_mid_stream_is_an_error_event(scripted, web):
+    r = raw(web, {"model": "synthetic", "max_tokens": 10, "stream": True,
+                  "messages": user(script("a", fail="boom"))})
+    evs = sse(r.text)
+    assert r.status_code == 200 and evs[0][0] == "message_start"
+    name, data = evs[-1]
+    assert name == "error" and data["type"] == "error"
+    assert data["error"]["type"] == "api_error" and "boom" in data["error"]["message"]
+    with pytest.raises(anthropic.InternalServerError) as e:
+        scripted.messages.create(model="synthetic", max_tokens=10,
+                                 messages=user(script("a", fail="boom")))
+    assert e.value.body["error"]["type"] == "api_error"
+
+
+def test_a_client_that_leaves_mid_stream_cancels_the_job(scripted, web):
+    stream = scripted.messages.create(model="synthetic", max_tokens=1000, stream=True,
+                                      messages=user(json.dumps({"count": 1000, "rate": 50})))
+    first = [next(iter(stream)) for _ in range(4)]
+    stream.close()
+    message_id = first[0].message.id
+    deadline = time.monotonic() + 20
+    while True:
+        job = requests.get(f"{web.url}/v1/jobs/{message_id}", timeout=5).json()
+        if job["status"] != "in_progress" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert job["status"] == "cancelled"
+
+
+def expect(web, body, status: int, kind: str, words: str = "", headers=None) -> dict:
+    r = raw(web, body, headers)
+    assert r.status_code == status, r.text
+    got = r.json()
+    assert set(got) == {"type", "error", "request_id"} and got["type"] == "error"
+    assert set(got["error"]) == {"type", "message"} and got["error"]["type"] == kind
+    assert words in got["error"]["message"], got
+    assert r.headers["request-id"] == got["request_id"]
+    return got
+
+
+BASE = {"model": "synthetic", "max_tokens": 5, "messages": user(script("a"))}
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"max_tokens": None}, "max_tokens"),
+    ({"stop_sequence": ["x"]}, "stop_sequence"),  # unknown fields are refused, as Anthropic does
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"top_k": 5}, "top_k"),  # the synthetic backend has no top_k
+    ({"temperature": 1.5}, "temperature"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),
+    ({"tool_choice": {"type": "tool", "name": "nope"},
+      "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "nope"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+     "document"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+     "prefill"),
+    ({"mcp_servers": []}, "mcp_servers"),
+])
+def test_invalid_requests(scripted, web, change, words):
+    body = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    expect(web, body, 400, "invalid_request_error", words)
+
+
+def test_image_on_a_text_only_model_is_a_clear_400(scripted, web):
+    content = [{"type": "text", "text": "What is this?"},
+               {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": PIXEL.split(",", 1)[1]}}]
+    got = expect(web, {**BASE, "messages": [{"role": "user", "content": content}]}, 400,
+                 "invalid_request_error", "has no image input")
+    assert "synthetic" in got["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError):
+        scripted.messages.create(model="synthetic", max_tokens=5,
+                                 messages=[{"role": "user", "content": content}])
+
+
+def test_image_reaches_a_vision_model(scripted, web, redis_server, logs):
+    from tests.services import Worker
+
+    worker = Worker("synthetic-vision", redis_server.url, logs).start()
+    try:
+        for source in ({"type": "base64", "media_type": "image/png",
+                        "data": PIXEL.split(",", 1)[1]},):
+            r = scripted.messages.create(model="synthetic-vision", max_tokens=5, messages=[
+                {"role": "user", "content": [
+                    {"type": "text", "text": json.dumps({"describe_images": True})},
+                    {"type": "image", "source": source}]}])
+            assert r.content[0].text.startswith("1 images ")
+    finally:
+        worker.stop()
+
+
+def test_other_error_types(scripted, web):
+    expect(web, {**BASE, "model": "no-such-model"}, 404, "not_found_error", "no-such-model")
+    # Nobody serves "unserved": Ferry's 503 is Anthropic's 529, come back later.
+    expect(web, {**BASE, "model": "unserved"}, 529, "overloaded_error")
+    expect(web, BASE, 400, "invalid_request_error", "some-beta-2099",
+           headers={"anthropic-beta": "prompt-caching-2024-07-31,some-beta-2099"})
+    # anthropic-version is accepted and ignored, known betas too.
+    ok = raw(web, BASE, {"anthropic-version": "2023-06-01",
+                         "anthropic-beta": "prompt-caching-2024-07-31"})
+    assert ok.status_code == 200, ok.text
+    r = requests.post(web.url + "/v1/messages/nope", json={}, timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = requests.post(web.url + "/v1/messages", data=b"{", timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.NotFoundError):
+        scripted.messages.create(model="no-such-model", max_tokens=5, messages=user("hi"))
+    # The OpenAI routes keep OpenAI's envelope.
+    r = requests.post(web.url + "/v1/chat/completions", json={"model": "no-such-model",
+                      "messages": user("hi")}, timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_count_tokens_scripted(scripted):
+    got = scripted.messages.count_tokens(model="synthetic",
+                                         messages=user(script("a", prompt_tokens=11)))
+    assert got.input_tokens == 11
+
+
+# -- keys: x-api-key, tenants, 401 and 429 ----------------------------------------------------
+
+ALICE, BOB, CAROL = "alice-msg-key-1", "bob-msg-key-2", "carol-msg-key-3"
+
+
+@pytest.fixture(scope="module")
+def keyed_web(redis_server, logs):
+    keys = json.dumps([ALICE, BOB, {"key": CAROL, "rpm": 2}])
+    server = Web(redis_server.url, logs, FERRY_API_KEYS=keys).start()
+    yield server
+    server.stop()
+
+
+def test_keys(keyed_web, synthetic_worker):
+    alice = anthropic.Anthropic(base_url=keyed_web.url, api_key=ALICE, max_retries=0)
+    by_bearer = anthropic.Anthropic(base_url=keyed_web.url, auth_token=BOB, max_retries=0)
+    r = alice.messages.create(model="synthetic", max_tokens=5, messages=user(script("hi")))
+    assert r.content[0].text == "hi"
+    assert by_bearer.messages.create(model="synthetic", max_tokens=5,
+                                     messages=user(script("yo"))).content[0].text == "yo"
+    # The request's job is its key's: Alice sees it, Bob does not.
+    url = f"{keyed_web.url}/v1/jobs/{r.id}"
+    assert requests.get(url, headers={"x-api-key": ALICE}, timeout=5).status_code == 200
+    assert requests.get(url, headers={"x-api-key": BOB}, timeout=5).status_code == 404
+    for headers in ({}, {"x-api-key": "wrong"}):
+        expect(keyed_web, BASE, 401, "authentication_error", headers=headers)
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=keyed_web.url, api_key="wrong", max_retries=0) \
+            .messages.create(model="synthetic", max_tokens=5, messages=user("hi"))
+    carol = {"x-api-key": CAROL}
+    statuses = [raw(keyed_web, BASE, carol).status_code for _ in range(3)]
+    assert statuses[:2] == [200, 200]
+    got = expect(keyed_web, BASE, 429, "rate_limit_error", headers=carol)
+    assert got["error"]["message"]
+
+
+# -- SmolLM2: the real model -------------------------------------------------------------------
+
+# temperature (and top_p, top_k) are no longer in the SDK's signature; the API takes them.
+GREEDY = {"temperature": 0}
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"], "additionalProperties": False}}
+
+
+@pytest.mark.model
+def test_real_create_and_stream(smol):
+    body = dict(model="smollm2", max_tokens=8, messages=user("Count: one, two,"))
+    made = smol.messages.create(**body, extra_body=GREEDY)
+    with smol.messages.stream(**body, extra_body=GREEDY) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and text == made.content[0].text == final.content[0].text
+    assert final.stop_reason == made.stop_reason and final.usage.output_tokens > 0
+    # top_k 1 keeps only the likeliest token: sampling at temperature 1 is then greedy.
+    top1 = smol.messages.create(**body, extra_body={"temperature": 1.0, "top_k": 1})
+    assert top1.content[0].text == text
+
+
+@pytest.mark.model
+def test_streamed_tool_input(smol):
+    with smol.messages.stream(model="smollm2", max_tokens=40, extra_body=GREEDY, tools=[WEATHER],
+                              tool_choice={"type": "tool", "name": "get_weather"},
+                              messages=user("Weather in Rome?")) as stream:
+        evs = list(stream)
+        final = stream.get_final_message()
+    starts = [e for e in evs if e.type == "content_block_start"]
+    assert starts[-1].content_block.type == "tool_use"
+    assert starts[-1].content_block.id.startswith("toolu_")
+    deltas = [e.delta.partial_json for e in evs
+              if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert deltas and "city" in json.loads("".join(deltas))
+    call = final.content[-1]
+    assert call.type == "tool_use" and call.name == "get_weather"
+    assert call.input == json.loads("".join(deltas))
+    assert final.stop_reason == "tool_use"
+
+
+@pytest.mark.model
+def test_tool_round_trip(smol):
+    question = user("What is the weather in Paris?")
+    r = smol.messages.create(model="smollm2", max_tokens=40, extra_body=GREEDY, tools=[WEATHER],
+                             tool_choice={"type": "any"}, messages=question)
+    call = r.content[-1]
+    assert r.stop_reason == "tool_use" and call.type == "tool_use" and "city" in call.input
+    turn = question + [{"role": "assistant", "content": r.content},
+                       {"role": "user", "content": [{"type": "tool_result",
+                                                     "tool_use_id": call.id,
+                                                     "content": [{"type": "text",
+                                                                  "text": "sunny, 21C"}]}]}]
+    answer = smol.messages.create(model="smollm2", max_tokens=12, extra_body=GREEDY,
+                                  tools=[WEATHER], tool_choice={"type": "none"}, messages=turn)
+    assert answer.content[0].type == "text" and answer.content[0].text
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+    auto = smol.messages.create(model="smollm2", max_tokens=12, extra_body=GREEDY,
+                                tools=[WEATHER], messages=turn)
+    assert auto.content
+
+
+@pytest.mark.model
+def test_count_tokens_equals_the_create_usage(smol):
+    """Across bodies that render differently (system, tools, tool_choice, several turns,
+    tool results), count_tokens is the prompt a create reports: Anthropic counts a cached
+    prefix apart, so input_tokens + cache_read_input_tokens."""
+    turns = [{"role": "user", "content": "Hi, I am Ada."},
+             {"role": "assistant", "content": "Hello Ada!"},
+             {"role": "user", "content": "What is my name?"}]
+    call = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "get_weather",
+                                               "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "rain", "is_error": False}]}]
+    bodies = [dict(messages=user("Hello")),
+              dict(system="You are terse.", messages=user("Hello")),
+              dict(system=[{"type": "text", "text": "Rule one."},
+                           {"type": "text", "text": "Rule two."}], messages=turns),
+              dict(tools=[WEATHER], messages=user("Weather in Rome?")),
+              dict(tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
+                   messages=user("Weather in Rome?")),
+              dict(tools=[WEATHER], tool_choice={"type": "none"}, messages=call)]
+    counts = []
+    for body in bodies:
+        counted = smol.messages.count_tokens(model="smollm2", **body).input_tokens
+        made = smol.messages.create(model="smollm2", max_tokens=1, **body).usage
+        assert counted == made.input_tokens + made.cache_read_input_tokens, body
+        counts.append(counted)
+    assert counts[1] != counts[0] and counts[3] > counts[0]  # system and tools are counted
+
+
+@pytest.mark.model
+def test_a_second_turn_reads_the_cache(smol):
+    first = user("My name is Ada and I like tea. Say hi to me.")
+    r = smol.messages.create(model="smollm2", max_tokens=8, extra_body=GREEDY, messages=first)
+    second = first + [{"role": "assistant", "content": r.content},
+                      {"role": "user", "content": "What do I like?"}]
+    again = smol.messages.create(model="smollm2", max_tokens=4, extra_body=GREEDY, messages=second)
+    assert again.usage.cache_read_input_tokens > 0
+    total = again.usage.input_tokens + again.usage.cache_read_input_tokens
+    assert total == smol.messages.count_tokens(model="smollm2", messages=second).input_tokens
