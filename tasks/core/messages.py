@@ -27,6 +27,7 @@ from tasks.core.schemas.messages import (ChoiceAny, ChoiceNone, ChoiceTool,
                                          ImageBlock, MessageInput, TextBlock, ToolResultBlock,
                                          ToolUseBlock)
 from tasks.core.services import Ferry
+from tasks.core.validation import validate
 
 Request = CreateMessageRequest
 
@@ -68,7 +69,7 @@ def chat_request(req: MessageInput) -> CreateChatCompletionRequest:
         body.update(max_completion_tokens=req.max_tokens, temperature=req.temperature,
                     top_p=req.top_p, stop=req.stop_sequences or None,
                     user=req.metadata.user_id if req.metadata else None)
-    return CreateChatCompletionRequest.model_validate(body)
+    return validate(CreateChatCompletionRequest, body)
 
 
 def _tool_choice(req: MessageInput) -> Any:

@@ -91,7 +91,7 @@ class MessageParam(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["user", "assistant"]
-    content: str | list[ContentBlock]
+    content: str | Annotated[list[ContentBlock], Field(min_length=1)]
 
     @property
     def blocks(self) -> list[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock]:
