@@ -6,6 +6,7 @@ grammar, prefix reuse, top_k, token counts)."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -392,3 +393,37 @@ def test_a_second_turn_reads_the_cache(smol):
     assert again.usage.cache_read_input_tokens > 0
     total = again.usage.input_tokens + again.usage.cache_read_input_tokens
     assert total == smol.messages.count_tokens(model="smollm2", messages=second).input_tokens
+
+
+# -- the Batch API -------------------------------------------------------------------------------
+
+
+def test_batch_of_messages(client, synthetic_worker, batch_worker):
+    lines = [{"custom_id": "ok", "method": "POST", "url": "/v1/messages",
+              "body": {"model": "synthetic", "max_tokens": 5,
+                       "messages": user(script("hi", " there"))}},
+             {"custom_id": "bad", "method": "POST", "url": "/v1/messages",
+              "body": {"model": "synthetic", "max_tokens": 5, "messages": user(script("x")),
+                       "thinking": {"type": "enabled", "budget_tokens": 1024}}}]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/messages",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "cancelled", "expired") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    out = {}
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        for raw_line in client.files.content(file_id).text.splitlines():
+            rec = json.loads(raw_line)
+            out[rec["custom_id"]] = rec["response"]
+    body = out["ok"]["body"]
+    assert out["ok"]["status_code"] == 200 and body["type"] == "message"
+    assert body["content"] == [{"type": "text", "text": "hi there"}]
+    assert body["id"] == out["ok"]["request_id"] and body["id"].startswith("msg_")
+    # A failed line is in the batch's (OpenAI's) envelope, as every batch line is.
+    assert out["bad"]["status_code"] == 400
+    assert out["bad"]["body"]["error"]["param"] == "thinking"
