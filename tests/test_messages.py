@@ -249,7 +249,8 @@ ALICE, BOB, CAROL = "alice-msg-key-1", "bob-msg-key-2", "carol-msg-key-3"
 @pytest.fixture(scope="module")
 def keyed_web(redis_server, logs):
     keys = json.dumps([ALICE, BOB, {"key": CAROL, "rpm": 2}])
-    server = Web(redis_server.url, logs, FERRY_API_KEYS=keys).start()
+    server = Web(redis_server.url, logs, FERRY_API_KEYS=keys,
+                 FERRY_MAX_BODY_BYTES=str(64 * 1024)).start()
     yield server
     server.stop()
 
@@ -278,6 +279,8 @@ def test_keys(keyed_web, synthetic_worker):
     assert statuses[:2] == [200, 200]
     got = expect(keyed_web, BASE, 429, "rate_limit_error", headers=carol)
     assert got["error"]["message"]
+    big = {**BASE, "messages": user("x" * 100_000)}
+    expect(keyed_web, big, 413, "request_too_large", headers={"x-api-key": ALICE})
 
 
 # -- SmolLM2: the real model -------------------------------------------------------------------
@@ -310,6 +313,18 @@ def test_top_k(smol):
     for _ in range(2):
         top1 = smol.messages.create(**body, extra_body={"temperature": 1.0, "top_k": 1})
         assert top1.content[0].text == greedy
+
+
+@pytest.mark.model
+def test_structured_output(smol):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = smol.messages.create(model="smollm2", max_tokens=40, extra_body=GREEDY,
+                             output_config={"format": {"type": "json_schema", "schema": schema}},
+                             messages=user("Invent a person: a name and an age."))
+    person = json.loads(r.content[0].text)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
 
 
 @pytest.mark.model
