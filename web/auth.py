@@ -1,10 +1,11 @@
 """Who is calling: the request's ``Tenant``, resolved once before any handler and kept on
 ``g.tenant`` (``current_tenant()``); the stores then show each tenant only its own objects.
 
-With ``api_keys`` set, /v1 needs ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``). The key is compared by
-digest, with every configured key, in constant time. A client address that sends more than
-``auth_failures_per_minute`` wrong keys gets 429 for every keyed request until the minute
-ends, its valid keys included (else a guess that works would show as the one 200).
+With ``api_keys`` set, /v1 needs ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``).
+The key is compared by digest, with every configured key, in constant time. A client
+address that sends more than ``auth_failures_per_minute`` wrong keys gets 429 for every keyed
+request until the minute ends, its valid keys included (else a guess that works would show
+as the one 200).
 With ``admin_key`` set, /metrics and /ready need it (``Bearer <admin key>``).
 
 Batch lines never come through here: the batch worker runs them through the request core

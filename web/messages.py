@@ -16,9 +16,6 @@ from web.validation import parse_body
 
 bp = Blueprint("messages", __name__)
 
-# The path prefix whose errors are spelt as Anthropic's (``web/errors.py``).
-PREFIX = "/v1/messages"
-
 
 def _ferry():
     return current_app.extensions["ferry"]
