@@ -6,6 +6,8 @@ grammar, prefix reuse, top_k, token counts)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import time
@@ -202,13 +204,22 @@ def test_image_reaches_a_vision_model(scripted, web, redis_server, logs):
 
     worker = Worker("synthetic-vision", redis_server.url, logs).start()
     try:
-        for source in ({"type": "base64", "media_type": "image/png",
-                        "data": PIXEL.split(",", 1)[1]},):
-            r = scripted.messages.create(model="synthetic-vision", max_tokens=5, messages=[
+        source = {"type": "base64", "media_type": "image/png", "data": PIXEL.split(",", 1)[1]}
+        r = scripted.messages.create(model="synthetic-vision", max_tokens=5, messages=[
+            {"role": "user", "content": [
+                {"type": "text", "text": json.dumps({"describe_images": True})},
+                {"type": "image", "source": source}]}])
+        # The vision double answers with the number of images and each one's sha256.
+        digest = hashlib.sha256(base64.b64decode(source["data"])).hexdigest()
+        assert r.content[0].text == f"1 images {digest}"
+        # A URL source reaches the chat path's image handling (fetching is off here).
+        with pytest.raises(anthropic.BadRequestError) as e:
+            scripted.messages.create(model="synthetic-vision", max_tokens=5, messages=[
                 {"role": "user", "content": [
                     {"type": "text", "text": json.dumps({"describe_images": True})},
-                    {"type": "image", "source": source}]}])
-            assert r.content[0].text.startswith("1 images ")
+                    {"type": "image", "source": {"type": "url",
+                                                 "url": "https://example.com/a.png"}}]}])
+        assert "Fetching image URLs is disabled" in e.value.body["error"]["message"]
     finally:
         worker.stop()
 
