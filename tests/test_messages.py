@@ -16,7 +16,7 @@ import anthropic
 import pytest
 import requests
 
-from tests.services import Web
+from tests.services import Web, Worker
 
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
          "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -200,8 +200,6 @@ def test_image_on_a_text_only_model_is_a_clear_400(scripted, web):
 
 
 def test_image_reaches_a_vision_model(scripted, web, redis_server, logs):
-    from tests.services import Worker
-
     worker = Worker("synthetic-vision", redis_server.url, logs).start()
     try:
         source = {"type": "base64", "media_type": "image/png", "data": PIXEL.split(",", 1)[1]}
@@ -246,10 +244,14 @@ def test_other_error_types(scripted, web):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_count_tokens_scripted(scripted):
+def test_count_tokens_scripted(scripted, web):
     got = scripted.messages.count_tokens(model="synthetic",
-                                         messages=user(script("a", prompt_tokens=11)))
+                                         messages=user(script("a", "b", prompt_tokens=11)))
     assert got.input_tokens == 11
+    # The count's job rendered the prompt and generated nothing.
+    job = requests.get(f"{web.url}/v1/jobs/{got._request_id}", timeout=5).json()
+    assert job["status"] == "completed", job
+    assert job["result"]["usage"]["completion_tokens"] == 0
 
 
 # -- keys: x-api-key, tenants, 401 and 429 ----------------------------------------------------
@@ -378,30 +380,32 @@ def test_tool_round_trip(smol):
     assert auto.content
 
 
+TURNS = [{"role": "user", "content": "Hi, I am Ada."},
+         {"role": "assistant", "content": "Hello Ada!"},
+         {"role": "user", "content": "What is my name?"}]
+CALL = [{"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                           "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "rain", "is_error": False}]}]
+# Bodies that render differently: system (string, blocks), several turns, tools, tool
+# choices, tool results.
+COUNTED = [dict(messages=user("Hello")),
+           dict(system="You are terse.", messages=user("Hello")),
+           dict(system=[{"type": "text", "text": "Rule one."},
+                        {"type": "text", "text": "Rule two."}], messages=TURNS),
+           dict(tools=[WEATHER], messages=user("Weather in Rome?")),
+           dict(tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
+                messages=user("Weather in Rome?")),
+           dict(tools=[WEATHER], tool_choice={"type": "none"}, messages=CALL)]
+
+
 @pytest.mark.model
 def test_count_tokens_equals_the_create_usage(smol):
-    """Across bodies that render differently (system, tools, tool_choice, several turns,
-    tool results), count_tokens is the prompt a create reports: Anthropic counts a cached
-    prefix apart, so input_tokens + cache_read_input_tokens."""
-    turns = [{"role": "user", "content": "Hi, I am Ada."},
-             {"role": "assistant", "content": "Hello Ada!"},
-             {"role": "user", "content": "What is my name?"}]
-    call = [{"role": "user", "content": "Weather in Oslo?"},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
-                                               "name": "get_weather",
-                                               "input": {"city": "Oslo"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                          "content": "rain", "is_error": False}]}]
-    bodies = [dict(messages=user("Hello")),
-              dict(system="You are terse.", messages=user("Hello")),
-              dict(system=[{"type": "text", "text": "Rule one."},
-                           {"type": "text", "text": "Rule two."}], messages=turns),
-              dict(tools=[WEATHER], messages=user("Weather in Rome?")),
-              dict(tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
-                   messages=user("Weather in Rome?")),
-              dict(tools=[WEATHER], tool_choice={"type": "none"}, messages=call)]
+    """count_tokens is the prompt a create reports. Anthropic counts a cached prefix apart,
+    so with prefix reuse that is input_tokens + cache_read_input_tokens."""
     counts = []
-    for body in bodies:
+    for body in COUNTED:
         counted = smol.messages.count_tokens(model="smollm2", **body).input_tokens
         made = smol.messages.create(model="smollm2", max_tokens=1, **body).usage
         assert counted == made.input_tokens + made.cache_read_input_tokens, body
@@ -410,12 +414,26 @@ def test_count_tokens_equals_the_create_usage(smol):
 
 
 @pytest.mark.model
+def test_count_tokens_equals_input_tokens_without_reuse(claude, redis_server, logs):
+    # smollm2-cold: the same weights with prefix reuse off, so nothing is read from a cache.
+    worker = Worker("smollm2-cold", redis_server.url, logs).start()
+    try:
+        for body in COUNTED:
+            counted = claude.messages.count_tokens(model="smollm2-cold", **body).input_tokens
+            made = claude.messages.create(model="smollm2-cold", max_tokens=1, **body).usage
+            assert (counted, 0) == (made.input_tokens, made.cache_read_input_tokens), body
+    finally:
+        worker.stop()
+
+
+@pytest.mark.model
 def test_a_second_turn_reads_the_cache(smol):
     first = user("My name is Ada and I like tea. Say hi to me.")
     r = smol.messages.create(model="smollm2", max_tokens=8, extra_body=GREEDY, messages=first)
     second = first + [{"role": "assistant", "content": r.content},
                       {"role": "user", "content": "What do I like?"}]
-    again = smol.messages.create(model="smollm2", max_tokens=4, extra_body=GREEDY, messages=second)
+    again = smol.messages.create(model="smollm2", max_tokens=4, extra_body=GREEDY,
+                                 messages=second)
     assert again.usage.cache_read_input_tokens > 0
     total = again.usage.input_tokens + again.usage.cache_read_input_tokens
     assert total == smol.messages.count_tokens(model="smollm2", messages=second).input_tokens

@@ -48,7 +48,8 @@ def create_message():
 def count_tokens():
     req = parse_body(CountMessageTokensRequest)
     try:
-        body = messages.count_tokens(_ferry(), req, generation.caller())
+        job_id, body = messages.count_tokens(_ferry(), req, generation.caller())
     except ClientGone:
         return Response(status=499)
-    return Response(json.dumps(body), status=200, mimetype="application/json")
+    return Response(json.dumps(body), status=200, mimetype="application/json",
+                    headers={"X-Request-Id": job_id, "request-id": job_id})

@@ -100,14 +100,15 @@ def prepare_count(req: CountMessageTokensRequest, ferry: Ferry) -> generation.Pr
 
 
 def count_tokens(ferry: Ferry, req: CountMessageTokensRequest,
-                 caller: generation.Caller) -> dict[str, int]:
-    """``{"input_tokens": n}``: what a create with the same body reports as its input
-    (``input_tokens + cache_read_input_tokens``: Anthropic counts a cached prefix apart)."""
+                 caller: generation.Caller) -> tuple[str, dict[str, int]]:
+    """The count's job id and ``{"input_tokens": n}``: what a create with the same body
+    reports as its input (``input_tokens + cache_read_input_tokens``: Anthropic counts a
+    cached prefix apart)."""
     run = generation.start(ferry, [prepare_count(req, ferry)], caller)
     try:
         for ev in run.events():
             if isinstance(ev, events.Done):
-                return {"input_tokens": ev.prompt_tokens}
+                return run.id, {"input_tokens": ev.prompt_tokens}
     finally:
         run.close()
     raise InvalidRequest("The count ended early.")  # pragma: no cover - Done always ends it
