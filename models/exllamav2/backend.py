@@ -50,6 +50,7 @@ class ExLlamaV2Backend(Backend):
     supports_logprobs = True
     # Through ExLlamaV2's dense token_bias (models/exllamav2/sampling.py).
     supports_logit_bias = True
+    supports_top_k = True
     # formatron grammars (models/exllamav2/grammar.py).
     supports_constraints = True
 
