@@ -471,3 +471,13 @@ def test_batch_of_messages(client, synthetic_worker, batch_worker):
     # A failed line is in the batch's (OpenAI's) envelope, as every batch line is.
     assert out["bad"]["status_code"] == 400
     assert out["bad"]["body"]["error"]["param"] == "thinking"
+
+
+def test_models_in_anthropics_shape_by_header(claude, client):
+    ids = [m.id for m in claude.models.list()]
+    assert "synthetic" in ids and "smollm2" in ids
+    got = claude.models.retrieve("synthetic")
+    assert got.type == "model" and got.display_name == "synthetic" and got.created_at
+    # Without anthropic-version, OpenAI's shapes (the OpenAI client parses them).
+    assert "synthetic" in [m.id for m in client.models.list()]
+    assert client.models.retrieve("synthetic").object == "model"
