@@ -48,7 +48,7 @@ def run(builder: MessageBuilder, evs) -> list[dict]:
 
 
 def test_text_then_tool_call_blocks():
-    b = MessageBuilder("msg_1", "m", [])
+    b = MessageBuilder("msg_1", "m")
     out = run(b, [events.Started("w", 10), events.Delta(0, "Let me see."),
                   events.ToolCallDelta(0, 0, id="call_1", name="f"),
                   events.ToolCallDelta(0, 0, arguments='{"a": '),
@@ -79,13 +79,13 @@ def test_text_then_tool_call_blocks():
     (events.Finish(0, "stop", 1, stop_sequence="##"), "stop_sequence", "##"),
 ])
 def test_stop_reasons(finish, reason, sequence):
-    b = MessageBuilder("msg_1", "m", ["##"])
+    b = MessageBuilder("msg_1", "m")
     run(b, [events.Started("w", 1), events.Delta(0, "x"), finish, events.Done(1, 1)])
     assert (b.message()["stop_reason"], b.message()["stop_sequence"]) == (reason, sequence)
 
 
 def test_a_cut_off_tool_input_is_an_empty_object():
-    b = MessageBuilder("msg_1", "m", [])
+    b = MessageBuilder("msg_1", "m")
     run(b, [events.Started("w", 1), events.ToolCallDelta(0, 0, id="c", name="f"),
             events.ToolCallDelta(0, 0, arguments='{"a": "unfinish'),
             events.Finish(0, "length", 5), events.Done(1, 5)])

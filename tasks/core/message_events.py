@@ -54,9 +54,8 @@ def usage(done: events.Done) -> dict[str, int]:
 
 
 class MessageBuilder:
-    def __init__(self, message_id: str, model: str, stop_sequences: list[str]):
+    def __init__(self, message_id: str, model: str):
         self.id, self.model = message_id, model
-        self.stop_sequences = stop_sequences
         self.content: list[dict[str, Any]] = []
         self._json: dict[int, str] = {}  # a tool_use block's index -> its input's JSON text
         self._calls: dict[int, int] = {}  # the core's call number -> block index

@@ -44,7 +44,7 @@ class Turn:
         return self.prepared.job.id
 
     def builder(self) -> MessageBuilder:
-        return MessageBuilder(self.id, self.prepared.entry.name, self.req.stop_sequences or [])
+        return MessageBuilder(self.id, self.prepared.entry.name)
 
 
 def chat_request(req: MessageInput) -> CreateChatCompletionRequest:
