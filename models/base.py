@@ -22,8 +22,15 @@ IMAGE_PARTS = ("image_url", "image")
 
 def context_exceeded(job: GenerationJob, n_ctx: int, n_prompt: int,
                      wanted: int) -> ContextLengthExceeded:
-    """The 400 for a prompt and completion that do not fit, worded as OpenAI words it."""
+    """The 400 for a prompt and completion that do not fit, worded as OpenAI words it.
+    ``wanted`` 0 of a job without a fixed max_tokens: it was to take the rest of the
+    context, and none is left."""
     field = "messages" if job.messages is not None else "prompt"
+    if wanted == 0 and (job.max_tokens is None or job.fit_max_tokens):
+        return ContextLengthExceeded(
+            f"This model's maximum context length is {n_ctx} tokens. However, your {field} "
+            f"resulted in {n_prompt} tokens, which leaves no room for a completion. Please "
+            f"reduce the length of the {field}.", param=field)
     return ContextLengthExceeded(
         f"This model's maximum context length is {n_ctx} tokens. However, you requested "
         f"{n_prompt + wanted} tokens ({n_prompt} in the {field}, {wanted} in the completion). "
@@ -33,11 +40,15 @@ def context_exceeded(job: GenerationJob, n_ctx: int, n_prompt: int,
 def completion_budget(entry: ModelEntry, job: GenerationJob, room: int) -> int:
     """max_tokens for a choice of ``job``: the job's own, or, when it gives none, the rest of
     the context (``room``) but no more than the model's per-job token budget shared among
-    the job's choices. An explicit ask beyond the budget is the web's 400; a job that got
-    past it (submitted by an older web) is refused here the same way."""
+    the job's choices; with ``fit_max_tokens``, the smaller of the two. An explicit ask
+    beyond the budget is the web's 400; a job that got past it (submitted by an older web)
+    is refused here the same way."""
     budget = entry.max_job_tokens
+    fits = min(room, max(1, budget // job.n))
     if job.max_tokens is None:
-        return min(room, max(1, budget // job.n))
+        return fits
+    if job.fit_max_tokens:
+        return min(job.max_tokens, fits)
     if job.n * job.max_tokens > budget:
         raise InvalidRequest(f"n x max_tokens is {job.n * job.max_tokens} tokens; the model "
                              f"'{entry.name}' generates at most {budget} tokens per request "

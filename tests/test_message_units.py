@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 
 from config.contract import events
+from config.contract.job import GenerationJob
 from config.errors import (AuthenticationFailed, FerryError, GenerationFailed, InvalidRequest,
                            JobExpired, ModelNotFound, PayloadTooLarge, RateLimited,
                            ServiceUnavailable, Unsupported)
+from config.settings import ModelEntry
+from models.base import completion_budget, context_exceeded
 from models.output import ChoiceWriter
 from models.stops import StopMatcher
 from tasks.core.message_events import MessageBuilder, error_body, error_status
@@ -137,7 +140,9 @@ def test_sampling_tools_and_choices_map_onto_the_chat_request():
                                     temperature=0.2, metadata={"user_id": "u"}))
         assert chat.tool_choice == chat_choice
         assert chat.stops == ["x"] and chat.temperature == 0.2 and chat.user == "u"
-        assert chat.max_completion_tokens == 5
+        # max_tokens is set on the job as an upper bound (messages.prepare), not asked of
+        # the chat request, whose budget check would refuse a large one.
+        assert chat.token_limit is None
     named = chat_request(request(messages=[{"role": "user", "content": "hi"}], tools=[tool],
                                  tool_choice={"type": "tool", "name": "w"}))
     assert named.job_tool_choice().name == "w"
@@ -152,3 +157,20 @@ def test_unknown_fields_and_betas():
     with pytest.raises(Unsupported) as e:
         check_betas("prompt-caching-2024-07-31,files-api-2025-04-14")
     assert "files-api-2025-04-14" in e.value.message
+
+
+def test_max_tokens_as_an_upper_bound():
+    """fit_max_tokens (the Messages door): max_tokens is lowered to what a job without one
+    gets (the rest of the context, at most max_job_tokens // n), not refused."""
+    entry = ModelEntry(name="m", backend="synthetic", weights="-", num_ctx=8192,
+                       max_job_tokens=100)
+    job = GenerationJob(id="j", model="m", messages=[], max_tokens=64000, fit_max_tokens=True)
+    assert completion_budget(entry, job, room=5000) == 100
+    assert completion_budget(entry, job, room=40) == 40
+    assert completion_budget(entry, job.model_copy(update={"max_tokens": 7}), room=40) == 7
+    assert completion_budget(entry, job.model_copy(update={"n": 4}), room=5000) == 25
+    with pytest.raises(InvalidRequest):  # a fixed max_tokens past the budget stays refused
+        completion_budget(entry, job.model_copy(update={"fit_max_tokens": False}), room=5000)
+    # A prompt that fills the context by itself: the 400 says so.
+    err = context_exceeded(job, 8192, 9000, completion_budget(entry, job, room=0))
+    assert "your messages resulted in 9000 tokens, which leaves no room" in err.message

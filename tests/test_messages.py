@@ -11,12 +11,13 @@ import hashlib
 import io
 import json
 import time
+import tomllib
 
 import anthropic
 import pytest
 import requests
 
-from tests.services import Web, Worker
+from tests.services import TEST_CONFIG, Web, Worker
 
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
          "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -437,6 +438,151 @@ def test_a_second_turn_reads_the_cache(smol):
     assert again.usage.cache_read_input_tokens > 0
     total = again.usage.input_tokens + again.usage.cache_read_input_tokens
     assert total == smol.messages.count_tokens(model="smollm2", messages=second).input_tokens
+
+
+# -- clients that ask for more than the model has (Claude Code) ---------------------------------
+
+SMOL_CTX = next(m["num_ctx"] for m in tomllib.loads(TEST_CONFIG.read_text())["models"]
+                if m["name"] == "smollm2")
+
+
+def filled(smol, room: int) -> tuple[list[dict], int]:
+    """A user message whose prompt leaves ``room`` tokens of smollm2's context, and its
+    length (each " apple" is one token; count_tokens says where the template's are)."""
+    def count(k: int) -> int:
+        return smol.messages.count_tokens(model="smollm2",
+                                          messages=user("apple" + " apple" * k)).input_tokens
+    k = 100 + (SMOL_CTX - room) - count(100)
+    return user("apple" + " apple" * k), count(k)
+
+
+@pytest.mark.model
+def test_a_max_tokens_past_the_model_is_an_upper_bound(smol):
+    """Coding agents send max_tokens 32000 or 64000 whatever the model: it is a bound, as on
+    llama.cpp's server and Ollama (not Anthropic's 400, which names its own models' limits)."""
+    body = dict(model="smollm2", max_tokens=64000, messages=user("Say hi."), extra_body=GREEDY)
+    made = smol.messages.create(**body)
+    with smol.messages.stream(**body) as stream:
+        final = stream.get_final_message()
+    for m in (made, final):
+        prompt = m.usage.input_tokens + m.usage.cache_read_input_tokens
+        assert m.stop_reason in ("end_turn", "max_tokens") and m.content[0].text
+        assert 0 < m.usage.output_tokens <= SMOL_CTX - prompt
+    # A prompt that leaves 3 tokens: the reply stops there, with stop_reason max_tokens.
+    messages, prompt = filled(smol, 3)
+    assert prompt == SMOL_CTX - 3
+    made = smol.messages.create(**{**body, "messages": messages})
+    with smol.messages.stream(**{**body, "messages": messages}) as stream:
+        final = stream.get_final_message()
+    for m in (made, final):
+        assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 3
+        assert m.usage.input_tokens + m.usage.cache_read_input_tokens == prompt
+
+
+@pytest.mark.model
+def test_a_prompt_past_the_context_is_still_a_clear_400(smol, web):
+    messages = user("apple" + " apple" * (SMOL_CTX + 100))
+    for stream in (False, True):
+        got = expect(web, {"model": "smollm2", "max_tokens": 64000, "stream": stream,
+                           "messages": messages}, 400, "invalid_request_error",
+                     f"maximum context length is {SMOL_CTX} tokens")
+        assert "leaves no room for a completion" in got["error"]["message"], got
+
+
+CC_SYSTEM = [
+    {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+     "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "You are an interactive CLI tool that helps users with software "
+     "engineering tasks. Answer concisely.", "cache_control": {"type": "ephemeral"}}]
+DRAFT7 = "http://json-schema.org/draft-07/schema#"
+# Small versions of Claude Code's tools, with the keywords its schemas carry (zod's JSON
+# Schema output: $schema, additionalProperties false, nested arrays of objects, enums).
+CC_TOOLS = [
+    {"name": "Bash", "description": "Executes a bash command in a persistent shell.",
+     "input_schema": {"$schema": DRAFT7, "type": "object", "additionalProperties": False,
+                      "properties": {
+                          "command": {"type": "string", "description": "The command"},
+                          "timeout": {"type": "number", "description": "Milliseconds"},
+                          "description": {"type": "string"},
+                          "run_in_background": {"type": "boolean"}},
+                      "required": ["command"]}},
+    {"name": "Read", "description": "Reads a file from the local filesystem.",
+     "input_schema": {"$schema": DRAFT7, "type": "object", "additionalProperties": False,
+                      "properties": {"file_path": {"type": "string"},
+                                     "offset": {"type": "number"},
+                                     "limit": {"type": "number"}},
+                      "required": ["file_path"]}},
+    {"name": "Edit", "description": "Replaces exact text in a file.",
+     "input_schema": {"$schema": DRAFT7, "type": "object", "additionalProperties": False,
+                      "properties": {"file_path": {"type": "string"},
+                                     "old_string": {"type": "string"},
+                                     "new_string": {"type": "string"},
+                                     "replace_all": {"type": "boolean", "default": False}},
+                      "required": ["file_path", "old_string", "new_string"]}},
+    {"name": "TodoWrite", "description": "Updates the session's todo list.",
+     "input_schema": {"$schema": DRAFT7, "type": "object", "additionalProperties": False,
+                      "properties": {"todos": {"type": "array", "items": {
+                          "type": "object", "additionalProperties": False,
+                          "properties": {
+                              "content": {"type": "string", "minLength": 1},
+                              "status": {"type": "string",
+                                         "enum": ["pending", "in_progress", "completed"]},
+                              "activeForm": {"type": "string", "minLength": 1}},
+                          "required": ["content", "status", "activeForm"]}}},
+                      "required": ["todos"]}},
+    {"name": "mcp__ide__getDiagnostics", "description": "Diagnostics from the IDE.",
+     "input_schema": {"type": "object", "properties": {"uri": {"type": "string"}},
+                      "additionalProperties": False, "$schema": DRAFT7},
+     "cache_control": {"type": "ephemeral"}}]
+CC_MESSAGES = [
+    {"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>The todo list is empty.</system-reminder>"},
+        {"type": "text", "text": "What does README.md say?"}]},
+    {"role": "assistant", "content": [
+        {"type": "text", "text": "I'll read it."},
+        {"type": "tool_use", "id": "toolu_01AbCdEf", "name": "Read",
+         "input": {"file_path": "/repo/README.md"}}]},
+    {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_01AbCdEf",
+         "content": [{"type": "text", "text": "     1\u2192# Demo\n     2\u2192A demo project."}]},
+        {"type": "text", "text": "Summarize it in one line.",
+         "cache_control": {"type": "ephemeral"}}]}]
+CC_HEADERS = {
+    "anthropic-version": "2023-06-01", "x-api-key": "unused", "x-app": "cli",
+    "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,"
+                      "fine-grained-tool-streaming-2025-05-14",
+    "anthropic-dangerous-direct-browser-access": "true",
+    "user-agent": "claude-cli/2.0.0 (external, cli)"}
+
+
+@pytest.mark.model
+def test_a_claude_code_request(smol, web):
+    """The body and headers Claude Code sends (its beta client posts to ?beta=true)."""
+    body = {"model": "smollm2", "max_tokens": 32000, "temperature": 1, "stream": True,
+            "system": CC_SYSTEM, "tools": CC_TOOLS, "messages": CC_MESSAGES,
+            "metadata": {"user_id": "user_" + "ab" * 32 + "_account__session_"
+                                    "0f8fad5b-d9cb-469f-a165-70867728950e"}}
+    r = requests.post(web.url + "/v1/messages?beta=true", json=body, headers=CC_HEADERS,
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    evs = sse(r.text)
+    names = [name for name, _ in evs]
+    assert all(name == data["type"] for name, data in evs)
+    assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta",
+                                                                      "message_stop"]
+    starts = [d["index"] for n, d in evs if n == "content_block_start"]
+    assert starts and starts == [d["index"] for n, d in evs if n == "content_block_stop"]
+    delta = evs[-2][1]
+    assert delta["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+    assert delta["usage"]["output_tokens"] > 0
+    # The same through the official client, which rebuilds the message from the events.
+    with anthropic.Anthropic(base_url=web.url, api_key="unused", max_retries=0,
+                             default_headers=CC_HEADERS).messages.stream(
+            **{k: v for k, v in body.items() if k not in ("stream", "temperature")},
+            extra_body={"temperature": 1}) as stream:
+        final = stream.get_final_message()
+    assert final.content and final.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
 # -- the Batch API -------------------------------------------------------------------------------

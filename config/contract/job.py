@@ -84,6 +84,11 @@ class GenerationJob(BaseModel):
     suffix: str | None = None
     # None: as many as fit in the context.
     max_tokens: int | None = None
+    # ``max_tokens`` is an upper bound, as llama.cpp's server and Ollama take it (Anthropic's
+    # Messages door: coding agents send 32000 or 64000 against small contexts): the worker
+    # lowers it to what ``max_tokens=None`` gets (the rest of the context, at most
+    # ``max_job_tokens // n``) instead of refusing a larger ask.
+    fit_max_tokens: bool = False
     stop: list[str] = []
     n: int = Field(default=1, ge=1)
     sampling: Sampling = Sampling()

@@ -166,7 +166,9 @@ class ExLlamaV2Backend(Backend):
         and the cache (exllamav2 reserves pages for both when a job starts)."""
         n_ctx = self.limits.max_seq_len
         rest = max(0, n_ctx - n_prompt)
-        wanted = completion_budget(self.entry, job, min(rest, self.default_max_tokens or rest))
+        # default_max_tokens stands in for a max_tokens the request did not give.
+        room = rest if job.max_tokens is not None else min(rest, self.default_max_tokens or rest)
+        wanted = completion_budget(self.entry, job, room)
         draft = self.limits.num_draft_tokens
         fits_ctx = n_prompt + max(wanted, 1) <= n_ctx
         fits_cache = (self.limits.pages(n_prompt + wanted + draft)

@@ -66,7 +66,9 @@ def chat_request(req: MessageInput) -> CreateChatCompletionRequest:
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "output", "schema": fmt.json_schema, "strict": True}}
     if isinstance(req, CreateMessageRequest):
-        body.update(max_completion_tokens=req.max_tokens, temperature=req.temperature,
+        # No max_completion_tokens: the chat request asks for "up to the rest of the
+        # context", and ``prepare`` caps that at max_tokens (see ``fit_max_tokens``).
+        body.update(temperature=req.temperature,
                     top_p=req.top_p, stop=req.stop_sequences or None,
                     user=req.metadata.user_id if req.metadata else None)
     return validate(CreateChatCompletionRequest, body)
@@ -84,12 +86,18 @@ def _tool_choice(req: MessageInput) -> Any:
 
 
 def prepare(req: CreateMessageRequest, ferry: Ferry) -> Turn:
+    """The turn's chat job. ``max_tokens`` is an upper bound, as llama.cpp's server and
+    Ollama take it: coding agents send 32000 or 64000 whatever the model, so the worker
+    generates at most what a chat request without max_tokens gets (the rest of the context,
+    at most max_job_tokens), and a reply cut there ends with stop_reason max_tokens. A
+    prompt that leaves no room at all is still the worker's 400."""
     prepared = chat.prepare(chat_request(req), ferry)
     job = prepared.job
     if req.top_k:
         job = job.model_copy(update={"sampling": job.sampling.model_copy(
             update={"top_k": req.top_k})})
-    job = job.model_copy(update={"id": f"msg_{uuid.uuid4().hex}"})
+    job = job.model_copy(update={"id": f"msg_{uuid.uuid4().hex}", "max_tokens": req.max_tokens,
+                                 "fit_max_tokens": True})
     return Turn(req, dataclasses.replace(prepared, job=job))
 
 
