@@ -171,7 +171,8 @@ BASE = {"model": "synthetic", "max_tokens": 5, "messages": user(script("a"))}
 @pytest.mark.parametrize("change,words", [
     ({"max_tokens": None}, "max_tokens"),
     ({"stop_sequence": ["x"]}, "stop_sequence"),  # unknown fields are refused, as Anthropic does
-    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    # Claude Code sends thinking while its thinking mode is on: the 400 says how to turn it off.
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "alwaysThinkingEnabled: false"),
     ({"top_k": 5}, "top_k"),  # the synthetic backend has no top_k
     ({"temperature": 1.5}, "temperature"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),

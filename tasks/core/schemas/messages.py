@@ -187,7 +187,10 @@ class MessageInput(BaseModel):
         if self.thinking is not None and self.thinking.get("type") != "disabled":
             raise Unsupported("thinking is not supported by this server: its models produce "
                               "no thinking blocks. Leave it out or send {\"type\": "
-                              "\"disabled\"}.", param="thinking")
+                              "\"disabled\"} (Claude Code sends it while thinking is on: "
+                              "turn it off with Tab or alwaysThinkingEnabled: false in its "
+                              "settings, and leave MAX_THINKING_TOKENS unset).",
+                              param="thinking")
         if self.messages[-1].role == "assistant":
             raise Unsupported("A last assistant message (a prefill to continue) is not "
                               "supported: end with a user message.", param="messages")
