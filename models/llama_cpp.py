@@ -142,7 +142,8 @@ class LlamaCppBackend(Backend):
         messages = tools.prepare_messages(job.messages, job.tools, job.tool_choice,
                                           t.renders_tool_calls, t.tool_format)
         native = t.tool_format.native and job.calls_tools
-        text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
+        text = t.render(messages, tools=tools.template_tools(job.tools) if native else None,
+                        continue_final_message=job.continue_final_message)
         add_bos = not (self._bos and text.startswith(self._bos))
         return self.engine.tokenize(text.encode(), add_bos=add_bos, special=True)
 

@@ -14,6 +14,7 @@ from config.errors import (AuthenticationFailed, FerryError, GenerationFailed, I
 from config.settings import ModelEntry
 from models.base import completion_budget, context_exceeded
 from models.output import ChoiceWriter
+from models.templates import ChatTemplate
 from models.stops import StopMatcher
 from tasks.core.message_events import MessageBuilder, error_body, error_status
 from tasks.core.messages import chat_messages, chat_request
@@ -174,3 +175,18 @@ def test_max_tokens_as_an_upper_bound():
     # A prompt that fills the context by itself: the 400 says so.
     err = context_exceeded(job, 8192, 9000, completion_budget(entry, job, room=0))
     assert "your messages resulted in 9000 tokens, which leaves no room" in err.message
+
+
+def test_a_final_assistant_message_rendered_open():
+    """continue_final_message: the last assistant turn without its end of turn, its text
+    as sent (a template that trims the text cannot hide where it ends)."""
+    t = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}"
+                     "<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    turns = [{"role": "user", "content": "Capital of France?"},
+             {"role": "assistant", "content": "It is"}]
+    assert t.render(turns, continue_final_message=True) == (
+        "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nIt is")
+    blind = ChatTemplate("{% for m in messages %}{{ m.role }}{% endfor %}")
+    with pytest.raises(InvalidRequest, match="cannot be continued"):
+        blind.render(turns, continue_final_message=True)

@@ -180,8 +180,10 @@ BASE = {"model": "synthetic", "max_tokens": 5, "messages": user(script("a"))}
       "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "nope"),
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
      "document"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-     "prefill"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]}]}, "prefill"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}],
+      "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "prefill"),
     ({"mcp_servers": []}, "mcp_servers"),
 ])
 def test_invalid_requests(scripted, web, change, words):
@@ -439,6 +441,26 @@ def test_a_second_turn_reads_the_cache(smol):
     assert again.usage.cache_read_input_tokens > 0
     total = again.usage.input_tokens + again.usage.cache_read_input_tokens
     assert total == smol.messages.count_tokens(model="smollm2", messages=second).input_tokens
+
+
+@pytest.mark.model
+def test_a_prefill_is_continued(smol, tokenize):
+    """A last assistant message is continued, as at Anthropic: rendered open (no end of
+    turn), and the reply's text is what follows it."""
+    prefill = "The capital of France is"
+    question = user("Complete the sentence about France.")
+    body = dict(model="smollm2", max_tokens=6, extra_body=GREEDY,
+                messages=question + [{"role": "assistant", "content": prefill}])
+    made = smol.messages.create(**body)
+    with smol.messages.stream(**body) as stream:
+        streamed = "".join(stream.text_stream)
+    text = made.content[0].text
+    assert text == streamed and not text.startswith(prefill) and "Paris" in text
+    # The prompt is the question's plus the prefill's tokens: no end of turn, no new turn.
+    counted = smol.messages.count_tokens(model="smollm2", messages=body["messages"])
+    alone = smol.messages.count_tokens(model="smollm2", messages=question)
+    assert counted.input_tokens == alone.input_tokens + len(tokenize(prefill))
+    assert counted.input_tokens == made.usage.input_tokens + made.usage.cache_read_input_tokens
 
 
 # -- clients that ask for more than the model has (Claude Code) ---------------------------------

@@ -89,6 +89,10 @@ class GenerationJob(BaseModel):
     # lowers it to what ``max_tokens=None`` gets (the rest of the context, at most
     # ``max_job_tokens // n``) instead of refusing a larger ask.
     fit_max_tokens: bool = False
+    # The last message is an assistant turn that the reply continues (a prefill, Anthropic's
+    # last assistant message): rendered open, without its end of turn; the reply's text is
+    # what follows it.
+    continue_final_message: bool = False
     stop: list[str] = []
     n: int = Field(default=1, ge=1)
     sampling: Sampling = Sampling()

@@ -127,7 +127,8 @@ class ExLlamaV2Backend(Backend):
                 embeddings = self._image_embeddings(messages, job.images)
             messages = with_aliases(messages, [e.text_alias for e in embeddings])
             native = t.tool_format.native and job.calls_tools
-            text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
+            text = t.render(messages, tools=tools.template_tools(job.tools) if native else None,
+                            continue_final_message=job.continue_final_message)
             bos = self.files.bos_token
             ids = self.engine.encode(text, add_bos=self.files.add_bos and not text.startswith(bos),
                                      embeddings=embeddings or None)

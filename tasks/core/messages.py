@@ -97,14 +97,16 @@ def prepare(req: CreateMessageRequest, ferry: Ferry) -> Turn:
         job = job.model_copy(update={"sampling": job.sampling.model_copy(
             update={"top_k": req.top_k})})
     job = job.model_copy(update={"id": f"msg_{uuid.uuid4().hex}", "max_tokens": req.max_tokens,
-                                 "fit_max_tokens": True})
+                                 "fit_max_tokens": True,
+                                 "continue_final_message": req.prefill})
     return Turn(req, dataclasses.replace(prepared, job=job))
 
 
 def prepare_count(req: CountMessageTokensRequest, ferry: Ferry) -> generation.Prepared:
     prepared = chat.prepare(chat_request(req), ferry)
     return dataclasses.replace(prepared, job=prepared.job.model_copy(
-        update={"id": f"msg_count_{uuid.uuid4().hex}", "count_only": True}))
+        update={"id": f"msg_count_{uuid.uuid4().hex}", "count_only": True,
+                "continue_final_message": req.prefill}))
 
 
 def count_tokens(ferry: Ferry, req: CountMessageTokensRequest,

@@ -191,9 +191,25 @@ class MessageInput(BaseModel):
                               "turn it off with Tab or alwaysThinkingEnabled: false in its "
                               "settings, and leave MAX_THINKING_TOKENS unset).",
                               param="thinking")
-        if self.messages[-1].role == "assistant":
-            raise Unsupported("A last assistant message (a prefill to continue) is not "
-                              "supported: end with a user message.", param="messages")
+        if self.prefill:
+            self._check_prefill()
+
+    @property
+    def prefill(self) -> bool:
+        """The last message is an assistant turn, which the reply continues."""
+        return self.messages[-1].role == "assistant"
+
+    def _check_prefill(self) -> None:
+        if not all(isinstance(b, TextBlock) for b in self.messages[-1].blocks):
+            raise Unsupported("A last assistant message (a prefill to continue) may hold text "
+                              "blocks only.", param="messages")
+        # The tool and output grammars constrain a reply from its first token.
+        calls = self.tools and not isinstance(self.tool_choice, ChoiceNone)
+        if calls or (self.output_config and self.output_config.format):
+            raise Unsupported("A last assistant message (a prefill to continue) cannot be "
+                              "combined with tools the model may call or with "
+                              "output_config.format: end with a user message, or send "
+                              "tool_choice none.", param="messages")
 
     @property
     def system_text(self) -> str | None:
