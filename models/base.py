@@ -22,8 +22,15 @@ IMAGE_PARTS = ("image_url", "image")
 
 def context_exceeded(job: GenerationJob, n_ctx: int, n_prompt: int,
                      wanted: int) -> ContextLengthExceeded:
-    """The 400 for a prompt and completion that do not fit, worded as OpenAI words it."""
+    """The 400 for a prompt and completion that do not fit, worded as OpenAI words it.
+    ``wanted`` 0 of a job without a fixed max_tokens: it was to take the rest of the
+    context, and none is left."""
     field = "messages" if job.messages is not None else "prompt"
+    if wanted == 0 and (job.max_tokens is None or job.fit_max_tokens):
+        return ContextLengthExceeded(
+            f"This model's maximum context length is {n_ctx} tokens. However, your {field} "
+            f"resulted in {n_prompt} tokens, which leaves no room for a completion. Please "
+            f"reduce the length of the {field}.", param=field)
     return ContextLengthExceeded(
         f"This model's maximum context length is {n_ctx} tokens. However, you requested "
         f"{n_prompt + wanted} tokens ({n_prompt} in the {field}, {wanted} in the completion). "
@@ -33,11 +40,15 @@ def context_exceeded(job: GenerationJob, n_ctx: int, n_prompt: int,
 def completion_budget(entry: ModelEntry, job: GenerationJob, room: int) -> int:
     """max_tokens for a choice of ``job``: the job's own, or, when it gives none, the rest of
     the context (``room``) but no more than the model's per-job token budget shared among
-    the job's choices. An explicit ask beyond the budget is the web's 400; a job that got
-    past it (submitted by an older web) is refused here the same way."""
+    the job's choices; with ``fit_max_tokens``, the smaller of the two. An explicit ask
+    beyond the budget is the web's 400; a job that got past it (submitted by an older web)
+    is refused here the same way."""
     budget = entry.max_job_tokens
+    fits = min(room, max(1, budget // job.n))
     if job.max_tokens is None:
-        return min(room, max(1, budget // job.n))
+        return fits
+    if job.fit_max_tokens:
+        return min(job.max_tokens, fits)
     if job.n * job.max_tokens > budget:
         raise InvalidRequest(f"n x max_tokens is {job.n * job.max_tokens} tokens; the model "
                              f"'{entry.name}' generates at most {budget} tokens per request "
@@ -93,6 +104,8 @@ class Backend(BaseBackend):
     supports_constraints: bool = False
     # ``sampling.logit_bias``.
     supports_logit_bias: ClassVar[bool] = False
+    # ``sampling.top_k``.
+    supports_top_k: ClassVar[bool] = False
     # ``job.echo``: each choice opens with the prompt (a ``Delta`` with ``prompt=True``).
     supports_echo: ClassVar[bool] = False
     # Fill-in-the-middle (``job.suffix``). Depends on the model's vocabulary, so a backend
@@ -108,6 +121,8 @@ class Backend(BaseBackend):
         if job.sampling.logit_bias and not self.supports_logit_bias:
             raise Unsupported(f"The model '{name}' does not support logit_bias.",
                               param="logit_bias")
+        if job.sampling.top_k and not self.supports_top_k:
+            raise Unsupported(f"The model '{name}' does not support top_k.", param="top_k")
         if not self.supports_constraints:
             if job.response_format is not None:
                 raise Unsupported(f"The model '{name}' cannot constrain its output to JSON.",
@@ -128,6 +143,11 @@ class Backend(BaseBackend):
 
     @abstractmethod
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]: ...
+
+    def count_prompt(self, job: GenerationJob) -> int:
+        """The prompt tokens ``generate`` would report for ``job`` (``job.count_only``)."""
+        raise Unsupported(f"The model '{job.model}' cannot count prompt tokens.",
+                          param="model")
 
 
 def by_length(token_lists: Sequence[list[int]], batch_size: int, dimensions: int,

@@ -68,6 +68,7 @@ class LlamaCppBackend(Backend):
     supports_logprobs = True
     supports_constraints = True
     supports_logit_bias = True
+    supports_top_k = True
     supports_echo = True
 
     @classmethod
@@ -130,6 +131,9 @@ class LlamaCppBackend(Backend):
                                  param="messages" if job.messages is not None else "prompt")
         return tokens
 
+    def count_prompt(self, job: GenerationJob) -> int:
+        return len(self.prompt_tokens(job))
+
     def _chat_tokens(self, job: GenerationJob) -> list[int]:
         if not self.template:
             raise InvalidRequest(f"The model '{job.model}' has no chat template; use "
@@ -138,7 +142,8 @@ class LlamaCppBackend(Backend):
         messages = tools.prepare_messages(job.messages, job.tools, job.tool_choice,
                                           t.renders_tool_calls, t.tool_format)
         native = t.tool_format.native and job.calls_tools
-        text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
+        text = t.render(messages, tools=tools.template_tools(job.tools) if native else None,
+                        continue_final_message=job.continue_final_message)
         add_bos = not (self._bos and text.startswith(self._bos))
         return self.engine.tokenize(text.encode(), add_bos=add_bos, special=True)
 

@@ -61,6 +61,8 @@ def build_chain(n_vocab: int, spec: ChainSpec) -> Chain:
         if s.temperature == 0:
             chain.add_greedy()
         else:
+            if s.top_k > 0:
+                chain.add_top_k(s.top_k)
             if s.top_p < 1.0:
                 chain.add_top_p(s.top_p, 1)
             chain.add_temp(s.temperature)

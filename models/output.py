@@ -59,7 +59,8 @@ class ChoiceWriter:
             out.append(self._delta(""))
         if self._calls is not None and self._calls.called and reason == "stop":
             reason = "tool_calls"
-        out.append(Finish(self.index, reason, self.tokens))
+        out.append(Finish(self.index, reason, self.tokens,
+                          self._stops.matched if reason == "stop" else None))
         return out
 
     def _release(self, text: str, final: bool) -> list[Event]:

@@ -12,6 +12,8 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        # The stop string that matched, once ``stopped``.
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         """Add a piece; return what can be released now. After a match, ``stopped`` is True."""
@@ -21,8 +23,9 @@ class StopMatcher:
         if not self.stops:
             self._held = ""
             return buf
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.stopped = True
             self._held = ""
             return buf[:cut]

@@ -58,6 +58,9 @@ class SyntheticBackend(Backend):
                                  param="messages" if job.messages is not None else "prompt")
         return script
 
+    def count_prompt(self, job: GenerationJob) -> int:
+        return int(self._script(job).get("prompt_tokens", 1))
+
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
         script = self._script(job)
         tokens = script.get("tokens")
@@ -102,5 +105,6 @@ class SyntheticBackend(Backend):
             if tail:
                 yield Delta(index, tail, tokens=0)
             total += n
-            yield Finish(index, "cancelled" if cancelled() else reason, n)
+            yield Finish(index, "cancelled" if cancelled() else reason, n,
+                         stops.matched if reason == "stop" else None)
         yield Done(prompt_tokens=int(script.get("prompt_tokens", 1)), completion_tokens=total)

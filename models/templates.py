@@ -58,7 +58,31 @@ class ChatTemplate:
         *,
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> str:
+        """``continue_final_message`` (as Hugging Face's and vLLM's): the last message, an
+        assistant turn, is left open for the reply to continue (a prefill). It is rendered
+        as a finished turn whose text is a marker, cut at the marker, and its text appended:
+        what a template writes after a turn's text (its end of turn) is dropped, and a
+        template that trims or rewrites the text cannot hide where it ends."""
+        if continue_final_message:
+            return self._continued(messages, tools)
+        return self._render(messages, tools, add_generation_prompt)
+
+    def _continued(self, messages: list[dict[str, Any]],
+                   tools: list[dict[str, Any]] | None) -> str:
+        marker = "\x00FERRY-PREFILL\x00"
+        last = messages[-1]
+        text = self._render([*messages[:-1], {**last, "content": marker}], tools, False)
+        head, found, _ = text.partition(marker)
+        if not found:
+            raise InvalidRequest("The model's chat template does not write the last assistant "
+                                 "message's text, so it cannot be continued.",
+                                 param="messages")
+        return head + flatten_content(last.get("content"))
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                add_generation_prompt: bool) -> str:
         try:
             return self._template.render(
                 messages=messages,

@@ -34,7 +34,8 @@ from tasks.jobs.store import JobStore
 from models import load_backend
 from models.base import EmbeddingBackend
 from models.batcher import MicroBatcher
-from config.contract.events import RESULTS, EmbeddedParts, Embedded, Event, Started, failed
+from config.contract.events import (RESULTS, Done, EmbeddedParts, Embedded, Event, Started,
+                                     failed)
 from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
@@ -124,6 +125,8 @@ class Runtime:
         """Run one generation job to its end, publishing every event. Never raises."""
         def produce() -> Iterator[Event]:
             self.backend.check(job)
+            if job.count_only:
+                return self._count(job)
             return self.backend.generate(job, lambda: job.id in self._cancelled)
 
         self._run(job, produce)
@@ -198,6 +201,11 @@ class Runtime:
             self._release(job.id)
             self.publisher.flush()
 
+    def _count(self, job: GenerationJob) -> Iterator[Event]:
+        n = self.backend.count_prompt(job)
+        yield Started(worker="", prompt_tokens=n)
+        yield Done(prompt_tokens=n, completion_tokens=0)
+
     def _embed(self, job: EmbeddingJob) -> Iterator[Event]:
         tokens = self._read(job.input, job.dimensions)
         yield Started(worker="", prompt_tokens=sum(map(len, tokens)))
@@ -265,7 +273,8 @@ class Runtime:
 
     def _served(self, job, outcome: Outcome) -> None:
         """The job's load is off this worker, and a chat job's prefixes point here."""
-        chat = isinstance(job, GenerationJob) and not outcome.cancelled
+        # A count kept no KV cache here: its prefix must not point here.
+        chat = isinstance(job, GenerationJob) and not outcome.cancelled and not job.count_only
         replies = [(c.text, c.tool_calls) for _, c in sorted(outcome.choices.items())]
         with self._jobs_lock:
             # Its result is recorded: nothing left to cancel, and no longer counted by the

@@ -87,6 +87,18 @@ def test_chat_renders_template_stops_at_end_of_turn_and_reports_usage(toys):
     assert toy.engine.warmed
 
 
+def test_count_prompt_is_the_prompt_generate_reports(toys):
+    toy = toys()
+    for job in ({}, {"tools": [{"name": "f", "parameters": {"type": "object"}}]},
+                {"messages": [{"role": "system", "content": "Be terse."},
+                              {"role": "user", "content": "Hi"}]}):
+        counted = toy.backend.count_prompt(GenerationJob(id="c", model="toy", count_only=True,
+                                                         **{"messages": [{"role": "user",
+                                                                          "content": "Hi"}],
+                                                            **job}))
+        assert counted == toy.run(**job)[0].prompt_tokens
+
+
 def test_stop_strings_and_sampling_reach_the_job(toys):
     toy = toys()
     events = toy.run(stop=["there"], sampling=Sampling(temperature=0.5, top_p=0.9, seed=11,

@@ -58,6 +58,10 @@ def test_openai_sampling_mapping_neutralises_exllamav2_defaults():
     assert f["cfg_scale"] is None and f["token_bias"] is None and f["temperature_last"] is False
 
 
+def test_top_k_is_passed_on():
+    assert settings_fields(Sampling(temperature=0.7, top_k=5), None)["top_k"] == 5
+
+
 def test_temperature_zero_is_greedy():
     f = settings_fields(Sampling(temperature=0, top_p=0.5), None)
     assert f["temperature"] < 0.01 and f["top_k"] == 1

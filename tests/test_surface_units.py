@@ -67,7 +67,7 @@ def test_choice_writer_aligns_logprobs_with_released_text():
     assert "".join(d.text for d in deltas) == "Hi "
     assert sum(d.tokens for d in deltas) == 3
     assert [e["token"] for d in deltas for e in d.logprobs or ()] == ["Hi ", "ST", "OP"]
-    assert evs[-1] == Finish(0, "stop", 3)
+    assert evs[-1] == Finish(0, "stop", 3, stop_sequence="STOP")
 
 
 def test_choice_writer_joins_split_utf8():

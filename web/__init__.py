@@ -25,10 +25,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.register(app)
     logs.register(app)
     from web import (batches, chat, completions, console, embeddings, files, health,
-                     jobs as jobs_api, models, openapi, responses, workers)
+                     jobs as jobs_api, messages, models, openapi, responses, workers)
 
-    for module in (chat, completions, embeddings, responses, files, batches, jobs_api, models,
-                   workers, health, metrics, openapi, console):
+    for module in (chat, completions, embeddings, responses, messages, files, batches, jobs_api,
+                   models, workers, health, metrics, openapi, console):
         app.register_blueprint(module.bp)
     janitor.start(ferry)
     return app

@@ -1,10 +1,11 @@
 """Who is calling: the request's ``Tenant``, resolved once before any handler and kept on
 ``g.tenant`` (``current_tenant()``); the stores then show each tenant only its own objects.
 
-With ``api_keys`` set, /v1 needs ``Authorization: Bearer <key>``. The key is compared by
-digest, with every configured key, in constant time. A client address that sends more than
-``auth_failures_per_minute`` wrong keys gets 429 for every keyed request until the minute
-ends, its valid keys included (else a guess that works would show as the one 200).
+With ``api_keys`` set, /v1 needs ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``).
+The key is compared by digest, with every configured key, in constant time. A client
+address that sends more than ``auth_failures_per_minute`` wrong keys gets 429 for every keyed
+request until the minute ends, its valid keys included (else a guess that works would show
+as the one 200).
 With ``admin_key`` set, /metrics and /ready need it (``Bearer <admin key>``).
 
 Batch lines never come through here: the batch worker runs them through the request core
@@ -55,6 +56,19 @@ def _bearer() -> str:
     return given.strip()
 
 
+def _key() -> str:
+    """A /v1 key: ``Authorization: Bearer <key>``, or ``x-api-key: <key>`` as Anthropic's
+    clients send it (accepted on every /v1 route; the same keys and tenants)."""
+    given = request.headers.get("x-api-key", "").strip()
+    if given and not request.headers.get("Authorization"):
+        return given
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not bearer.strip():
+        raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>' or "
+                                   "'x-api-key: <key>'.")
+    return bearer.strip()
+
+
 def _check(given: str, known: dict[str, Tenant], redis, settings: Settings) -> Tenant:
     address = request.remote_addr or "unknown"
     limits.check_auth_failures(redis, settings, address)
@@ -77,5 +91,5 @@ def register(app: Flask) -> None:
         if admin and request.path in ADMIN_PATHS:
             _check(_bearer(), admin, redis, settings)
         elif tenants and request.path.startswith("/v1/"):
-            g.tenant = _check(_bearer(), tenants, redis, settings)
+            g.tenant = _check(_key(), tenants, redis, settings)
             limits.check_rate(redis, g.tenant)

@@ -1,22 +1,40 @@
-"""One error handler: every failure is an OpenAI error envelope with its status."""
+"""One error handler: every failure is an OpenAI error envelope with its status, or, under
+/v1/messages, Anthropic's ``{"type": "error", "error": {type, message}}`` (the same exception
+tree, spelt by ``tasks.core.message_events.error_body``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 
 import redis as redis_lib
-from flask import Flask, Response
+from flask import Flask, Response, g, has_request_context, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from config.errors import FerryError, PayloadTooLarge, RateLimited, ServiceUnavailable
+from tasks.core import message_events
+
+# Requests under this path speak Anthropic's dialect (web/messages.py).
+MESSAGES_PATH = "/v1/messages"
 
 log = logging.getLogger(__name__)
 
 
+def _anthropic() -> bool:
+    path = request.path if has_request_context() else ""
+    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+
+
 def error_response(err: FerryError) -> Response:
-    resp = Response(json.dumps({"error": err.to_dict()}), status=err.status,
-                    mimetype="application/json")
+    if _anthropic():
+        request_id = g.get("job_id") or f"req_{uuid.uuid4().hex}"
+        resp = Response(json.dumps(message_events.error_body(err, request_id)),
+                        status=message_events.error_status(err), mimetype="application/json",
+                        headers={"request-id": request_id})
+    else:
+        resp = Response(json.dumps({"error": err.to_dict()}), status=err.status,
+                        mimetype="application/json")
     if isinstance(err, RateLimited):
         resp.headers["Retry-After"] = str(err.retry_after)
     return resp

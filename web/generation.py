@@ -188,6 +188,21 @@ def _encode(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+def named_events(stream: Iterator[dict], headers: dict) -> Response:
+    """A dialect's stream (Responses, Messages): each event as ``event: <type>`` and its
+    JSON; a client that leaves ends it (its job is cancelled by the core)."""
+    def sse() -> Iterator[bytes]:
+        try:
+            for ev in stream:
+                yield (f"event: {ev['type']}\ndata: ".encode()
+                       + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
+        except ClientGone:
+            return
+
+    return Response(sse(), status=200, mimetype="text/event-stream",
+                    headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _json(body: dict, job_id: str) -> Response:
     return Response(json.dumps(body), status=200, mimetype="application/json",
                     headers={"X-Request-Id": job_id})

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from web.schemas.batches import CreateBatchRequest
+from tasks.core.schemas.messages import CountMessageTokensRequest, CreateMessageRequest
 from tasks.core.schemas.chat import CreateChatCompletionRequest
 from tasks.core.schemas.completions import CreateCompletionRequest
 from tasks.core.schemas.embeddings import CreateEmbeddingRequest
@@ -23,6 +24,12 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "properties": {k: {"type": ["string", "null"]} for k in ("message", "type", "param", "code")},
 }}}
 
+# Anthropic's error shape, for /v1/messages (web/errors.py).
+ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"}, "request_id": {"type": "string"},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+
 # (method, path, request model or None, operation id, summary)
 OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str]] = [
     ("post", "/v1/chat/completions", CreateChatCompletionRequest, "createChatCompletion",
@@ -30,6 +37,10 @@ OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str]] = [
     ("post", "/v1/completions", CreateCompletionRequest, "createCompletion",
      "Create a text completion"),
     ("post", "/v1/embeddings", CreateEmbeddingRequest, "createEmbedding", "Create embeddings"),
+    ("post", "/v1/messages", CreateMessageRequest, "createMessage",
+     "Create a message, Anthropic's Messages API (streamed as named events with stream=true)"),
+    ("post", "/v1/messages/count_tokens", CountMessageTokensRequest, "countMessageTokens",
+     "The input tokens a message with the same body would use"),
     ("get", "/v1/models", None, "listModels", "List the served models"),
     ("get", "/v1/models/{model}", None, "retrieveModel", "Retrieve a model"),
     ("post", "/v1/jobs", CreateJobRequest, "createJob",
@@ -52,6 +63,13 @@ OPERATIONS: list[tuple[str, str, type[BaseModel] | None, str, str]] = [
 ]
 
 
+def _error(path: str) -> dict:
+    if path.startswith("/v1/messages"):
+        return {"description": "An Anthropic error",
+                "content": {"application/json": {"schema": ANTHROPIC_ERROR}}}
+    return {"description": "An OpenAI error", "content": {"application/json": {"schema": ERROR}}}
+
+
 def document() -> dict:
     models = [(m, "validation") for _, _, m, _, _ in OPERATIONS if m is not None]
     refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
@@ -59,8 +77,7 @@ def document() -> dict:
     for method, path, model, op_id, summary in OPERATIONS:
         op: dict = {"operationId": op_id, "summary": summary, "responses": {
             "200": {"description": "OK"},
-            "default": {"description": "An OpenAI error",
-                        "content": {"application/json": {"schema": ERROR}}}}}
+            "default": _error(path)}}
         if model is not None:
             op["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(model, "validation")]}}}

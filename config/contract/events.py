@@ -90,9 +90,14 @@ class ToolCallDelta:
 
 @dataclass(frozen=True)
 class Finish:
+    """``stop_sequence``: the job's stop string that ended the choice (``finish_reason``
+    "stop"), where the backend matches stop strings itself; None for the end-of-turn token
+    or a backend whose engine matches them (ExLlamaV2)."""
+
     index: int
     finish_reason: FinishReason
     completion_tokens: int
+    stop_sequence: str | None = None
     t: Literal["finish"] = "finish"
 
 

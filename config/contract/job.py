@@ -18,6 +18,9 @@ class Sampling(BaseModel):
 
     temperature: float = 1.0
     top_p: float = 1.0
+    # Only the k most likely tokens are drawn from; 0: all (OpenAI has no top_k; Anthropic's
+    # Messages API does). Backends without it refuse a non-zero value (``supports_top_k``).
+    top_k: int = 0
     seed: int | None = None
     # OpenAI's penalties: over the tokens generated so far (not the prompt), subtracted from
     # the logits once per occurrence (frequency) or once per distinct token (presence).
@@ -84,6 +87,15 @@ class GenerationJob(BaseModel):
     suffix: str | None = None
     # None: as many as fit in the context.
     max_tokens: int | None = None
+    # ``max_tokens`` is an upper bound, as llama.cpp's server and Ollama take it (Anthropic's
+    # Messages door: coding agents send 32000 or 64000 against small contexts): the worker
+    # lowers it to what ``max_tokens=None`` gets (the rest of the context, at most
+    # ``max_job_tokens // n``) instead of refusing a larger ask.
+    fit_max_tokens: bool = False
+    # The last message is an assistant turn that the reply continues (a prefill, Anthropic's
+    # last assistant message): rendered open, without its end of turn; the reply's text is
+    # what follows it.
+    continue_final_message: bool = False
     stop: list[str] = []
     n: int = Field(default=1, ge=1)
     sampling: Sampling = Sampling()
@@ -97,6 +109,10 @@ class GenerationJob(BaseModel):
     tool_choice: ToolChoice = "auto"
     # Unix time after which nobody waits for this job any more.
     deadline: float | None = None
+    # Only count the prompt's tokens (rendered and tokenized exactly as for generating):
+    # ``Started`` then ``Done`` with ``completion_tokens`` 0, nothing generated. Anthropic's
+    # ``/v1/messages/count_tokens``; only the worker holds the model's template and tokenizer.
+    count_only: bool = False
 
     @property
     def calls_tools(self) -> bool:

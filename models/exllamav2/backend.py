@@ -51,6 +51,7 @@ class ExLlamaV2Backend(Backend):
     supports_logprobs = True
     # Through ExLlamaV2's dense token_bias (models/exllamav2/sampling.py).
     supports_logit_bias = True
+    supports_top_k = True
     # llguidance masks (models/guidance.py, through models/exllamav2/grammar.py).
     supports_constraints = True
 
@@ -145,7 +146,8 @@ class ExLlamaV2Backend(Backend):
                 embeddings = self._image_embeddings(messages, job.images)
             messages = with_aliases(messages, [e.text_alias for e in embeddings])
             native = t.tool_format.native and job.calls_tools
-            text = t.render(messages, tools=tools.template_tools(job.tools) if native else None)
+            text = t.render(messages, tools=tools.template_tools(job.tools) if native else None,
+                            continue_final_message=job.continue_final_message)
             bos = self.files.bos_token
             ids = self.engine.encode(text, add_bos=self.files.add_bos and not text.startswith(bos),
                                      embeddings=embeddings or None)
@@ -184,7 +186,9 @@ class ExLlamaV2Backend(Backend):
         and the cache (exllamav2 reserves pages for both when a job starts)."""
         n_ctx = self.limits.max_seq_len
         rest = max(0, n_ctx - n_prompt)
-        wanted = completion_budget(self.entry, job, min(rest, self.default_max_tokens or rest))
+        # default_max_tokens stands in for a max_tokens the request did not give.
+        room = rest if job.max_tokens is not None else min(rest, self.default_max_tokens or rest)
+        wanted = completion_budget(self.entry, job, room)
         draft = self.limits.num_draft_tokens
         fits_ctx = n_prompt + max(wanted, 1) <= n_ctx
         fits_cache = (self.limits.pages(n_prompt + wanted + draft)
@@ -226,6 +230,9 @@ class ExLlamaV2Backend(Backend):
         return tools.CallParser(constraint.text_allowed, self.tool_format)
 
     # --- generating -------------------------------------------------------------------------
+
+    def count_prompt(self, job: GenerationJob) -> int:
+        return len(self.prompt(job)[0])
 
     def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
         constraint = constraints.for_job(job, self.tool_format)

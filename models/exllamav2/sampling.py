@@ -46,13 +46,13 @@ def settings_fields(s: Sampling, token_bias: torch.Tensor | None) -> dict[str, A
         "token_frequency_penalty": s.frequency_penalty,
         "token_presence_penalty": s.presence_penalty,
         # Temperature 0 is greedy: exllamav2 takes the argmax below 0.01, and top_k=1 says so
-        # twice. OpenAI has no top_k, so otherwise it is off.
+        # twice. OpenAI has no top_k (0, off); Anthropic's Messages API does.
         "temperature": 0.0 if greedy else s.temperature,
         "smoothing_factor": 0.0,
         "min_temp": 0.0,
         "max_temp": 0.0,
         "temp_exponent": 1.0,
-        "top_k": 1 if greedy else 0,
+        "top_k": 1 if greedy else s.top_k,
         "top_p": s.top_p,
         "top_a": 0.0,
         "min_p": 0.0,

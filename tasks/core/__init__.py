@@ -2,9 +2,12 @@
 events, shape the answer. Plain functions and types, no Flask: the HTTP routes (``web/``) and
 the batch runner (``tasks/batch_runner.py``) are its front doors.
 
-    schemas/       the OpenAI request types (pydantic), one module per endpoint family
+    schemas/       the request types (pydantic), one module per endpoint family
     chat.py, completions.py, embeddings.py
                    ``prepare``: a request's jobs, checked against the model and the limits
+    responses.py, messages.py
+                   dialects translated onto chat jobs (OpenAI Responses, Anthropic
+                   Messages), shaped by response_events.py and message_events.py
     endpoints.py   the families by path; ``answer``: one request run to its end
     generation.py  ``Caller``, ``submit``, ``start`` -> ``Run`` (events), ``collect``
     relay.py, merge.py

@@ -19,7 +19,7 @@ from typing import Any
 import redis as redis_lib
 
 from config.errors import FerryError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
-from tasks.core import chat, completions, embeddings, responses
+from tasks.core import chat, completions, embeddings, messages, responses
 from tasks.core.generation import Caller, ClientGone, collect, start
 from tasks.core.services import Ferry
 from tasks.core.validation import validate
@@ -31,6 +31,9 @@ FAMILIES: dict[str, ModuleType] = {
     "/v1/completions": completions,
     "/v1/embeddings": embeddings,
     "/v1/responses": responses,
+    # A failed line's body is the OpenAI envelope, as on the other lines of an OpenAI batch
+    # (the batch runner retries by its ``code``), not Anthropic's shape.
+    "/v1/messages": messages,
 }
 
 Answer = tuple[int, str | None, Any]  # status, request id, JSON body

@@ -15,7 +15,7 @@ class CreateBatchRequest(BaseModel):
 
     input_file_id: str
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                      "/v1/responses"]
+                      "/v1/responses", "/v1/messages"]
     completion_window: Literal["24h"]
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     # Known to OpenAI, not supported by Ferry: a value is a 400, never ignored.
