@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import requests
 
@@ -50,3 +51,23 @@ def test_metrics_report_redis_memory(web):
     text = requests.get(web.url + "/metrics", timeout=5).text
     assert metric(text, "ferry_redis_used_memory_bytes") > 0
     assert metric(text, "ferry_redis_maxmemory_bytes") == 0  # the tests' Redis has no limit
+
+
+def test_inter_token_latency_counts_each_gap_of_a_stream(web, scripted):
+    """One observation per gap between a stream's token deliveries, with the gaps' sum (the
+    relay adds them to the histogram in batches, at the latest when the request closes)."""
+    itl = "ferry_inter_token_latency_seconds"
+    before = requests.get(web.url + "/metrics", timeout=5).text
+    c0 = metric(before, itl + "_count", model="synthetic") or 0
+    s0 = metric(before, itl + "_sum", model="synthetic") or 0
+    list(scripted.chat.completions.create(
+        model="synthetic", stream=True, messages=[{"role": "user", "content": json.dumps(
+            {"tokens": ["a", "b", "c", "d"], "delay": 0.1})}]))
+    deadline = time.monotonic() + 5
+    while True:  # the request closes just after its last chunk is sent
+        text = requests.get(web.url + "/metrics", timeout=5).text
+        if metric(text, itl + "_count", model="synthetic") == c0 + 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert metric(text, itl + "_count", model="synthetic") == c0 + 3
+    assert 0.25 <= metric(text, itl + "_sum", model="synthetic") - s0 < 3

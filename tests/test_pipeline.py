@@ -10,6 +10,7 @@ import pytest
 import redis
 import requests
 
+from config.contract.protocol import cancel_key
 from tests.services import Worker
 
 
@@ -71,6 +72,23 @@ def test_disconnect_cancels_generation(web, synthetic_worker, redis_server):
     reply = requests.post(web.url + "/v1/chat/completions", json=body, timeout=30).json()
     assert reply["choices"][0]["message"]["content"] == "next"
     assert time.monotonic() - left < 0.2
+
+
+def test_disconnect_between_slow_tokens_is_noticed(web, synthetic_worker, redis_server):
+    """The client leaves while its stream waits 5 s for its next token: with no event to
+    wake it (the relay's tick does), the web sees the closed connection within a second,
+    asks the worker to cancel the job and closes the request."""
+    body = {"model": "synthetic", "stream": True,
+            "messages": script(tokens=["a", "b", "c"], delay=5)}
+    with requests.post(web.url + "/v1/chat/completions", json=body, stream=True, timeout=30) as r:
+        assert r.status_code == 200
+        assert b"data: " in next(r.iter_lines())
+        job_id = r.headers["X-Request-Id"]
+        left = time.monotonic()
+    rdb = redis.Redis.from_url(redis_server.url)
+    while not rdb.exists(cancel_key(job_id)) and time.monotonic() - left < 4:
+        time.sleep(0.02)
+    assert time.monotonic() - left < 1.0
 
 
 def test_dead_worker_fails_fast(web, redis_server, logs):

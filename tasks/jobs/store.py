@@ -364,13 +364,13 @@ class JobStore:
             job_id, "queued", "expired", PENDING_JOBS,
             JobExpired("The job was not started before its deadline."), keep_error=True)
 
-    def fail_lost(self, record: JobRecord, *, alive: bool = False) -> bool:
+    def fail_lost(self, job_id: str, worker: str, *, alive: bool = False) -> bool:
         err = WorkerLost(
-            f"The worker running this job ({record.worker}) no longer runs it: its end was "
+            f"The worker running this job ({worker}) no longer runs it: its end was "
             "lost (Redis restarted)." if alive else
-            f"The worker running this job ({record.worker}) stopped responding.")
-        return self._end_unreported(record.id, "in_progress", "failed", RUNNING_JOBS, err,
-                                    keep_error=True, worker=record.worker or "")
+            f"The worker running this job ({worker}) stopped responding.")
+        return self._end_unreported(job_id, "in_progress", "failed", RUNNING_JOBS, err,
+                                    keep_error=True, worker=worker)
 
     def missing(self, queue: str, bulk: bool, created_before: float) -> list[str]:
         """Queued jobs of a lane, created before ``created_before``, whose Celery message is
@@ -401,26 +401,47 @@ class JobStore:
         for raw in self.redis.zrangebyscore(PENDING_JOBS, "-inf", now, start=0, num=100):
             if not self.expire(raw.decode()):
                 self.redis.zrem(PENDING_JOBS, raw)  # started, cancelled, or deleted by TTL
+        stale = self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
+                                         now - self.settings.worker_timeout)
+        if stale:
+            self._sweep_running([raw.decode() for raw in stale], live_workers)
+
+    def _sweep_running(self, job_ids: list[str], live_workers: Callable[[str], set[str]]):
+        """Fail the running jobs whose worker died, or is alive but no longer lists them.
+        Reads only each job's status, queue and worker, all jobs in one round trip and the
+        workers' job lists in another: this runs every second over every job started a
+        worker timeout ago, and a whole record (spec, messages) is many times that."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(job_key(job_id), "status", "queue", "worker")
+        running: list[tuple[str, str, str]] = []
+        for job_id, (status, queue, worker) in zip(job_ids, pipe.execute()):
+            if status != b"in_progress":
+                self.redis.zrem(RUNNING_JOBS, job_id)  # ended, or deleted by its TTL
+                continue
+            running.append((job_id, queue.decode(), (worker or b"").decode()))
         live: dict[str, set[str]] = {}
-        running: dict[str, set[str] | None] = {}
-        for raw in self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
-                                            now - self.settings.worker_timeout):
-            record = self.get(raw.decode(), owner=ANY_OWNER)
-            if record is None or record.status != "in_progress":
-                self.redis.zrem(RUNNING_JOBS, raw)
-                continue
-            if record.queue not in live:
-                live[record.queue] = live_workers(record.queue)
-            if record.worker not in live[record.queue]:
-                self.fail_lost(record)
-                continue
-            # Alive, but does it still run the job? (Started a worker timeout ago at least,
-            # so a heartbeat since has listed it if it does.)
-            if record.worker not in running:
-                listed = self.redis.get(worker_jobs_key(record.worker))
-                running[record.worker] = None if listed is None else set(listed.decode().split())
-            if running[record.worker] is not None and record.id not in running[record.worker]:
-                self.fail_lost(record, alive=True)
+        alive: list[tuple[str, str]] = []
+        for job_id, queue, worker in running:
+            if queue not in live:
+                live[queue] = live_workers(queue)
+            if worker in live[queue]:
+                alive.append((job_id, worker))
+            else:
+                self.fail_lost(job_id, worker)
+        # Alive, but does it still run the job? (Started a worker timeout ago at least, so a
+        # heartbeat since has listed it if it does; no list at all: nothing to compare.)
+        workers = sorted({worker for _, worker in alive})
+        if not workers:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for worker in workers:
+            pipe.get(worker_jobs_key(worker))
+        listed = {w: None if raw is None else set(raw.decode().split())
+                  for w, raw in zip(workers, pipe.execute())}
+        for job_id, worker in alive:
+            if listed[worker] is not None and job_id not in listed[worker]:
+                self.fail_lost(job_id, worker, alive=True)
 
     # -- internals --------------------------------------------------------------------------
 
