@@ -309,6 +309,8 @@ def test_with_keys_the_console_asks_for_one_and_shows_only_its_tenants_jobs(keye
     page.click("#pg-send")
     expect(page.locator(".msg.assistant .content").last).to_have_text("keyed reply",
                                                                        timeout=15000)
+    # The reply's stats (and its job link) come when its stream has ended.
+    expect(page.locator(".msg.assistant .job-link").last).to_be_visible(timeout=10000)
     reply_job = page.locator(".msg.assistant").last.get_attribute("data-job-id")
     mine = requests.get(keyed.url + "/v1/jobs", headers={"Authorization": f"Bearer {KEY_A}"},
                         timeout=10).json()["data"]

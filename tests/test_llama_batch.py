@@ -317,7 +317,7 @@ def test_a_stop_string_ends_the_choice_and_frees_its_slot(make_loop):
     c = choice(1, stop=["c "])
     loop.submit(c)
     text, fin, _ = drain(c)
-    assert text == "ab" and fin == Finish(0, "stop", 4)
+    assert text == "ab" and fin == Finish(0, "stop", 4, stop_sequence="c ")
     assert engine.clears == [0]
 
 

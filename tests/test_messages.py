@@ -88,8 +88,10 @@ STREAM = ["message_start", "ping", "content_block_start", "content_block_delta",
 
 
 def test_stream_event_sequence(scripted, web):
-    body = dict(model="synthetic", max_tokens=10, messages=user(script("Hel", "lo",
-                                                                       prompt_tokens=5)))
+    # Tokens 50 ms apart, so that each is its own delta (a worker coalesces the tokens of a
+    # few milliseconds into one, README "Streaming").
+    body = dict(model="synthetic", max_tokens=10, messages=user(script(
+        "Hel", "lo", prompt_tokens=5, delay=0.05)))
     # The client skips pings; the wire has one after message_start.
     evs = list(scripted.messages.create(**body, stream=True))
     assert [e.type for e in evs] == [k for k in STREAM if k != "ping"]

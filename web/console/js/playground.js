@@ -76,6 +76,7 @@ async function send(text) {
     const resp = await call("/v1/chat/completions",
       { method: "POST", body: request(messages), signal: controller.signal, raw: true });
     running.jobId = resp.headers.get("X-Request-Id");
+    reply.item.dataset.jobId = running.jobId || "";
     for await (const ev of events(resp)) {
       const d = ev.data;
       if (d && d.error) throw new Error(d.error.message);
