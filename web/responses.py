@@ -47,21 +47,7 @@ def create_response():
         _, stream = responses.begin(_ferry(), turn, generation.caller())
     except ClientGone:
         return Response(status=499)
-    return _stream(stream, headers)
-
-
-def _stream(stream: Iterator[dict], headers: dict) -> Response:
-    return Response(_sse(stream), status=200, mimetype="text/event-stream",
-                    headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _sse(stream: Iterator[dict]) -> Iterator[bytes]:
-    try:
-        for ev in stream:
-            yield (f"event: {ev['type']}\ndata: ".encode()
-                   + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
-    except ClientGone:
-        return
+    return generation.named_events(stream, headers)
 
 
 @bp.get("/v1/responses/<response_id>")
@@ -77,7 +63,7 @@ def retrieve_response(response_id: str):
     except ValueError:
         raise InvalidRequest("starting_after must be an integer.",
                              param="starting_after") from None
-    return _stream(_replay(stored, after), {"X-Request-Id": response_id})
+    return generation.named_events(_replay(stored, after), {"X-Request-Id": response_id})
 
 
 def _replay(stored: StoredResponse, after: int) -> Iterator[dict]:
