@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -148,10 +150,11 @@ class Settings(BaseSettings):
     # prompts would otherwise enqueue millions of jobs. 32 stays under half of a model's
     # default in-flight limit (max_pending 64).
     max_prompts: int = Field(default=32, ge=1)
-    # Bearer keys accepted on /v1 (a JSON list in FERRY_API_KEYS, or [[api_keys]] tables):
-    # plain strings, or objects with a name and limits (config/tenants.py). None configured
-    # = open, as Ollama and llama.cpp's server are by default on loopback.
-    api_keys: list[ApiKey] = []
+    # Bearer keys accepted on /v1 (FERRY_API_KEYS: a JSON list, or keys separated by commas;
+    # or [[api_keys]] tables): plain strings, or objects with a name and limits
+    # (config/tenants.py). None configured = open, as Ollama and llama.cpp's server are by
+    # default on loopback.
+    api_keys: Annotated[list[ApiKey], NoDecode] = []
     # Requests per minute per API key; 0 = no limit.
     rate_limit_rpm: int = Field(default=0, ge=0)
     # Jobs one key may have queued or running at once (batch lines excepted; 0 = no limit):
@@ -269,6 +272,17 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _plain_keys(cls, keys: Any) -> Any:
+        # From the environment: a JSON list, or "key-1,key-2".
+        if isinstance(keys, str):
+            text = keys.strip()
+            if text.startswith("["):
+                try:
+                    keys = json.loads(text)
+                except ValueError:
+                    raise ValueError("not a JSON list of keys (or write the keys "
+                                     "separated by commas)") from None
+            else:
+                keys = [k.strip() for k in text.split(",") if k.strip()]
         # Today's plain list (["alice", "bob"]) stays valid: a string is a key with no name.
         if isinstance(keys, list):
             return [{"key": k} if isinstance(k, str) else k for k in keys]

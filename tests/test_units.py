@@ -79,6 +79,22 @@ def test_env_overrides_toml(monkeypatch):
     assert s.port == 9001 and s.worker_timeout == 2.5
 
 
+@pytest.mark.parametrize("value", ["sk-a,sk-b", " sk-a , sk-b ,", '["sk-a", "sk-b"]',
+                                   '[{"key": "sk-a", "name": "a"}, "sk-b"]'])
+def test_api_keys_from_the_environment(monkeypatch, value):
+    """FERRY_API_KEYS as JSON or as keys separated by commas (a plain list was a traceback)."""
+    monkeypatch.setenv("FERRY_API_KEYS", value)
+    assert [k.key for k in load_settings().api_keys] == ["sk-a", "sk-b"]
+
+
+def test_api_keys_that_are_broken_json_say_so(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("FERRY_API_KEYS", '["sk-a",')
+    with pytest.raises(ValidationError, match="not a JSON list of keys"):
+        load_settings()
+
+
 def test_duplicate_names_are_rejected():
     with pytest.raises(ValueError, match="used twice"):
         load_settings(models=[{"name": "a", "backend": "synthetic", "weights": ""},

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pydantic
+from pydantic_settings import SettingsError
 
 from config import load_settings
 from tasks.launch import preflight
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         first = e.errors()[0]
         say(f"ferry: setting {'.'.join(map(str, first['loc']))}: {first['msg']} "
             f"(from FERRY_* or {preflight.config_path()})")
+        return 2
+    except SettingsError as e:  # a FERRY_* value that is not the JSON its field needs
+        say(f"ferry: {e} (from FERRY_*)")
         return 2
     try:
         plan = Plan.read(settings, args.conf)
