@@ -79,12 +79,16 @@ class MakeRun:
         return "\n".join(self.lines)
 
     def leftovers(self) -> list[psutil.Process]:
-        """Live processes started by this run (zombies count as gone)."""
+        """Live processes started by this run (zombies count as gone): those with its
+        FERRY_RUN_STATE, and those working in its data directory, which is how its Redis is
+        found (redis-server writes its title over its environment)."""
         found = []
+        data = str(self.data) + os.sep
         for proc in psutil.process_iter():
             try:
-                if (proc.status() != psutil.STATUS_ZOMBIE
-                        and proc.environ().get("FERRY_RUN_STATE") == self.run_dir):
+                if proc.status() != psutil.STATUS_ZOMBIE and (
+                        proc.environ().get("FERRY_RUN_STATE") == self.run_dir
+                        or (proc.cwd() + os.sep).startswith(data)):
                     found.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
