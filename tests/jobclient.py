@@ -1,7 +1,9 @@
-"""A few helpers to drive /v1/jobs over plain HTTP in tests."""
+"""A few helpers to drive /v1/jobs over plain HTTP in tests, and a batch with the official
+OpenAI client."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -86,3 +88,25 @@ def events(web, job_id: str, last_event_id: int | None = None, limit: int | None
 
 def text_of(evs: list[Event]) -> str:
     return "".join(e.data["text"] for e in evs if e.event == "delta")
+
+
+def batch_responses(client, lines: list[dict], endpoint: str, timeout: float = 60) -> dict:
+    """``lines`` run as one batch with the official OpenAI ``client``, which must complete;
+    each line's ``response`` (from the output and error files) by its ``custom_id``."""
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint=endpoint,
+                                  completion_window="24h")
+    deadline = time.monotonic() + timeout
+    while batch.status not in ("completed", "failed", "cancelled", "expired") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    out = {}
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            for raw in client.files.content(file_id).text.splitlines():
+                rec = json.loads(raw)
+                out[rec["custom_id"]] = rec["response"]
+    return out

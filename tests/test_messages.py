@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import time
 import tomllib
@@ -17,6 +16,7 @@ import anthropic
 import pytest
 import requests
 
+from tests.jobclient import batch_responses
 from tests.services import TEST_CONFIG, Web, Worker
 
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
@@ -620,21 +620,7 @@ def test_batch_of_messages(client, synthetic_worker, batch_worker):
              {"custom_id": "bad", "method": "POST", "url": "/v1/messages",
               "body": {"model": "synthetic", "max_tokens": 5, "messages": user(script("x")),
                        "thinking": {"type": "enabled", "budget_tokens": 1024}}}]
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    f = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/messages",
-                                  completion_window="24h")
-    deadline = time.monotonic() + 60
-    while batch.status not in ("completed", "failed", "cancelled", "expired") \
-            and time.monotonic() < deadline:
-        time.sleep(0.2)
-        batch = client.batches.retrieve(batch.id)
-    assert batch.status == "completed", batch
-    out = {}
-    for file_id in (batch.output_file_id, batch.error_file_id):
-        for raw_line in client.files.content(file_id).text.splitlines():
-            rec = json.loads(raw_line)
-            out[rec["custom_id"]] = rec["response"]
+    out = batch_responses(client, lines, "/v1/messages")
     body = out["ok"]["body"]
     assert out["ok"]["status_code"] == 200 and body["type"] == "message"
     assert body["content"] == [{"type": "text", "text": "hi there"}]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import time
 
@@ -19,6 +18,7 @@ import requests
 
 from config.contract.protocol import events_log
 
+from tests.jobclient import batch_responses
 from tests.services import Web, Worker
 
 
@@ -411,22 +411,7 @@ def test_batch_of_responses(scripted, batch_worker):
              {"custom_id": "bad", "method": "POST", "url": "/v1/responses",
               "body": {"model": "synthetic", "input": script("x"),
                        "tools": [{"type": "web_search"}]}}]
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    f = scripted.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-    batch = scripted.batches.create(input_file_id=f.id, endpoint="/v1/responses",
-                                    completion_window="24h")
-    deadline = time.monotonic() + 60
-    while batch.status not in ("completed", "failed", "cancelled", "expired") \
-            and time.monotonic() < deadline:
-        time.sleep(0.2)
-        batch = scripted.batches.retrieve(batch.id)
-    assert batch.status == "completed", batch
-    out = {}
-    for file_id in (batch.output_file_id, batch.error_file_id):
-        if file_id:
-            for raw in scripted.files.content(file_id).text.splitlines():
-                rec = json.loads(raw)
-                out[rec["custom_id"]] = rec["response"]
+    out = batch_responses(scripted, lines, "/v1/responses")
     assert out["ok"]["status_code"] == 200
     body = out["ok"]["body"]
     assert body["object"] == "response" and body["status"] == "completed"
