@@ -3,7 +3,8 @@
 The prompt (or the last message) is a JSON script, so tests can drive the whole pipeline
 (queue, pub/sub, SSE, cancel, dead workers) without a real model's timing:
 ``{"tokens": ["a", "b"], "delay": 0.01, "fail": "msg", "crash": true, "hang": true,
-"count": 100, "rate": 50}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per second.
+"count": 100, "rate": 50, "pad": 0}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per
+second, each followed by ``pad`` x's (long tokens, to fill a slow reader's socket).
 Registry option ``threads`` (default 1): run that many jobs at once in a Celery threads
 pool, as batching GPU backends do, so the pool's plumbing is tested without a GPU.
 
@@ -68,7 +69,8 @@ class SyntheticBackend(Backend):
             tokens = [f"{len(job.images)} images"] + [
                 " " + hashlib.sha256(base64.b64decode(img)).hexdigest() for img in job.images]
         if tokens is None:
-            tokens = [f"t{i} " for i in range(int(script.get("count", 8)))]
+            pad = "x" * int(script.get("pad", 0))
+            tokens = [f"t{i} {pad}" for i in range(int(script.get("count", 8)))]
         delay = 1.0 / script["rate"] if script.get("rate") else float(script.get("delay", 0))
         limit = job.max_tokens if job.max_tokens is not None else len(tokens)
         yield Started(worker="", prompt_tokens=int(script.get("prompt_tokens", 1)))

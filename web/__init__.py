@@ -9,7 +9,7 @@ from flask import Flask
 
 from config import Settings, load_settings
 from tasks.core import services
-from web import auth, errors, janitor, logs, metrics
+from web import auth, errors, generation, janitor, logs, metrics
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -30,5 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (chat, completions, embeddings, responses, messages, files, batches, jobs_api,
                    models, workers, health, metrics, openapi, console):
         app.register_blueprint(module.bp)
+    # Streams write their tokens straight to the socket under gunicorn (web/generation.py).
+    app.wsgi_app = generation.keep_start_response(app.wsgi_app)
     janitor.start(ferry)
     return app

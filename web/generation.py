@@ -9,15 +9,19 @@ answered with one body. A client that closes its connection is the core's
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
+import time
 from collections.abc import Callable, Iterator
 
+import gevent.event
 from flask import Response, current_app, g, request
 
 from config.contract import events
 from config.errors import FerryError
 from tasks.core.generation import Caller, ClientGone, Prepared, Run, collect, start
+from tasks.core.relay import Subscription
 from tasks.jobs.shapes import usage_of
 from web import logs
 from web.auth import current_tenant
@@ -84,29 +88,43 @@ def _stream(run: Run, include_usage: bool) -> Response:
     except BaseException:
         run.close()
         raise
-    return Response(_sse(run, include_usage, first), status=200,
+    pump = _Pump.of_request() if isinstance(run.sub, Subscription) else None
+    return Response(_sse(run, include_usage, first, pump), status=200,
                     mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                              "X-Request-Id": run.id})
 
 
-def _sse(run: Run, include_usage: bool, first) -> Iterator[bytes]:
+def _sse(run: Run, include_usage: bool, first, pump: "_Pump | None" = None) -> Iterator[bytes]:
     """The stream's bytes. Chunks of events already waiting are sent in one write: when the
     web falls behind its workers, it catches up with fewer, larger sends instead of one
-    syscall per token."""
+    syscall per token. Once the headers are out and the stream has caught up, its chunks
+    are written by the ``pump`` (when there is one) until it hands the stream back."""
     out: list[bytes] = []
     finished = False
     try:
         evs = [first] if isinstance(first, events.Done) else _chain(first, run.events())
         opened: set[int] = set()
         texts = _TextChunks(run.shape, include_usage)
+
+        def shape(ev: events.Event) -> list[bytes]:
+            return _sse_chunks(ev, run, include_usage, opened, texts)
+
+        def text(ev: events.Delta) -> bytes | None:
+            return texts.get(ev) if ev.index in opened and ev.text else None
+
         for ev in evs:
-            out.extend(_sse_chunks(ev, run, include_usage, opened, texts))
+            out.extend(shape(ev))
             if isinstance(ev, events.Done):
                 finished = True
             if out and (finished or not run.pending()):
                 yield b"".join(out)
                 out.clear()
+                if pump is not None and not finished and not run.pending():
+                    if pump.usable():
+                        pump.run(run, shape, text)
+                    else:
+                        pump = None
     except ClientGone:
         pass
     except FerryError as e:
@@ -117,6 +135,152 @@ def _sse(run: Run, include_usage: bool, first) -> Iterator[bytes]:
         if not finished:
             run.cancel()  # the client went away mid-stream
         run.close()
+
+
+class _Pump:
+    """Writes a stream's chunks to its client's socket from the relay's reader greenlet, as
+    its events arrive (``Subscription.divert``): per token, no greenlet switch and no pass
+    through the WSGI iterator, gunicorn's writer and gevent's socket, which together cost
+    several times the chunk itself. The request's greenlet waits meanwhile, and takes the
+    stream back for whatever the pump does not write: an event that is not a chunk of text,
+    a tool call or a finish (the end, above all), a write the socket took only in part (a
+    slow client: the greenlet sends the rest, blocking only itself), a client gone.
+
+    Only under gunicorn, on a plain (not TLS) socket, with the chunked framing gunicorn
+    chose for this response (read from its ``start_response``, kept in the environ by
+    ``keep_start_response``): the pump frames its chunks as gunicorn does, so the two
+    writers' bytes interleave in one valid body. Anywhere else the stream is written as
+    before, through the response iterator.
+    """
+
+    # Chunks the pump writes: the events a stream sends while it runs.
+    TAKES = (events.Delta, events.ToolCallDelta, events.Finish)
+    # Seconds without a write after which the client's connection is checked (a write to a
+    # closed connection fails by the second token: while tokens flow, nothing is polled).
+    # One greenlet checks all pumps (``_watch``): a timer per stream woke its greenlet,
+    # whose switches cost more than its tokens' writes.
+    IDLE = 0.25
+    _pumping: set["_Pump"] = set()
+    _watcher = None
+
+    def __init__(self, sock, start_response):
+        self.sock, self._start_response = sock, start_response
+        self.fd = sock.fileno()
+        self.woken = gevent.event.Event()
+        self.rest = b""
+        self.gone = False
+        self.shape: Callable[[events.Event], list[bytes]] | None = None
+        self.text: Callable[[events.Delta], bytes | None] | None = None
+        self.abandoned: Callable[[], bool] = lambda: False
+        self.wrote = 0.0
+        self._sub: Subscription | None = None
+
+    @classmethod
+    def of_request(cls) -> "_Pump | None":
+        environ = request.environ
+        sock = environ.get("gunicorn.socket")
+        start_response = environ.get(START_RESPONSE)
+        if sock is None or start_response is None or hasattr(sock, "getpeercert"):
+            return None
+        return cls(sock, start_response)
+
+    def usable(self) -> bool:
+        """After the headers went out: whether gunicorn frames this response in chunks on
+        the socket the pump writes to."""
+        resp = getattr(self._start_response, "__self__", None)
+        return getattr(resp, "chunked", None) is True and getattr(resp, "sock", None) is self.sock
+
+    def run(self, run: Run, shape: Callable[[events.Event], list[bytes]],
+            text: Callable[[events.Delta], bytes | None]) -> None:
+        """Pump the stream's events until something needs the request's greenlet; then
+        send what the socket did not take. Raises ``ClientGone`` once the client left.
+        ``shape``: an event's chunks; ``text``: a text delta's one chunk when it is only
+        that (the choice opened, nothing but text in it), else None."""
+        sub: Subscription = run.sub
+        self.shape, self.text, self._sub = shape, text, sub
+        self.abandoned, self.wrote = run.abandoned, time.monotonic()
+        self.woken.clear()
+        sub.divert(self)
+        cls = type(self)
+        cls._pumping.add(self)
+        if cls._watcher is None or cls._watcher.dead:
+            cls._watcher = gevent.spawn(cls._watch)
+        try:
+            self.woken.wait()
+        finally:
+            cls._pumping.discard(self)
+            sub.divert(None)
+            self._sub = None
+        if self.rest and not self.gone:
+            rest, self.rest = self.rest, b""
+            try:
+                self.sock.sendall(rest)
+            except OSError:
+                self.gone = True
+        if self.gone:
+            raise ClientGone()
+
+    # -- on the reader greenlet -------------------------------------------------------
+
+    def take(self, evs: list[events.Event]) -> int:
+        taken, out, text = 0, [], self.text
+        for ev in evs:
+            chunk = text(ev) if type(ev) is events.Delta else None
+            if chunk is not None:
+                out.append(chunk)
+            elif isinstance(ev, self.TAKES):
+                out.extend(self.shape(ev))
+            else:
+                break
+            taken += 1
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self._write(b"%X\r\n%s\r\n" % (len(data), data))
+        if self.rest or self.gone:
+            self._sub.divert(None)
+            self.woken.set()
+        return taken
+
+    def release(self) -> None:
+        self.woken.set()
+
+    @classmethod
+    def _watch(cls) -> None:
+        """Wake the pumps whose clients left while no tokens came."""
+        while True:
+            gevent.sleep(cls.IDLE)
+            idle_since = time.monotonic() - cls.IDLE
+            for pump in [p for p in cls._pumping if p.wrote < idle_since]:
+                try:
+                    gone = pump.abandoned()
+                except Exception:
+                    gone = True
+                if gone:
+                    pump.gone = True
+                    pump.woken.set()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            n = os.write(self.fd, data)  # the socket is non-blocking (gevent's)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.gone = True
+            return
+        self.wrote = time.monotonic()
+        if n < len(data):
+            self.rest = data[n:]
+
+
+START_RESPONSE = "ferry.start_response"
+
+
+def keep_start_response(wsgi_app):
+    """WSGI middleware: the server's ``start_response`` in the environ, for ``_Pump``."""
+    def app(environ, start_response):
+        environ[START_RESPONSE] = start_response
+        return wsgi_app(environ, start_response)
+    return app
 
 
 def _sse_chunks(ev: events.Event, run: Run, include_usage: bool,
@@ -170,7 +334,11 @@ class _TextChunks:
                 self.usable = False
                 return None
             parts = self._parts[ev.index] = (pieces[0], pieces[1])
-        return parts[0] + json.dumps(ev.text).encode() + parts[1]
+        return parts[0] + _json_str(ev.text).encode() + parts[1]
+
+
+# What json.dumps does with a str, without its two Python calls (once per token).
+_json_str = json.encoder.encode_basestring_ascii
 
 
 def _chain(first, rest):

@@ -19,7 +19,7 @@ text, token counts and logprobs of the merged delta are those of its parts, in o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict, Union
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -154,6 +154,7 @@ class EmbeddedParts:
 Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Embedded, EmbeddedParts, Failed]
 _TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Embedded,
                                  EmbeddedParts, Failed)}
+_FIELDS = {cls: {f.name for f in fields(cls)} for cls in _TYPES.values()}
 # The last event of a job that succeeded: it carries (or closes) the job's result.
 RESULTS = (Done, Embedded, EmbeddedParts)
 TERMINAL = (*RESULTS, Failed)
@@ -176,7 +177,18 @@ def encode_routed(messages: list[tuple[str, str]]) -> str:
 
 
 def _events(raw: list[dict]) -> list[Event]:
-    return [_TYPES[e["t"]](**e) for e in raw]
+    return [_decoded(e) for e in raw]
+
+
+def _decoded(e: dict) -> Event:
+    cls = _TYPES[e["t"]]
+    if e.keys() == _FIELDS[cls]:
+        # Every field there, as ``encode`` writes them (its ``vars``): the dict becomes the
+        # event's own, without a call to its __init__ (once per token on the web).
+        ev = object.__new__(cls)
+        object.__setattr__(ev, "__dict__", e)
+        return ev
+    return cls(**e)
 
 
 def decode(data: str | bytes) -> tuple[int, list[Event]]:

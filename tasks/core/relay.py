@@ -44,6 +44,90 @@ log = logging.getLogger(__name__)
 TICK = 0.05
 
 
+class _Line:
+    """The relay's pub/sub connection to Redis, read without redis-py's per-message layers
+    (its ``get_message`` cost ~40 µs a message, several times the parse): redis-py opens it
+    (address, TLS, password, protocol), then the reader greenlet reads its socket and parses
+    what pub/sub sends (``_Frames``); SUBSCRIBE and UNSUBSCRIBE go out on it as commands.
+    No reconnection: when it breaks, the relay fails its streams and opens a new one."""
+
+    def __init__(self, redis: redis_lib.Redis):
+        pool = redis.connection_pool
+        self.conn = pool.connection_class(**pool.connection_kwargs)
+        self.conn.connect()
+        self.sock = self.conn._sock
+        self.sock.settimeout(None)  # it waits for messages as long as none come
+        self.frames = _Frames()
+
+    def subscribe(self, channel: str) -> None:
+        self.conn.send_command("SUBSCRIBE", channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        self.conn.send_command("UNSUBSCRIBE", channel)
+
+    def read(self) -> list:
+        """The next frames (waiting for at least one chunk of bytes)."""
+        data = self.sock.recv(1 << 18)
+        if not data:
+            raise ConnectionError("Redis closed the connection")
+        return self.frames.feed(data)
+
+    def close(self) -> None:
+        try:
+            self.conn.disconnect()
+        except Exception:
+            pass
+
+
+class _Frames:
+    """RESP frames out of a byte stream, as pub/sub sends them: arrays (RESP2) or pushes
+    (RESP3) of bulk strings and integers; a simple string, an error or a null as one value."""
+
+    def __init__(self):
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list:
+        buf = self._rest + data if self._rest else data
+        out, pos, n = [], 0, len(buf)
+        while pos < n:
+            item, end = _frame(buf, pos)
+            if end < 0:
+                break
+            out.append(item)
+            pos = end
+        self._rest = buf[pos:]
+        return out
+
+
+def _frame(buf: bytes, pos: int) -> tuple[object, int]:
+    """The frame at ``pos`` and where it ends, or ``(None, -1)`` if it is not all there."""
+    nl = buf.find(b"\r\n", pos)
+    if nl < 0:
+        return None, -1
+    kind, head = buf[pos], buf[pos + 1:nl]
+    if kind == 0x24:  # $ bulk string
+        size = int(head)
+        if size < 0:
+            return None, nl + 2
+        end = nl + 2 + size
+        if end + 2 > len(buf):
+            return None, -1
+        return buf[nl + 2:end], end + 2
+    if kind in (0x2A, 0x3E):  # * array, > push
+        items, at = [], nl + 2
+        for _ in range(int(head)):
+            item, at = _frame(buf, at)
+            if at < 0:
+                return None, -1
+            items.append(item)
+        return items, at
+    if kind == 0x3A:  # : integer
+        return int(head), nl + 2
+    if kind in (0x2B, 0x2D, 0x5F):  # + simple string, - error, _ null
+        return head, nl + 2
+    raise ValueError(f"unexpected RESP frame type {chr(kind)!r} from Redis")
+
+
 class _Listener:
     # Whether the watchdog fails it when its worker dies or it waits too long.
     watched = False
@@ -119,6 +203,7 @@ class Subscription(_Listener):
         self._next_seq = 0
         self._idle_ticks = self._wake_after = 0
         self._on_close: list | None = []
+        self._sink = None
 
     def next(self, timeout: float | None = None):
         """The next event, or None if none arrived within ``timeout`` (None up to a ``TICK``
@@ -142,6 +227,24 @@ class Subscription(_Listener):
         if self._idle_ticks > self._wake_after and not self._q.qsize():
             self._q.put(None)
 
+    def divert(self, sink) -> None:
+        """Hand the events that arrive from now on to ``sink.take(evs)``, on the reader
+        greenlet, instead of queueing them; ``None`` ends that. ``take`` returns how many of
+        them it took, in order, and must not switch greenlets (it runs between two reads of
+        the relay's one connection). Only while nothing is queued, so order holds: the first
+        event it does not take, and everything after it, is queued as usual, and the diversion
+        ends with ``sink.release()``; so does a failure (``Failed`` is queued) or ``close``.
+        This is how a stream's tokens go from Redis to its client's socket without waking
+        the request's greenlet (``web/generation.py``)."""
+        if sink is not None and self._q.qsize():
+            raise RuntimeError("divert() while events are queued")
+        self._sink = sink
+
+    def _undivert(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.release()
+
     def reroute(self, worker: str, resend) -> None:
         """The job waits in ``worker``'s own queue: should that worker's heartbeat lapse
         before the job starts, the watchdog calls ``resend()`` once (the job's record lets
@@ -155,6 +258,7 @@ class Subscription(_Listener):
     def close(self) -> None:
         if self._on_close is None:
             return
+        self._undivert()
         super().close()
         self.timing.close()
         callbacks, self._on_close = self._on_close, None
@@ -169,8 +273,20 @@ class Subscription(_Listener):
                                           "response between worker and web."))
             return
         self._next_seq = first_seq + len(evs)
-        if any(isinstance(ev, events.Delta) and ev.text for ev in evs):
-            self.timing.tokens()
+        for ev in evs:
+            if type(ev) is events.Delta and ev.text:
+                self.timing.tokens()
+                break
+        if self._sink is not None:
+            try:
+                taken = self._sink.take(evs)
+            except Exception:  # the request's own greenlet shapes them again, and fails
+                log.exception("job %s: a stream's sink failed", self.job_id)
+                taken = 0
+            if taken >= len(evs):
+                return
+            evs = evs[taken:]
+            self._undivert()
         for ev in evs:
             if isinstance(ev, events.Started):
                 self.worker = ev.worker
@@ -185,6 +301,7 @@ class Subscription(_Listener):
         if not self.finished:
             self.finished = True
             self._q.put(events.failed(err))
+            self._undivert()
 
     def cancel(self) -> None:
         """Ask the worker to stop (or never start) this job."""
@@ -203,7 +320,7 @@ class Relay:
         self._channel: str | None = None
         # Set while Redis has confirmed the reply channel's subscription on this connection.
         self._ready = gevent.event.Event()
-        self._pubsub = None
+        self._line: _Line | None = None
         self._reader = None
         self._watchdog = None
         # Subscriptions blocked in ``next`` with a timeout, and the greenlet that ticks them.
@@ -241,13 +358,12 @@ class Relay:
     # -- internals ------------------------------------------------------------------------
 
     def _ensure_running(self) -> None:
-        if self._pubsub is None:
+        if self._line is None:
             self._ready.clear()
-            self._pubsub = self.redis.pubsub()
-            self._pubsub.subscribe(self.channel)
-            self._pubsub.connection.register_connect_callback(self._reconnected)
+            self._line = _Line(self.redis)
+            self._line.subscribe(self.channel)
         if self._reader is None or self._reader.dead:
-            self._reader = gevent.spawn(self._read_loop)
+            self._reader = gevent.spawn(self._read_loop, self._line)
         if self._watchdog is None or self._watchdog.dead:
             self._watchdog = gevent.spawn(self._watch_loop)
         if self._ticker is None or self._ticker.dead:
@@ -262,10 +378,10 @@ class Relay:
                 if self._ready.is_set():
                     listener.confirmed.set()  # else the reader sets it, once Redis confirms
             elif len(subs) == 1:
-                self._pubsub.subscribe(listener.channel)
+                self._line.subscribe(listener.channel)
             elif any(s.confirmed.is_set() for s in subs):
                 listener.confirmed.set()  # the channel is subscribed already
-        except redis_lib.RedisError as e:
+        except (redis_lib.RedisError, OSError) as e:
             listener.close()
             raise ServiceUnavailable(f"Redis is unreachable: {e}") from None
         if wait:
@@ -280,61 +396,43 @@ class Relay:
         if subs:
             return
         del self._subs[listener.key]
-        if self._pubsub is not None and listener.channel != self.channel:
+        if self._line is not None and listener.channel != self.channel:
             try:
-                self._pubsub.unsubscribe(listener.channel)
-            except redis_lib.RedisError:
+                self._line.unsubscribe(listener.channel)
+            except (redis_lib.RedisError, OSError):
                 pass
 
-    def _read_loop(self) -> None:
-        pubsub = self._pubsub
+    def _read_loop(self, line: "_Line") -> None:
+        reply = self.channel.encode()
         try:
             while True:
-                msg = pubsub.get_message(timeout=1.0)
-                if msg is None:
-                    continue
-                channel = msg["channel"].decode()
-                if channel == self.channel:
-                    if msg["type"] == "message":
-                        self._dispatch_routed(msg["data"])
-                    elif msg["type"] == "subscribe":
-                        self._confirm_replies()
-                    continue
-                subs = self._subs.get(channel)
-                if not subs:
-                    continue
-                if msg["type"] == "subscribe":
-                    for sub in subs:
-                        sub.confirmed.set()
-                elif msg["type"] == "message":
-                    self._dispatch(subs, msg["data"])
-        except (redis_lib.RedisError, OSError) as e:
+                for msg in line.read():
+                    kind = msg[0]
+                    if kind == b"message":
+                        if msg[1] == reply:
+                            self._dispatch_routed(msg[2])
+                        else:
+                            subs = self._subs.get(msg[1].decode())
+                            if subs:
+                                self._dispatch(subs, msg[2])
+                    elif kind == b"subscribe":
+                        if msg[1] == reply:
+                            self._confirm_replies()
+                        else:
+                            for sub in self._subs.get(msg[1].decode(), ()):
+                                sub.confirmed.set()
+        except (redis_lib.RedisError, OSError, ValueError) as e:
+            # A lost connection (Redis restarted, or gone): whatever was published meanwhile
+            # (a job's last tokens, its Done, a janitor's Failed) is lost with it, so every
+            # stream fails now; the next request opens a new connection.
             log.warning("relay lost Redis (%s); failing %d open streams", e, len(self._subs))
-            self._pubsub = None
-            self._ready.clear()
+            if self._line is line:
+                self._line = None
+                self._ready.clear()
+            line.close()
             for sub in [s for subs in self._subs.values() for s in subs]:
                 sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
-            try:
-                # Its connection goes back to the pool, for plain commands: not ours to watch.
-                if pubsub.connection is not None:
-                    pubsub.connection.deregister_connect_callback(self._reconnected)
-                pubsub.close()
-            except Exception:
-                pass
-
-    def _reconnected(self, _connection) -> None:
-        """redis-py reconnects a pub/sub connection by itself when Redis comes back within its
-        retries, and subscribes its channels again; whatever was published meanwhile (a
-        job's last tokens, its Done, a janitor's Failed) is gone. Every listener confirmed
-        before the drop therefore fails now, as when the relay loses Redis for good; one
-        still waiting for its confirmation gets it on the new connection. Called on the
-        reader's greenlet (or a subscriber's) inside redis-py: no Redis call here."""
-        self._ready.clear()  # until Redis confirms the channel again on the new connection
-        dropped = [s for subs in self._subs.values() for s in subs if s.confirmed.is_set()]
-        if dropped:
-            log.warning("relay reconnected to Redis; failing %d open streams", len(dropped))
-        for sub in dropped:
-            sub._fail(ServiceUnavailable("The connection to Redis was lost mid-response."))
+                sub.confirmed.set()  # a listener still waiting for it: its Failed is queued
 
     def _confirm_replies(self) -> None:
         self._ready.set()
@@ -354,9 +452,16 @@ class Relay:
                     if sub.channel == self.channel:
                         sub._fail(ServiceUnavailable("A worker sent an unreadable event."))
             return
+        subs = self._subs
         for job_id, first, evs in batches:
-            for sub in tuple(self._subs.get(job_id, ())):
-                sub._deliver(first, evs)
+            found = subs.get(job_id)
+            if found is None:
+                continue
+            if len(found) == 1:
+                found[0]._deliver(first, evs)
+            else:
+                for sub in tuple(found):
+                    sub._deliver(first, evs)
 
     @staticmethod
     def _dispatch(subs: list[_Listener], data: bytes) -> None:

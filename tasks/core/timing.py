@@ -49,9 +49,10 @@ class Timing:
             TTFT.labels(self.model).observe(now - self.start)
             self._itl = _Gaps(ITL.labels(self.model))  # labels() once: it costs an observe
         else:
-            self._itl.add(now - self.last)
-            if self._itl.held >= self.FLUSH_EVERY:
-                self._itl.flush()
+            itl = self._itl
+            itl.add(now - self.last)
+            if len(itl.held) >= self.FLUSH_EVERY:
+                itl.flush()
         self.last = now
 
     def done(self, usage: events.Done) -> None:
@@ -66,25 +67,25 @@ class Timing:
 
 
 class _Gaps:
-    """Observations of one histogram child counted per bucket, added to it by ``flush``.
-    Uses the child's ``_upper_bounds``, ``_buckets`` and ``_sum``, which its own ``observe``
-    updates the same way (prometheus_client has no observe-many);
-    tests/test_timing_units.py holds the result to that of one ``observe`` per value."""
+    """Observations of one histogram child held, then counted per bucket and added to it by
+    ``flush``. Uses the child's ``_upper_bounds``, ``_buckets`` and ``_sum``, which its own
+    ``observe`` updates the same way (prometheus_client has no observe-many);
+    tests/test_timing_units.py holds the result to that of one ``observe`` per value.
+    ``add`` is the held list's own ``append``: per token, no Python call."""
 
     def __init__(self, child):
         self.child, self.bounds = child, child._upper_bounds
-        self.counts, self.total, self.held = [0] * len(self.bounds), 0.0, 0
-
-    def add(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.held += 1
+        self.held: list[float] = []
+        self.add = self.held.append
 
     def flush(self) -> None:
         if not self.held:
             return
-        for i, n in enumerate(self.counts):
+        counts = [0] * len(self.bounds)
+        for value in self.held:
+            counts[bisect.bisect_left(self.bounds, value)] += 1
+        for i, n in enumerate(counts):
             if n:
                 self.child._buckets[i].inc(n)
-        self.child._sum.inc(self.total)
-        self.counts, self.total, self.held = [0] * len(self.bounds), 0.0, 0
+        self.child._sum.inc(sum(self.held))
+        self.held.clear()
