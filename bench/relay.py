@@ -59,6 +59,8 @@ class ProcWatch:
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.series: list[tuple[float, dict[str, float]]] = []
+        self.steady_window: tuple[float, float] | None = None
         self._cpu0 = {k: sum(map(self.cpu_seconds, v)) for k, v in self.cpu_groups.items()}
         self._t0 = time.monotonic()
 
@@ -80,7 +82,21 @@ class ProcWatch:
             for p, v in sample.items():
                 self.peak_rss[p] = max(self.peak_rss[p], v)
             self.peak_total = max(self.peak_total, sum(sample.values()))
+            self.series.append((time.monotonic(), self._cpu_now()))
             self._stop.wait(self.interval)
+
+    def _cpu_now(self) -> dict[str, float]:
+        return {k: sum(map(self.cpu_seconds, v)) for k, v in self.cpu_groups.items()}
+
+    def cpu_between(self, lo: float, hi: float) -> dict[str, float] | None:
+        """CPU seconds each group spent from ``lo`` to ``hi`` (monotonic), from the samples
+        nearest inside that window; None if it holds fewer than two."""
+        inside = [(t, c) for t, c in self.series if lo <= t <= hi]
+        if len(inside) < 2:
+            return None
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        self.steady_window = (t0, t1)
+        return {k: c1[k] - c0[k] for k in c0}
 
     def __enter__(self) -> "ProcWatch":
         self._thread.start()
@@ -171,7 +187,20 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
             (np.diff(t) - nominal * np.array([tokens_in(p) for p in r.pieces[1:]]))
             [(t[1:] > lo) & (t[1:] <= hi)] for r, t in ((r, np.array(r.times)) for r in good)])
     tokens = sum(tokens_in(r.text) for r in results)
+    # CPU per token while every stream was open: the relay's own cost, without the opening
+    # and closing of streams (a request's HTTP, job record and Celery message), which the
+    # whole-level figures spread over its tokens.
+    steady_us: dict[str, float] = {}
+    if good and steady.size:
+        cpu = watch.cpu_between(lo, hi)
+        if cpu is not None:
+            a, b = watch.steady_window
+            steady_tokens = sum(tokens_in(p) for r in good for t, p in zip(r.times, r.pieces)
+                                if a < t <= b)
+            steady_us = {k: 1e6 * v / max(steady_tokens, 1) for k, v in cpu.items()
+                         if not k[3:].isdigit()}
     return {
+        "steady_us_per_token": steady_us,
         "streams": n, "ok": len(good), "errors": len(errors), "incomplete": len(incomplete),
         "error_samples": sorted({r.error for r in errors})[:5],
         "gap_p50_ms": ms(pct(gaps, 50)), "gap_p99_ms": ms(pct(gaps, 99)),
@@ -226,7 +255,9 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
                   f"{row['web_us_per_token']:.0f}, workers {row['workers_us_per_token']:.0f}, "
                   f"redis {row['redis_us_per_token']:.0f}, client "
                   f"{row['client_us_per_token']:.0f}; chunks/token "
-                  f"{row['chunks_per_token']:.2f}; web CPU % each "
+                  f"{row['chunks_per_token']:.2f}; all streams open: µs/token "
+                  f"{', '.join(f'{k} {v:.0f}' for k, v in row['steady_us_per_token'].items())}"
+                  f"; web CPU % each "
                   f"{', '.join(f'{100 * c:.0f}' for c in row['web_cpu_share_each'])}", flush=True)
     print_table(f"Relay capacity: {web_workers} web process(es) (gunicorn + gevent); {workers} "
                 f"synthetic worker "
@@ -236,14 +267,17 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
                 ["streams", "ok", "errors", "incomplete", "gap p50 ms", "gap p99 ms",
                  "added p99 ms", "steady added p99", "TTFT p99 ms", "web RSS MB", "web CPU %",
                  "workers CPU %", "redis CPU %", "client lag p99 ms", "client CPU %",
-                 "µs/token web", "workers", "redis", "client", "chunks/token"],
+                 "µs/token web", "workers", "redis", "client", "chunks/token",
+                 "all open: µs/token web", "workers", "redis"],
                 [[r["streams"], r["ok"], r["errors"], r["incomplete"], r["gap_p50_ms"],
                   r["gap_p99_ms"], r["added_p99_ms"], r["steady_added_p99_ms"], r["ttft_p99_ms"],
                   r["web_rss_total_peak_mb"], 100 * r["web_cpu_share"],
                   100 * r["workers_cpu_share"], 100 * r["redis_cpu_share"],
                   r["client_lag_p99_ms"], 100 * r["client_cpu_share"], r["web_us_per_token"],
                   r["workers_us_per_token"], r["redis_us_per_token"], r["client_us_per_token"],
-                  r["chunks_per_token"]] for r in rows])
+                  r["chunks_per_token"],
+                  *(r["steady_us_per_token"].get(k) for k in ("web", "workers", "redis"))]
+                 for r in rows])
     carried = [r["streams"] for r in rows if r["errors"] == 0 and r["incomplete"] == 0
                and r["added_p99_ms"] is not None and r["added_p99_ms"] <= GOAL_ADDED_MS]
     per_web = max(carried) / web_workers if carried else 0

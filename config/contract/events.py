@@ -19,7 +19,7 @@ text, token counts and logprobs of the merged delta are those of its parts, in o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, TypedDict, Union
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -155,6 +155,9 @@ Event = Union[Started, Delta, ToolCallDelta, Finish, Done, Embedded, EmbeddedPar
 _TYPES = {cls.t: cls for cls in (Started, Delta, ToolCallDelta, Finish, Done, Embedded,
                                  EmbeddedParts, Failed)}
 _FIELDS = {cls: {f.name for f in fields(cls)} for cls in _TYPES.values()}
+# Fields with a plain default (not a factory's: each event needs its own of those).
+_DEFAULTS = {cls: {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+             for cls in _TYPES.values()}
 # The last event of a job that succeeded: it carries (or closes) the job's result.
 RESULTS = (Done, Embedded, EmbeddedParts)
 TERMINAL = (*RESULTS, Failed)
@@ -182,13 +185,14 @@ def _events(raw: list[dict]) -> list[Event]:
 
 def _decoded(e: dict) -> Event:
     cls = _TYPES[e["t"]]
-    if e.keys() == _FIELDS[cls]:
-        # Every field there, as ``encode`` writes them (its ``vars``): the dict becomes the
-        # event's own, without a call to its __init__ (once per token on the web).
+    d = {**_DEFAULTS[cls], **e}
+    if d.keys() == _FIELDS[cls]:
+        # Every field there and no other (those left out hold plain defaults): the dict
+        # becomes the event's own, without a call to its __init__ (once per token on the web).
         ev = object.__new__(cls)
-        object.__setattr__(ev, "__dict__", e)
+        object.__setattr__(ev, "__dict__", d)
         return ev
-    return cls(**e)
+    return cls(**e)  # a field missing or unknown: the constructor says which
 
 
 def decode(data: str | bytes) -> tuple[int, list[Event]]:
