@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 from tests.test_pipeline import script
 
 
-def _request(web, body: dict, version: str = "1.1", rcvbuf: int | None = None) -> socket.socket:
+def _request(web, body: dict, version: str = "1.1", rcvbuf: int | None = None,
+             path: str = "/v1/chat/completions") -> socket.socket:
     url = urlsplit(web.url)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:
@@ -21,7 +22,7 @@ def _request(web, body: dict, version: str = "1.1", rcvbuf: int | None = None) -
     sock.settimeout(60)
     sock.connect((url.hostname, url.port))
     data = json.dumps(body).encode()
-    sock.sendall(f"POST /v1/chat/completions HTTP/{version}\r\nHost: {url.netloc}\r\n"
+    sock.sendall(f"POST {path} HTTP/{version}\r\nHost: {url.netloc}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
                  "Connection: close\r\n\r\n".encode() + data)
     return sock
@@ -69,13 +70,33 @@ def test_a_client_that_reads_slowly_gets_every_byte(web, synthetic_worker):
     the stream back. The body is one valid chunked body holding every token in order."""
     count, pad = 2500, 3000  # ~7.5 MB: more than the kernel buffers on both sides hold
     sock = _request(web, {"model": "synthetic", "stream": True,
-                          "messages": script(count=count, pad=pad)}, rcvbuf=4096)
-    time.sleep(2)  # read nothing while the worker sends everything
+                          "messages": script(count=count, pad=pad, delay=0.001)}, rcvbuf=4096)
+    # Read nothing while the worker sends (a token a millisecond: the web keeps up, so the
+    # pump writes them, until the socket is full).
+    time.sleep(2)
     head, body = _read_all(sock)
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b"transfer-encoding: chunked" in head.lower()
     text, payloads = _contents(_dechunk(body))
     assert payloads[-1] == b"[DONE]"
+    assert text == "".join(f"t{i} {'x' * pad}" for i in range(count))
+
+
+def test_a_messages_stream_read_slowly_is_whole(web, synthetic_worker):
+    """The same for a dialect's named events (``/v1/messages``): every text delta, in order,
+    between ``message_start`` and ``message_stop``, in one valid chunked body."""
+    count, pad = 2500, 3000
+    sock = _request(web, {"model": "synthetic", "stream": True, "max_tokens": 4000,
+                          "messages": script(count=count, pad=pad, delay=0.001)},
+                    rcvbuf=4096, path="/v1/messages")
+    time.sleep(2)
+    head, body = _read_all(sock)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    events = [e for e in _dechunk(body).split(b"\n\n") if e]
+    kinds = [e.split(b"\n", 1)[0] for e in events]
+    assert kinds[0] == b"event: message_start" and kinds[-1] == b"event: message_stop"
+    datas = [json.loads(e.split(b"\ndata: ", 1)[1]) for e in events]
+    text = "".join(d["delta"]["text"] for d in datas if d["type"] == "content_block_delta")
     assert text == "".join(f"t{i} {'x' * pad}" for i in range(count))
 
 

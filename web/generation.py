@@ -14,13 +14,15 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import gevent.event
 from flask import Response, current_app, g, request
 
 from config.contract import events
 from config.errors import FerryError
-from tasks.core.generation import Caller, ClientGone, Prepared, Run, collect, start
+from tasks.core.generation import (Caller, ClientGone, Feed, Prepared, Run, Streaming, collect,
+                                   start)
 from tasks.core.relay import Subscription
 from tasks.jobs.shapes import usage_of
 from web import logs
@@ -88,14 +90,42 @@ def _stream(run: Run, include_usage: bool) -> Response:
     except BaseException:
         run.close()
         raise
+    evs = [first] if isinstance(first, events.Done) else _chain(first, run.events())
+    return _sse_response(run, evs, _OpenAIChunks(run, include_usage), {"X-Request-Id": run.id})
+
+
+def dialect_stream(streaming: Streaming, headers: dict) -> Response:
+    """A dialect's stream (Responses, Messages: ``tasks.core.generation.Streaming``), each
+    event as ``event: <type>`` and its JSON, written as ``_sse`` writes every stream."""
+    evs = _chain(streaming.first, streaming.rest)
+    return _sse_response(streaming.run, evs, _NamedChunks(streaming.feed), headers)
+
+
+def _sse_response(run: Run, evs: Iterator[events.Event], chunks: "_Chunks",
+                  headers: dict) -> Response:
     pump = _Pump.of_request() if isinstance(run.sub, Subscription) else None
-    return Response(_sse(run, include_usage, first, pump), status=200,
-                    mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                             "X-Request-Id": run.id})
+    return Response(_sse(run, evs, chunks, pump), status=200, mimetype="text/event-stream",
+                    headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _sse(run: Run, include_usage: bool, first, pump: "_Pump | None" = None) -> Iterator[bytes]:
+class _Chunks(Protocol):
+    """How one dialect writes a run's events as SSE bytes."""
+
+    def opening(self) -> list[bytes]:
+        """What goes before the first event's chunks."""
+
+    def chunks(self, ev: events.Event) -> list[bytes]:
+        """An event's SSE events (none, one or several); ``Done``'s end the stream."""
+
+    def text(self, ev: events.Delta) -> bytes | None:
+        """A text delta's one SSE event when it is built the quick way, else None."""
+
+    def error(self, err: FerryError) -> list[bytes]:
+        """What ends a stream that failed."""
+
+
+def _sse(run: Run, evs: Iterator[events.Event], chunks: _Chunks,
+         pump: "_Pump | None" = None) -> Iterator[bytes]:
     """The stream's bytes. Chunks of events already waiting are sent in one write: when the
     web falls behind its workers, it catches up with fewer, larger sends instead of one
     syscall per token. Once the headers are out and the stream has caught up, its chunks
@@ -103,18 +133,9 @@ def _sse(run: Run, include_usage: bool, first, pump: "_Pump | None" = None) -> I
     out: list[bytes] = []
     finished = False
     try:
-        evs = [first] if isinstance(first, events.Done) else _chain(first, run.events())
-        opened: set[int] = set()
-        texts = _TextChunks(run.shape, include_usage)
-
-        def shape(ev: events.Event) -> list[bytes]:
-            return _sse_chunks(ev, run, include_usage, opened, texts)
-
-        def text(ev: events.Delta) -> bytes | None:
-            return texts.get(ev) if ev.index in opened and ev.text else None
-
+        out.extend(chunks.opening())
         for ev in evs:
-            out.extend(shape(ev))
+            out.extend(chunks.chunks(ev))
             if isinstance(ev, events.Done):
                 finished = True
             if out and (finished or not run.pending()):
@@ -122,19 +143,64 @@ def _sse(run: Run, include_usage: bool, first, pump: "_Pump | None" = None) -> I
                 out.clear()
                 if pump is not None and not finished and not run.pending():
                     if pump.usable():
-                        pump.run(run, shape, text)
+                        pump.run(run, chunks.chunks, chunks.text)
                     else:
                         pump = None
     except ClientGone:
         pass
     except FerryError as e:
         finished = True
-        out.append(_encode({"error": e.to_dict()}))
+        out.extend(chunks.error(e))
         yield b"".join(out)
     finally:
         if not finished:
             run.cancel()  # the client went away mid-stream
         run.close()
+
+
+class _OpenAIChunks:
+    """Chat and completions chunks (``data: {...}``), ``data: [DONE]`` at the end."""
+
+    def __init__(self, run: Run, include_usage: bool):
+        self.run, self.include_usage = run, include_usage
+        self.opened: set[int] = set()
+        self.texts = _TextChunks(run.shape, include_usage)
+
+    def opening(self) -> list[bytes]:
+        return []
+
+    def chunks(self, ev: events.Event) -> list[bytes]:
+        return _sse_chunks(ev, self.run, self.include_usage, self.opened, self.texts)
+
+    def text(self, ev: events.Delta) -> bytes | None:
+        return self.texts.get(ev) if ev.index in self.opened and ev.text else None
+
+    def error(self, err: FerryError) -> list[bytes]:
+        return [_encode({"error": err.to_dict()})]
+
+
+class _NamedChunks:
+    """A dialect's events (``tasks.core.generation.Feed``) as ``event: <type>`` + JSON."""
+
+    def __init__(self, feed: Feed):
+        self.feed = feed
+
+    def opening(self) -> list[bytes]:
+        return [_named(ev) for ev in self.feed.opening()]
+
+    def chunks(self, ev: events.Event) -> list[bytes]:
+        return [_named(out) for out in self.feed.feed(ev)]
+
+    def text(self, ev: events.Delta) -> bytes | None:
+        return None
+
+    def error(self, err: FerryError) -> list[bytes]:
+        return [_named(out) for out in self.feed.fail(err)]
+
+
+def _named(ev: dict) -> bytes:
+    return (f"event: {ev['type']}\ndata: ".encode()
+            + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
 
 
 class _Pump:
@@ -357,13 +423,12 @@ def _encode(obj: dict) -> bytes:
 
 
 def named_events(stream: Iterator[dict], headers: dict) -> Response:
-    """A dialect's stream (Responses, Messages): each event as ``event: <type>`` and its
-    JSON; a client that leaves ends it (its job is cancelled by the core)."""
+    """Stream events made elsewhere (a background response replayed): each as ``event:
+    <type>`` and its JSON; a client that leaves ends it."""
     def sse() -> Iterator[bytes]:
         try:
             for ev in stream:
-                yield (f"event: {ev['type']}\ndata: ".encode()
-                       + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
+                yield _named(ev)
         except ClientGone:
             return
 

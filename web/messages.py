@@ -38,10 +38,10 @@ def create_message():
             body = messages.collect(_ferry(), turn, generation.caller())
             return Response(json.dumps(body), status=200, mimetype="application/json",
                             headers=headers)
-        _, stream = messages.begin(_ferry(), turn, generation.caller())
+        _, streaming = messages.begin(_ferry(), turn, generation.caller())
     except ClientGone:
         return Response(status=499)
-    return generation.named_events(stream, headers)
+    return generation.dialect_stream(streaming, headers)
 
 
 @bp.post("/v1/messages/count_tokens")

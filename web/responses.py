@@ -44,10 +44,10 @@ def create_response():
         if not req.stream:
             return Response(json.dumps(responses.collect(_ferry(), turn, generation.caller())),
                             status=200, mimetype="application/json", headers=headers)
-        _, stream = responses.begin(_ferry(), turn, generation.caller())
+        _, streaming = responses.begin(_ferry(), turn, generation.caller())
     except ClientGone:
         return Response(status=499)
-    return generation.named_events(stream, headers)
+    return generation.dialect_stream(streaming, headers)
 
 
 @bp.get("/v1/responses/<response_id>")

@@ -12,10 +12,12 @@ JSON they answer with (``tasks/jobs/shapes.py``). ``/v1/jobs`` uses the same ``p
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis as redis_lib
 
@@ -227,6 +229,63 @@ def follow(sub: Subscription | MergedSubscription,
         yield ev
         if isinstance(ev, events.TERMINAL):
             return
+
+
+class Feed(Protocol):
+    """How a dialect (Responses, Messages) spells a run's events as its own stream events:
+    ``opening()`` before the first, ``feed(ev)`` for each, ``fail(err)`` for the failure
+    that ends the stream. Called in order, one at a time, by whoever follows the run: the
+    loop in ``Streaming.events``, or a web writer that sends them as they come."""
+
+    def opening(self) -> list[dict]: ...
+    def feed(self, ev: events.Event) -> list[dict]: ...
+    def fail(self, err: FerryError) -> list[dict]: ...
+
+
+@dataclass
+class Streaming:
+    """A dialect's run, its job started by its worker (``first`` is its first event,
+    ``rest`` the events after it): followed by ``events()`` or, event by event, by the
+    web's stream writer (``web/generation.py``), which must end it as ``events()`` does."""
+
+    run: Run
+    first: events.Event
+    rest: Iterator[events.Event]
+    feed: Feed
+
+    def events(self, raise_failure: bool = False) -> Iterator[dict]:
+        """The stream's events, until the last. A failure later on is ``feed.fail``'s
+        events (``raise_failure``: raised, for a non-streamed request); ``ClientGone``
+        once the caller left (its job is cancelled)."""
+        finished = False
+        try:
+            yield from self.feed.opening()
+            for ev in itertools.chain([self.first], self.rest):
+                out = self.feed.feed(ev)
+                finished = finished or isinstance(ev, events.Done)
+                yield from out
+        except FerryError as e:
+            finished = True
+            if raise_failure:
+                raise
+            yield from self.feed.fail(e)
+        finally:
+            if not finished:
+                self.run.cancel()  # the client went away mid-stream
+            self.run.close()
+
+
+def stream(ferry: Ferry, prepared: Prepared, caller: Caller, feed: Feed) -> Streaming:
+    """Start the job and wait for its worker to start it, so that errors found while
+    preparing it (context length, template) fail the request itself."""
+    run = start(ferry, [prepared], caller)
+    rest = run.events()
+    try:
+        first = next(rest)
+    except BaseException:
+        run.close()
+        raise
+    return Streaming(run, first, rest, feed)
 
 
 def collect(run: Run) -> dict:

@@ -10,10 +10,8 @@ the model's template and tokenizer) and answers with the prompt's length, withou
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,47 +122,33 @@ def count_tokens(ferry: Ferry, req: CountMessageTokensRequest,
     raise InvalidRequest("The count ended early.")  # pragma: no cover - Done always ends it
 
 
-def begin(ferry: Ferry, turn: Turn, caller: generation.Caller, *,
-          raise_failure: bool = False) -> tuple[MessageBuilder, Iterator[dict[str, Any]]]:
+def begin(ferry: Ferry, turn: Turn,
+          caller: generation.Caller) -> tuple[MessageBuilder, generation.Streaming]:
     """Start the turn's job and wait for the worker to start it (so that errors found while
-    preparing it, such as the context length, fail the request itself); then its Messages
-    stream events, until ``message_stop``. A failure later on is the ``error`` event
-    (``raise_failure``: raised, for a non-streamed request); ``ClientGone`` once
-    ``caller.abandoned()`` (the job is cancelled)."""
-    run = generation.start(ferry, [turn.prepared], caller)
-    evs = run.events()
-    try:
-        first = next(evs)
-    except BaseException:
-        run.close()
-        raise
+    preparing it, such as the context length, fail the request itself); its Messages stream
+    events then follow (``Streaming.events``), until ``message_stop``, or an ``error``."""
     builder = turn.builder()
-    return builder, _follow(run, builder, itertools.chain([first], evs), raise_failure)
+    return builder, generation.stream(ferry, turn.prepared, caller, _Feed(builder))
 
 
-def _follow(run: generation.Run, builder: MessageBuilder, evs: Iterator[events.Event],
-            raise_failure: bool) -> Iterator[dict[str, Any]]:
-    finished = False
-    try:
-        for ev in evs:
-            out = builder.feed(ev)
-            finished = isinstance(ev, events.Done)
-            yield from out
-    except FerryError as e:
-        finished = True
-        if raise_failure:
-            raise
-        yield builder.fail(e)
-    finally:
-        if not finished:
-            run.cancel()  # the client went away mid-stream
-        run.close()
+class _Feed:
+    """The Messages stream's events (``generation.Feed``)."""
+
+    def __init__(self, builder: MessageBuilder):
+        self.feed = builder.feed
+        self._fail = builder.fail
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def fail(self, err: FerryError) -> list[dict[str, Any]]:
+        return [self._fail(err)]
 
 
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
     """The turn run to its end: the message object (a failure is raised)."""
-    builder, stream = begin(ferry, turn, caller, raise_failure=True)
-    for _ in stream:
+    builder, streaming = begin(ferry, turn, caller)
+    for _ in streaming.events(raise_failure=True):
         pass
     return builder.message()
 

@@ -10,10 +10,8 @@ only the new turn (``usage.input_tokens_details.cached_tokens`` shows it).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,49 +87,38 @@ def prepare(req: CreateResponseRequest, ferry: Ferry, tenant: Tenant) -> Turn:
                                                                   prepared.entry.name))
 
 
-def begin(ferry: Ferry, turn: Turn, caller: generation.Caller, *,
-          raise_failure: bool = False) -> tuple[ResponseBuilder, Iterator[dict[str, Any]]]:
+def begin(ferry: Ferry, turn: Turn,
+          caller: generation.Caller) -> tuple[ResponseBuilder, generation.Streaming]:
     """Start the turn's job and wait for the worker to start it (so that errors found while
-    preparing it, such as the context length, fail the request itself); then its Responses
-    stream events, until the final one. A stored turn is stored before its final event is
-    given out, so a client that has it can retrieve the response. A failure later on is
-    the ``response.failed`` event (``raise_failure``: raised, for a non-streamed request);
-    ``ClientGone`` once ``caller.abandoned()`` (the job is cancelled)."""
-    run = generation.start(ferry, [turn.prepared], caller)
-    evs = run.events()
-    try:
-        first = next(evs)
-    except BaseException:
-        run.close()
-        raise
+    preparing it, such as the context length, fail the request itself); its Responses
+    stream events then follow (``Streaming.events``), until the final one, or
+    ``response.failed``. A stored turn is stored before its final event is given out, so a
+    client that has it can retrieve the response."""
     builder = turn.builder()
-    return builder, _follow(ferry, turn, run, builder, itertools.chain([first], evs),
-                            caller.tenant.owner, raise_failure)
+    feed = _Feed(ferry, turn, builder, caller.tenant.owner)
+    return builder, generation.stream(ferry, turn.prepared, caller, feed)
 
 
-def _follow(ferry: Ferry, turn: Turn, run: generation.Run, builder: ResponseBuilder,
-            evs: Iterator[events.Event], owner: str,
-            raise_failure: bool) -> Iterator[dict[str, Any]]:
-    finished = False
-    try:
-        yield from builder.opening()
-        for ev in evs:
-            out = builder.feed(ev)
-            if isinstance(ev, events.Done):
-                finished = True
-                _keep(ferry, turn, builder, owner)
-            yield from out
-    except FerryError as e:
-        finished = True
-        if raise_failure:
-            raise
-        out = builder.fail(e)
-        _keep(ferry, turn, builder, owner)
-        yield from out
-    finally:
-        if not finished:
-            run.cancel()  # the client went away mid-stream
-        run.close()
+class _Feed:
+    """The Responses stream's events (``generation.Feed``); the turn is kept (when
+    stored) at its end."""
+
+    def __init__(self, ferry: Ferry, turn: Turn, builder: ResponseBuilder, owner: str):
+        self.ferry, self.turn, self.builder, self.owner = ferry, turn, builder, owner
+
+    def opening(self) -> list[dict[str, Any]]:
+        return self.builder.opening()
+
+    def feed(self, ev: events.Event) -> list[dict[str, Any]]:
+        out = self.builder.feed(ev)
+        if isinstance(ev, events.Done):
+            _keep(self.ferry, self.turn, self.builder, self.owner)
+        return out
+
+    def fail(self, err: FerryError) -> list[dict[str, Any]]:
+        out = self.builder.fail(err)
+        _keep(self.ferry, self.turn, self.builder, self.owner)
+        return out
 
 
 def _keep(ferry: Ferry, turn: Turn, builder: ResponseBuilder, owner: str) -> None:
@@ -153,8 +140,8 @@ def submit_background(ferry: Ferry, turn: Turn, caller: generation.Caller) -> di
 
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
     """The turn run to its end: the response object (a failure is raised)."""
-    builder, stream = begin(ferry, turn, caller, raise_failure=True)
-    for _ in stream:
+    builder, streaming = begin(ferry, turn, caller)
+    for _ in streaming.events(raise_failure=True):
         pass
     return builder.response()
 
