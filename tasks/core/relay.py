@@ -60,10 +60,15 @@ class _Line:
         self.frames = _Frames()
 
     def subscribe(self, channel: str) -> None:
-        self.conn.send_command("SUBSCRIBE", channel)
+        self._send("SUBSCRIBE", channel)
 
     def unsubscribe(self, channel: str) -> None:
-        self.conn.send_command("UNSUBSCRIBE", channel)
+        self._send("UNSUBSCRIBE", channel)
+
+    def _send(self, *args: str) -> None:
+        # No health check: it would read the PING's reply off this socket, which only the
+        # reader reads (a URL may set ``health_check_interval``).
+        self.conn.send_packed_command(self.conn.pack_command(*args), check_health=False)
 
     def read(self) -> list:
         """The next frames (waiting for at least one chunk of bytes)."""
