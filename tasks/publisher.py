@@ -162,7 +162,8 @@ class Publisher:
         self._spoke: set[str] = set()     # jobs whose first delta was queued
         # ``_any``: something is queued; ``_now``: something must go without waiting for
         # the window. A put appends *before* it looks at ``_any``, and the drain clears
-        # ``_any`` *before* it takes: a put that finds it set is taken by a drain to come.
+        # ``_any`` *before* it takes, and looks at the queue before it waits for ``_any``:
+        # a put that finds ``_any`` set is taken by a drain to come.
         self._any, self._now = threading.Event(), threading.Event()
         self._jobs: dict[str, _Job] = {}  # only the sending thread touches it
         self._link = _Link(redis, _SEND)
@@ -209,13 +210,13 @@ class Publisher:
 
     def _run(self) -> None:
         queue, jobs = self._queue, self._jobs
-        idle = max(self.window_s, 0.001)
         while True:
-            # A drain in flight is confirmed once nothing follows it for a window, so one
-            # that was lost is sent again soon, not when the next event comes.
-            if not self._any.wait(idle if self._link.in_flight else None):
-                self._deliver([], [], 0, wait=True)
-                continue
+            # Idle (nothing queued, nothing in flight): sleep until a put. Otherwise a drain
+            # every window: one wait per drain, and a drain in flight is confirmed a window
+            # after it was sent even if nothing follows it (so one that was lost is sent
+            # again soon, not when the next event comes).
+            if not queue and not self._link.in_flight:
+                self._any.wait()
             self._now.wait(self.window_s)
             self._any.clear()
             self._now.clear()
@@ -235,7 +236,7 @@ class Publisher:
                         jobs[job_id] = _Job(reply_to, events_log(job_id).encode(),
                                             events_channel(job_id).encode())
                 batch.append(event)
-            if batches or flushes:
+            if batches or flushes or self._link.in_flight:
                 self._send(batches, wait=bool(flushes))
             for f in flushes:
                 f.set()
