@@ -85,7 +85,8 @@ class _Link:
 
     def __init__(self, redis, script: str):
         pool = redis.connection_pool
-        self._conn = pool.connection_class(**pool.connection_kwargs)
+        self._conn = pool.connection_class(**{**pool.connection_kwargs,
+                                              "client_name": "ferry-publisher"})
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self._in_flight: bytes | None = None  # the drain whose reply is not read yet
