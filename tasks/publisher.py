@@ -17,9 +17,11 @@ script call:
 The buffer's TTL is pushed forward on a job's first message, its last, and every half TTL
 between: not with every token.
 
-The script call goes over a connection of the publisher's own, packed here (``_Link``):
-redis-py's generic command path (pool, retry wrapper, per-argument packing, observability
-hooks) cost the worker more CPU per drain than everything else it does per token.
+The script call goes over a connection of the publisher's own (``_Link``), packed here, and
+its reply is read a window later, just before the next drain is sent: redis-py's generic
+command path (pool, retry wrapper, per-argument packing) and a gevent wait for each reply
+cost the worker more CPU than everything else it does per token. A job's events still go
+in order (one drain in flight at most), and ``flush`` waits for Redis's reply.
 
 A drain that finds Redis unreachable or loading (restarted) is sent again, with back-off,
 for up to ``retry_s``: a script runs whole or not at all, so a failed send leaves no half of
