@@ -15,7 +15,7 @@ same keys.
 
 from __future__ import annotations
 
-import threading
+import collections
 import time
 from dataclasses import asdict, dataclass
 
@@ -32,27 +32,33 @@ def tokens_key(queue: str, second: int) -> str:
 
 
 class TokenMeter:
-    """A worker's generated tokens since its last heartbeat (thread-safe: jobs add, the
-    heartbeat takes)."""
+    """A worker's generated tokens since its last heartbeat. Thread-safe without a lock (it
+    is called once per token): jobs append counts to a deque, the heartbeat takes them (a
+    deque's append and popleft are atomic)."""
 
     def __init__(self, queue: str):
-        self.queue, self._count, self._lock = queue, 0, threading.Lock()
+        self.queue = queue
+        self._counts: collections.deque[int] = collections.deque()
 
     def add(self, event: Event) -> None:
-        if isinstance(event, Delta) and not event.prompt:
-            n = event.tokens
-        elif isinstance(event, ToolCallDelta):
-            n = event.tokens
-        else:
-            return
-        with self._lock:
-            self._count += n
+        kind = type(event)
+        if kind is Delta:
+            if not event.prompt:
+                self._counts.append(event.tokens)
+        elif kind is ToolCallDelta:
+            self._counts.append(event.tokens)
+
+    def take(self) -> int:
+        """The tokens added since the last ``take``."""
+        counts, count = self._counts, 0
+        for _ in range(len(counts)):
+            count += counts.popleft()
+        return count
 
     def beat(self, pipe, now: float) -> None:
         """Queued on the heartbeat's pipeline. Taken before the write: a beat whose write
         fails loses that beat's count, it is not added twice."""
-        with self._lock:
-            count, self._count = self._count, 0
+        count = self.take()
         if count:
             key = tokens_key(self.queue, int(now))
             pipe.incrby(key, count)

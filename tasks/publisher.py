@@ -1,10 +1,12 @@
 """Publishes job events from a worker: a few ms of every job's events in one round trip.
 
-``put`` never blocks on Redis: events go to an in-process queue that one thread drains. A
-drain waits up to ``window_s`` for more events (unless one must go at once: a job's first
-delta, so the first token is never held, and every event that is not a delta: start, end,
-error), or until one job holds ``window_tokens`` tokens. Then each job's consecutive deltas
-become one (``events.coalesce``), numbered, and everything goes in one script call:
+``put`` never blocks on Redis, nor on a lock: events go to an in-process queue (a deque,
+whose append and popleft are atomic under real threads and greenlets alike) that one
+thread drains. A drain waits up to ``window_s`` for more events (unless one must go at once:
+a job's first delta, so the first token is never held, and every event that is not a delta:
+start, end, error), or until one job holds ``window_tokens`` tokens. Then each job's
+consecutive deltas become one (``events.coalesce``), numbered, and everything goes in one
+script call:
 
 - per job, its message appended to its replay buffer (a capped stream with a TTL), *before*
   it is published: a watcher that subscribes and then reads the buffer misses nothing;
@@ -15,6 +17,12 @@ become one (``events.coalesce``), numbered, and everything goes in one script ca
 The buffer's TTL is pushed forward on a job's first message, its last, and every half TTL
 between: not with every token.
 
+The script call goes over a connection of the publisher's own (``_Link``), packed here, and
+its reply is read a window later, just before the next drain is sent: redis-py's generic
+command path (pool, retry wrapper, per-argument packing) and a gevent wait for each reply
+cost the worker more CPU than everything else it does per token. A job's events still go
+in order (one drain in flight at most), and ``flush`` waits for Redis's reply.
+
 A drain that finds Redis unreachable or loading (restarted) is sent again, with back-off,
 for up to ``retry_s``: a script runs whole or not at all, so a failed send leaves no half of
 a drain behind, and the job's buffer still ends with its terminal event once Redis is back.
@@ -22,6 +30,8 @@ a drain behind, and the job's buffer still ends with its terminal event once Red
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import threading
 import time
@@ -34,31 +44,107 @@ from config.contract.protocol import events_channel, events_log
 
 log = logging.getLogger(__name__)
 
-_DELTAS = (events.Delta, events.ToolCallDelta)
+Delta, ToolCallDelta, TERMINAL = events.Delta, events.ToolCallDelta, events.TERMINAL
 
-# One drain in one call, its jobs' messages in one argument: packing a pipeline of three
-# commands per job (redis-py's pack, per argument) cost the worker more CPU than all the rest
-# of its work per token. ARGV: buffer length, buffer TTL (ms), the prefixes of a job's buffer
-# and channel names, the jobs as lines of "<1 to push the TTL forward, else 0>\t<job id>\t
-# <message>" (JSON has no raw tab or newline), then per reply channel its name and message.
-# Job keys are named in the script, as in tasks/jobs/store.py's (single-instance Redis).
+# One drain in one call. KEYS: the jobs' replay buffers. ARGV: buffer length, buffer TTL
+# (ms), then per job (in KEYS' order) three: "1" to push its buffer's TTL forward (else
+# "0"), its channel, its message; then per reply channel two: its name, its message.
+# Arguments, not lines to split in Lua: Redis parses them in C, and a pattern match per job
+# cost the script more than the XADD.
 _SEND = """
-for line in string.gmatch(ARGV[5], '[^\\n]+') do
-  local expire, id, message = string.match(line, '^(%d)\\t([^\\t]+)\\t(.*)$')
-  local buffer = ARGV[3] .. id
-  redis.call('XADD', buffer, 'MAXLEN', '~', ARGV[1], '*', 'm', message)
-  if expire == '1' then redis.call('PEXPIRE', buffer, ARGV[2]) end
-  redis.call('PUBLISH', ARGV[4] .. id, message)
+local n = #KEYS
+for i = 1, n do
+  local a = 3 * i
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[a + 2])
+  if ARGV[a] == '1' then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+  redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2])
 end
-for k = 6, #ARGV, 2 do
+for k = 3 * n + 3, #ARGV, 2 do
   redis.call('PUBLISH', ARGV[k], ARGV[k + 1])
 end
 """
 
 
+def pack(*args: bytes) -> bytes:
+    """A command in RESP (the protocol's array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out += (b"$%d\r\n" % len(a), a, b"\r\n")
+    return b"".join(out)
+
+
+class _Link:
+    """The publisher's own connection, made like the client's (address, auth, protocol,
+    health checks), used by the sending thread alone.
+
+    A drain is sent without waiting for its reply (``send``); the reply is read by the next
+    ``confirm``, which the publisher calls before it sends the next drain, a window later,
+    when the reply is there already: waiting for each reply cost a gevent worker more CPU
+    than the rest of the drain. So at most one drain is in flight, and one whose reply did
+    not come (the connection broke) is sent again by the next ``confirm``, on a new
+    connection, as redis-py would have resent it. The script is sent by its SHA1, and
+    loaded when Redis does not know it (it forgets scripts when it restarts)."""
+
+    def __init__(self, redis, script: str):
+        pool = redis.connection_pool
+        self._conn = pool.connection_class(**{**pool.connection_kwargs,
+                                              "client_name": "ferry-publisher"})
+        self._script = script.encode()
+        self._sha = hashlib.sha1(self._script).hexdigest().encode()
+        self._in_flight: bytes | None = None  # the drain whose reply is not read yet
+        self._lost = False                    # ...and whose send must be done again
+
+    def load(self) -> None:
+        self._conn.send_packed_command([pack(b"SCRIPT", b"LOAD", self._script)])
+        self._conn.read_response()
+
+    def send(self, keys: list[bytes], args: list[bytes]) -> None:
+        """Send a script call; only after ``confirm`` (one drain in flight at most)."""
+        assert self._in_flight is None
+        self._in_flight, self._lost = pack(b"EVALSHA", self._sha, b"%d" % len(keys),
+                                           *keys, *args), True
+        self._conn.send_packed_command([self._in_flight])
+        self._lost = False
+
+    def confirm(self) -> None:
+        """Read the reply of the drain in flight (sending it again first if it was lost).
+        Raises what the call raised; on a connection error it stays in flight."""
+        if self._in_flight is None:
+            return
+        try:
+            if self._lost:
+                self._conn.send_packed_command([self._in_flight])
+                self._lost = False
+            try:
+                self._conn.read_response()
+            except redis_lib.exceptions.NoScriptError:
+                self.load()
+                self._conn.send_packed_command([self._in_flight])
+                self._conn.read_response()
+        except redis_lib.ConnectionError:
+            self._lost = True  # redis-py closed the connection; the next send opens one
+            raise
+        except BaseException:
+            self._in_flight = None
+            raise
+        self._in_flight = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def drop(self) -> None:
+        self._in_flight, self._lost = None, False
+
+    def close(self) -> None:
+        self._conn.disconnect()
+
+
 @dataclass
 class _Job:
     reply_to: str | None
+    log_key: bytes
+    channel: bytes
     seq: int = 0             # the number of the next event sent
     expire_due: float = 0.0  # when the buffer's TTL must be pushed forward again
 
@@ -66,54 +152,56 @@ class _Job:
 class Publisher:
     def __init__(self, redis, *, log_max: int, log_ttl_ms: int, retry_s: float = 0.0,
                  window_s: float = 0.0, window_tokens: int = 16):
-        self.redis, self.retry_s = redis, retry_s
-        self.log_max, self.log_ttl_ms = log_max, log_ttl_ms
+        self.retry_s = retry_s
+        self.log_ttl_ms = log_ttl_ms
+        self._head = [b"%d" % log_max, b"%d" % log_ttl_ms]
         self.window_s, self.window_tokens = window_s, window_tokens
-        # Guards the queue and the counts beside it (``put`` runs on any task thread).
-        self._lock = threading.Lock()
-        self._items: list = []
+        # (job id, event, reply_to), or a flush's Event. Appended by any task thread, taken
+        # by the sending thread: no lock (deque's append and popleft are atomic).
+        self._queue: collections.deque = collections.deque()
+        # Written by ``put`` without a lock, cleared by the drain: a count that races with
+        # the clear is only ever too high, which makes a drain come early, never late.
         self._held: dict[str, int] = {}   # tokens queued per job since the last drain
         self._spoke: set[str] = set()     # jobs whose first delta was queued
-        # ``_any``: something is queued (set by the put that finds the queue empty);
-        # ``_now``: something must go without waiting for the window.
+        # ``_any``: something is queued; ``_now``: something must go without waiting for
+        # the window. A put appends *before* it looks at ``_any``, and the drain clears
+        # ``_any`` *before* it takes, and looks at the queue before it waits for ``_any``:
+        # a put that finds ``_any`` set is taken by a drain to come.
         self._any, self._now = threading.Event(), threading.Event()
         self._jobs: dict[str, _Job] = {}  # only the sending thread touches it
-        self._script = redis.register_script(_SEND)
+        self._link = _Link(redis, _SEND)
         try:
             # Loaded now, while nothing waits: a job's first events would otherwise pay the
-            # NOSCRIPT round trips (Redis forgets scripts when it restarts; redis-py then
-            # loads it again by itself).
-            self._script.sha = redis.script_load(_SEND)
+            # NOSCRIPT round trip.
+            self._link.load()
         except redis_lib.RedisError:
-            pass
+            self._link.close()
         self._thread = threading.Thread(target=self._run, name="ferry-publisher", daemon=True)
         self._thread.start()
 
     def put(self, job_id: str, event: events.Event, reply_to: str | None = None) -> None:
         """Queue ``event``; ``reply_to``: the web process's channel waiting for the job.
         A delta that may wait wakes nobody: a drain takes it within the window."""
-        with self._lock:
-            was_empty = not self._items
-            self._items.append((job_id, event, reply_to))
-            now = self._urgent(job_id, event)
-        if now:
+        self._queue.append((job_id, event, reply_to))
+        if self._urgent(job_id, event):
             self._now.set()
-        if was_empty:
+        if not self._any.is_set():
             self._any.set()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything put so far has been sent (or given up on)."""
         done = threading.Event()
-        with self._lock:
-            self._items.append(done)
+        self._queue.append(done)
         self._now.set()
         self._any.set()
         return done.wait(timeout)
 
     def _urgent(self, job_id: str, event: events.Event) -> bool:
-        """Whether ``event`` must go at once (called under the lock)."""
-        if not isinstance(event, _DELTAS):
-            if isinstance(event, events.TERMINAL):
+        """Whether ``event`` must go at once. A job's events are put by one thread, so its
+        entries in ``_spoke`` and ``_held`` have one writer besides the drain's clear."""
+        kind = type(event)
+        if kind is not Delta and kind is not ToolCallDelta:
+            if kind in TERMINAL:
                 self._spoke.discard(job_id)
             return True
         if job_id not in self._spoke:
@@ -124,65 +212,91 @@ class Publisher:
         return held >= self.window_tokens
 
     def _run(self) -> None:
+        queue, jobs = self._queue, self._jobs
         while True:
-            self._any.wait()
+            # Idle (nothing queued, nothing in flight): sleep until a put. Otherwise a drain
+            # every window: one wait per drain, and a drain in flight is confirmed a window
+            # after it was sent even if nothing follows it (so one that was lost is sent
+            # again soon, not when the next event comes).
+            if not queue and not self._link.in_flight:
+                self._any.wait()
             self._now.wait(self.window_s)
             self._any.clear()
             self._now.clear()
-            with self._lock:
-                items, self._items = self._items, []
-                self._held.clear()
+            self._held.clear()
             batches: dict[str, list[events.Event]] = {}
             flushes = []
-            for item in items:
-                if isinstance(item, threading.Event):
+            for _ in range(len(queue)):
+                item = queue.popleft()
+                if type(item) is not tuple:
                     flushes.append(item)
                     continue
                 job_id, event, reply_to = item
-                if job_id not in self._jobs:
-                    self._jobs[job_id] = _Job(reply_to)
-                batches.setdefault(job_id, []).append(event)
-            if batches:
-                self._send(batches)
+                batch = batches.get(job_id)
+                if batch is None:
+                    batch = batches[job_id] = []
+                    if job_id not in jobs:
+                        jobs[job_id] = _Job(reply_to, events_log(job_id).encode(),
+                                            events_channel(job_id).encode())
+                batch.append(event)
+            if batches or flushes or self._link.in_flight:
+                self._send(batches, wait=bool(flushes))
             for f in flushes:
                 f.set()
 
-    def _send(self, batches: dict[str, list[events.Event]]) -> None:
+    def _send(self, batches: dict[str, list[events.Event]], wait: bool) -> None:
+        """Send the drain; with ``wait``, until Redis confirmed it (a flush)."""
         now = time.monotonic()
-        lines, routed = [], {}
+        keys, args, routed = [], list(self._head), {}
         for job_id, evs in batches.items():
             job = self._jobs[job_id]
-            evs = events.coalesce(evs)
+            if len(evs) > 1:
+                evs = events.coalesce(evs)
             message = events.encode(job.seq, evs)
             job.seq += len(evs)
-            ended = isinstance(evs[-1], events.TERMINAL)
+            ended = type(evs[-1]) in TERMINAL
             expire = ended or now >= job.expire_due
             if expire:
                 job.expire_due = now + self.log_ttl_ms / 2000
             if ended:
                 del self._jobs[job_id]
-            lines.append(f"{1 if expire else 0}\t{job_id}\t{message}")
+            keys.append(job.log_key)
+            args += (b"1" if expire else b"0", job.channel, message.encode())
             if job.reply_to:
                 routed.setdefault(job.reply_to, []).append((job_id, message))
-        args = [self.log_max, self.log_ttl_ms, events_log(""), events_channel(""),
-                "\n".join(lines)]
         for channel, messages in routed.items():
-            args += [channel, events.encode_routed(messages)]
-        give_up, pause = time.monotonic() + self.retry_s, 0.2
+            args += (channel.encode(), events.encode_routed(messages).encode())
+        self._deliver(keys, args, len(batches), wait)
+
+    def _deliver(self, keys: list[bytes], args: list[bytes], jobs: int, wait: bool) -> None:
+        """Confirm the drain in flight, then send this one (if it has jobs); with ``wait``,
+        confirm it too. Retried on connection errors, with back-off, for up to ``retry_s``;
+        the first retry goes at once, on a new connection (the one in hand may simply be
+        stale: Redis restarted since the last drain)."""
+        give_up, pause = time.monotonic() + self.retry_s, 0.0
         while True:
             try:
-                self._script(args=args)
+                self._link.confirm()
+                if keys:
+                    sending, keys = keys, []
+                    self._link.send(sending, args)
+                if wait:
+                    self._link.confirm()
                 return
             except redis_lib.ConnectionError as e:  # down, or loading its data (restarted)
                 if time.monotonic() + pause > give_up:
-                    log.error("could not publish events for %d jobs: %s", len(batches), e)
+                    log.error("could not publish events (%d jobs): %s", jobs, e)
+                    self._link.drop()
                     return
-                log.warning("publishing events for %d jobs: %s; retrying", len(batches), e)
-                time.sleep(pause)
+                if pause:
+                    log.warning("publishing events (%d jobs): %s; retrying", jobs, e)
+                    time.sleep(pause)
                 # Capped low: the buffer should be written soon after Redis is back, before
                 # the runtime's end write (backing off to 2 s) makes watchers read it.
-                pause = min(pause * 2, 0.5)
+                pause = min(max(pause * 2, 0.2), 0.5)
             except Exception:
                 # The web side notices the gap (or the dead connection) and fails the request.
-                log.exception("could not publish events for %d jobs", len(batches))
-                return
+                log.exception("could not publish events (%d jobs)", jobs)
+                self._link.drop()
+                if not keys:
+                    return

@@ -169,12 +169,17 @@ class Runtime:
         log.info("started job=%s model=%s", job.id, job.model)
         try:
             shape = record.spec.shape(job.id, record.model, int(record.created))
+            # Once per token: bound once, and types compared rather than isinstance chains
+            # (events are final dataclasses).
+            add, count, put = outcome.add, self.meter.add, self.publisher.put
+            job_id, reply_to = job.id, job.reply_to
             for event in produce():
-                if isinstance(event, Started):
+                kind = type(event)
+                if kind is Started:
                     event = dataclasses.replace(event, worker=self.name)
-                outcome.add(event)
-                self.meter.add(event)
-                if isinstance(event, RESULTS):
+                add(event)
+                count(event)
+                if kind in RESULTS:
                     # Recorded before the terminal event is published: a watcher that saw it
                     # finds the job ended.
                     self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
@@ -184,7 +189,7 @@ class Runtime:
                     # (tasks/routing.py).
                     self._served(job, outcome)
                     loaded = False
-                self.publisher.put(job.id, event, job.reply_to)
+                put(job_id, event, reply_to)
         except FerryError as e:
             self._fail(job, e)
         except Exception:

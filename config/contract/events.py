@@ -6,7 +6,9 @@ and one ``Finish`` per choice, then exactly one terminal event: ``Done`` (with u
 ``Failed``. A reader may rely on that: every request ends with a ``TERMINAL`` event, and
 nothing follows it.
 
-On the wire a message is a batch: ``{"s": <seq of the first event>, "e": [event, ...]}``;
+On the wire a message is a batch: ``{"s": <seq of the first event>, "e": [event, ...]}``, an
+event being its fields and ``t`` (its type), less any field that holds its default (a
+delta's ``tokens``, ``logprobs``, ``prompt``): a reader fills those in, as ``decode`` does;
 sequence numbers let the reader detect a gap (a lost message) instead of guessing. A web
 process's own channel carries several jobs' batches in one message, each with its job id:
 ``[{"j": <job id>, "s": ..., "e": [...]}, ...]`` (``encode_routed``), so one PUBLISH and one
@@ -164,18 +166,37 @@ TERMINAL = (*RESULTS, Failed)
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+_string = json.encoder.encode_basestring_ascii  # a JSON string, as _ENCODER writes it
+
+
+def _delta(e: Delta) -> str:
+    """A delta's JSON without its fields that hold their defaults (decoding fills them in):
+    the one event sent per token, spelled by hand at an eighth of the encoder's cost."""
+    out = '{"index":%d,"text":%s' % (e.index, _string(e.text))
+    if e.tokens != 1:
+        out += ',"tokens":%d' % e.tokens
+    if e.logprobs is not None:
+        out += ',"logprobs":' + _ENCODER.encode(e.logprobs)
+    if e.prompt:
+        out += ',"prompt":true'
+    return out + ',"t":"delta"}'
+
+
+def _json(e: Event) -> str:
+    # An event's __dict__ is its fields (their values are plain JSON already): asdict's
+    # recursive deep copy cost more than the JSON itself.
+    return _delta(e) if type(e) is Delta else _ENCODER.encode(vars(e))
 
 
 def encode(first_seq: int, events: list[Event]) -> str:
-    # An event's __dict__ is its fields (their values are plain JSON already): asdict's
-    # recursive deep copy cost more than the JSON itself.
-    return _ENCODER.encode({"s": first_seq, "e": [vars(e) for e in events]})
+    """A batch, as ``decode`` reads it. A field may be left out where it holds its default."""
+    return '{"s":%d,"e":[%s]}' % (first_seq, ",".join(map(_json, events)))
 
 
 def encode_routed(messages: list[tuple[str, str]]) -> str:
     """One message for a web process's channel: ``(job id, encode(...))`` pairs, spliced
     (each batch is encoded once, for the job's replay buffer and for this)."""
-    return "[" + ",".join('{"j":' + _ENCODER.encode(job_id) + "," + message[1:]
+    return "[" + ",".join('{"j":' + _string(job_id) + "," + message[1:]
                           for job_id, message in messages) + "]"
 
 

@@ -39,9 +39,11 @@ def public_reason(reason: str) -> str:
 
 @dataclass
 class ChoiceResult:
-    """One choice's whole result, gathered from its events."""
+    """One choice's whole result, gathered from its events (``add`` runs once per token in
+    the worker: it does no more than it must)."""
 
-    text: str = ""
+    # The text's pieces, joined when read (``text``): appending is O(1) per token.
+    pieces: list[str] = field(default_factory=list, repr=False)
     # Every token's entry, the echoed prompt's first.
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # Log probabilities of the generated tokens only (to rank best_of candidates).
@@ -50,19 +52,27 @@ class ChoiceResult:
     finish_reason: str | None = None
     cancelled: bool = False
 
+    @property
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
+
     def add(self, ev: events.Event) -> None:
-        if isinstance(ev, events.Delta):
-            self.text += ev.text
-            self.logprobs.extend(ev.logprobs or ())
-            if not ev.prompt:
-                self.completion_logprobs.extend(
-                    e["logprob"] for e in ev.logprobs or () if e["logprob"] is not None)
-        elif isinstance(ev, events.ToolCallDelta):
+        kind = type(ev)
+        if kind is events.Delta:
+            self.pieces.append(ev.text)
+            if ev.logprobs:
+                self.logprobs.extend(ev.logprobs)
+                if not ev.prompt:
+                    self.completion_logprobs.extend(
+                        e["logprob"] for e in ev.logprobs if e["logprob"] is not None)
+        elif kind is events.ToolCallDelta:
             if ev.call == len(self.tool_calls):
                 self.tool_calls.append({"id": ev.id, "type": "function",
                                         "function": {"name": ev.name, "arguments": ""}})
             self.tool_calls[ev.call]["function"]["arguments"] += ev.arguments
-        elif isinstance(ev, events.Finish):
+        elif kind is events.Finish:
             self.cancelled = ev.finish_reason == "cancelled"
             self.finish_reason = public_reason(ev.finish_reason)
 
@@ -70,6 +80,9 @@ class ChoiceResult:
     def mean_logprob(self) -> float:
         lps = self.completion_logprobs
         return sum(lps) / len(lps) if lps else float("-inf")
+
+
+_CHOICE_EVENTS = frozenset((events.Delta, events.ToolCallDelta, events.Finish))
 
 
 class Outcome:
@@ -82,8 +95,11 @@ class Outcome:
         self.parts: list[dict] | None = None
 
     def add(self, ev: events.Event) -> None:
-        if isinstance(ev, (events.Delta, events.ToolCallDelta, events.Finish)):
-            self.choices.setdefault(ev.index, ChoiceResult()).add(ev)
+        if type(ev) in _CHOICE_EVENTS:
+            choice = self.choices.get(ev.index)
+            if choice is None:
+                choice = self.choices[ev.index] = ChoiceResult()
+            choice.add(ev)
         elif isinstance(ev, events.Done):
             self.usage = usage_of(ev)
         elif isinstance(ev, events.Embedded):
