@@ -143,3 +143,34 @@ def test_put_from_many_threads_loses_and_reorders_nothing(redis_server):
         text = "".join(ev.text for _, b in batches for ev in b if isinstance(ev, Delta))
         assert text == "".join(f"{i}," for i in range(300))
         assert isinstance(batches[-1][1][-1], Done)
+
+
+def test_a_drain_sent_twice_is_read_once(redis_server):
+    """The publisher sends a drain again when the reply to it was lost with its connection,
+    and Redis may have run both: the job's buffer then holds those events twice, and the
+    web's subscription receives them twice. Each reader keeps every event once, in order,
+    and a stream does not fail for it (a gap still does)."""
+    from config import load_settings
+    from tasks.core.relay import Relay, Subscription
+    from tasks.jobs.store import JobStore
+
+    r = redis.Redis.from_url(redis_server.url)
+    job = "sent-twice"
+    batches = [(0, [Started("w", 1), Delta(0, "a")]), (0, [Started("w", 1), Delta(0, "a")]),
+               (1, [Delta(0, "a"), Delta(0, "b")]), (3, [Delta(0, "c")])]
+    for first, evs in batches:
+        r.xadd(events_log(job), {"m": events.encode(first, evs)})
+    settings = load_settings()
+    store = JobStore(r, settings)
+    assert [(seq, ev.text if isinstance(ev, Delta) else ev.t) for seq, ev in store.replay(job)] \
+        == [(0, "started"), (1, "a"), (2, "b"), (3, "c")]
+    assert [seq for seq, _ in store.replay(job, after=1)] == [2, 3]
+
+    sub = Subscription(Relay(settings, r, store), job, "q")
+    for first, evs in batches:
+        sub._deliver(*events.decode(events.encode(first, evs)))
+    got = [sub.next(timeout=0) for _ in range(sub.pending())]
+    assert [ev.text if isinstance(ev, Delta) else ev.t for ev in got] == \
+        ["started", "a", "b", "c"]
+    sub._deliver(5, [Delta(0, "e")])  # 4 is missing: that is a loss, and said
+    assert isinstance(sub.next(timeout=0), events.Failed)

@@ -273,6 +273,13 @@ class Subscription(_Listener):
     def _deliver(self, first_seq: int, evs: list[events.Event]) -> None:
         if self.finished:
             return
+        if first_seq < self._next_seq:
+            # A drain its worker sent again (the reply to the first send was lost with its
+            # connection): what was seen already is dropped.
+            evs = evs[self._next_seq - first_seq:]
+            if not evs:
+                return
+            first_seq = self._next_seq
         if first_seq != self._next_seq:
             self._fail(ServiceUnavailable(f"Lost {first_seq - self._next_seq} events of this "
                                           "response between worker and web."))

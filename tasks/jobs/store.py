@@ -254,7 +254,9 @@ class JobStore:
         return None if ahead < 0 else int(ahead)
 
     def replay(self, job_id: str, after: int = -1) -> Iterator[tuple[int, events.Event]]:
-        """The job's events kept in its replay buffer with a sequence number above ``after``."""
+        """The job's events kept in its replay buffer with a sequence number above ``after``,
+        each once: a drain its worker sent again (its reply lost with a connection) is in the
+        buffer twice."""
         key, start, page = events_log(job_id), "-", 500
         while True:
             entries = self.redis.xrange(key, start, "+", count=page)
@@ -262,7 +264,8 @@ class JobStore:
                 first, evs = events.decode(fields[b"m"])
                 for i, ev in enumerate(evs):
                     if first + i > after:
-                        yield first + i, ev
+                        after = first + i
+                        yield after, ev
             if len(entries) < page:
                 return
             start = "(" + entry_id.decode()
