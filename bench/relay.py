@@ -106,8 +106,9 @@ class ProcWatch:
         self._stop.set()
         self._thread.join()
         wall = time.monotonic() - self._t0
-        self.cpu_shares = {k: (sum(map(self.cpu_seconds, v)) - self._cpu0[k]) / wall
-                           for k, v in self.cpu_groups.items()}
+        self.cpu_used = {k: sum(map(self.cpu_seconds, v)) - self._cpu0[k]
+                         for k, v in self.cpu_groups.items()}
+        self.cpu_shares = {k: v / wall for k, v in self.cpu_used.items()}
         self.cpu_share = self.cpu_shares["web"]
 
 
@@ -138,13 +139,13 @@ async def _lag_probe(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(time.monotonic() - t - TICK)
 
 
-async def clients(url: str, n: int, count: int, rate: float,
-                  ramp: float) -> tuple[list[StreamResult], list[float], float, float]:
+async def clients(url: str, n: int, count: int, rate: float, ramp: float,
+                  silent: bool = False) -> tuple[list[StreamResult], list[float], float, float]:
     """n streams opened evenly over ``ramp`` seconds; results, client lags, wall, client CPU
-    (a share of one core)."""
+    (a share of one core). ``silent``: the source paces its tokens but sends none."""
+    script = {"count": count, "rate": rate, **({"silent": True} if silent else {})}
     body = {"model": "synthetic", "stream": True,
-            "messages": [{"role": "user", "content": json.dumps({"count": count,
-                                                                 "rate": rate})}]}
+            "messages": [{"role": "user", "content": json.dumps(script)}]}
     timeout = ramp + count / rate + 60
     lags: list[float] = []
     stop = asyncio.Event()
@@ -231,6 +232,7 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
         open_rate: float = 100.0, web_workers: int = 1) -> dict:
     per_worker = math.ceil(max(levels) / workers) + 10
     rows = []
+    source_us: float | None = None
     with Stack("relay") as stack:
         stack.redis()
         redis_pid = stack.services[-1].proc.pid
@@ -247,6 +249,12 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
                     clients(url, n, count, rate, n / open_rate))
             row = level_stats(n, results, lags, wall, client_cpu, watch, web_pids, count, rate)
             rows.append(row)
+            if source_us is None:
+                # The same streams again, paced but silent: the synthetic source's own cost
+                # (a benchmark instrument's, not the relay's) in the workers' figure.
+                with ProcWatch([web.proc.pid], cpu={"workers": worker_pids}) as quiet:
+                    asyncio.run(clients(url, n, count, rate, n / open_rate, silent=True))
+                source_us = 1e6 * quiet.cpu_used["workers"] / (n * count)
             print(f"  {n:>5} streams: p99 added {row['added_p99_ms'] or 0:.1f} ms, errors "
                   f"{row['errors']}, incomplete {row['incomplete']}, web RSS "
                   f"{row['web_rss_total_peak_mb']:.0f} MB, CPU % web "
@@ -278,6 +286,9 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
                   r["chunks_per_token"],
                   *(r["steady_us_per_token"].get(k) for k in ("web", "workers", "redis"))]
                  for r in rows])
+    if source_us is not None:
+        print(f"the token source alone (the same {levels[0]} streams paced, no token sent): "
+              f"workers {source_us:.0f} µs per token, the rest of their figure is relaying")
     carried = [r["streams"] for r in rows if r["errors"] == 0 and r["incomplete"] == 0
                and r["added_p99_ms"] is not None and r["added_p99_ms"] <= GOAL_ADDED_MS]
     per_web = max(carried) / web_workers if carried else 0
@@ -291,6 +302,7 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
     data = {"count": count, "rate": rate, "open_rate": open_rate, "synthetic_workers": workers,
             "synthetic_pool": f"gevent, {per_worker} jobs per process",
             "web_processes": web_workers, "streams_per_web_process": per_web,
+            "source_alone_workers_us_per_token": source_us,
             "rows": rows,
             "goal": {"streams": GOAL_STREAMS, "added_p99_ms": GOAL_ADDED_MS,
                      "rss_mb": GOAL_RSS_MB, "errors": 0},

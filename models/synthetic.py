@@ -4,7 +4,8 @@ The prompt (or the last message) is a JSON script, so tests can drive the whole 
 (queue, pub/sub, SSE, cancel, dead workers) without a real model's timing:
 ``{"tokens": ["a", "b"], "delay": 0.01, "fail": "msg", "crash": true, "hang": true,
 "count": 100, "rate": 50, "pad": 0}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per
-second, each followed by ``pad`` x's (long tokens, to fill a slow reader's socket).
+second, each followed by ``pad`` x's (long tokens, to fill a slow reader's socket);
+``"silent": true`` paces and counts them but sends none (what pacing alone costs a worker).
 Registry option ``threads`` (default 1): run that many jobs at once in a Celery threads
 pool, as batching GPU backends do, so the pool's plumbing is tested without a GPU.
 
@@ -89,6 +90,8 @@ class SyntheticBackend(Backend):
                 if delay:
                     time.sleep(delay)
                 n += 1
+                if script.get("silent"):
+                    continue  # paced and counted, not sent: the pacing's own cost (bench)
                 text = stops.feed(piece)
                 if text:
                     yield Delta(index, text)
