@@ -197,6 +197,12 @@ class Settings(BaseSettings):
     # ...or until one job holds this many tokens (vLLM's stream_interval), so a fast model's
     # chunks stay small enough to look like streaming.
     stream_coalesce_tokens: int = Field(default=16, ge=1)
+    # A job nobody streams (a request answered with one body, a batch line) has its tokens
+    # after the first held up to this long, or this many, and sent as one delta per choice:
+    # its reader needs only the whole answer, and every message costs the web, the worker
+    # and Redis CPU. Watchers of its /v1/jobs/{id}/events see its text in steps this long.
+    unstreamed_hold_ms: float = Field(default=1000.0, ge=0, le=60000)
+    unstreamed_hold_tokens: int = Field(default=512, ge=1)
     # Largest result kept in a job's record (bytes of JSON): a long chat answer is tens of KB,
     # a 2,048-input embedding result megabytes, and a record lives a day. A bigger result is
     # answered in full to its synchronous client and left out of the record (it says so).

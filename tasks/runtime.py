@@ -34,8 +34,8 @@ from tasks.jobs.store import JobStore
 from models import load_backend
 from models.base import EmbeddingBackend
 from models.batcher import MicroBatcher
-from config.contract.events import (RESULTS, Done, EmbeddedParts, Embedded, Event, Started,
-                                     failed)
+from config.contract.events import (RESULTS, Delta, Done, EmbeddedParts, Embedded, Event,
+                                     Started, ToolCallDelta, coalesce, failed)
 from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
@@ -165,6 +165,7 @@ class Runtime:
         self._load(+1)
         loaded = True
         outcome = Outcome()
+        holding = None
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
         try:
@@ -173,12 +174,20 @@ class Runtime:
             # (events are final dataclasses).
             add, count, put = outcome.add, self.meter.add, self.publisher.put
             job_id, reply_to = job.id, job.reply_to
+            holding = None if getattr(job, "streamed", True) else self._holding()
             for event in produce():
                 kind = type(event)
                 if kind is Started:
                     event = dataclasses.replace(event, worker=self.name)
                 add(event)
                 count(event)
+                if holding is not None:
+                    if kind is Delta or kind is ToolCallDelta:
+                        for ev in holding.add(event):
+                            put(job_id, ev, reply_to)
+                        continue
+                    for ev in holding.take():  # before any other event: order holds
+                        put(job_id, ev, reply_to)
                 if kind in RESULTS:
                     # Recorded before the terminal event is published: a watcher that saw it
                     # finds the job ended.
@@ -191,9 +200,11 @@ class Runtime:
                     loaded = False
                 put(job_id, event, reply_to)
         except FerryError as e:
+            self._put_held(job, holding)
             self._fail(job, e)
         except Exception:
             log.exception("job %s failed", job.id)
+            self._put_held(job, holding)
             self._fail(job, GenerationFailed("The model failed on this request."))
         finally:
             log.info("finished job=%s cancelled=%s usage=%s seconds=%.3f", job.id,
@@ -205,6 +216,16 @@ class Runtime:
                 self._load(-1)
             self._release(job.id)
             self.publisher.flush()
+
+    def _holding(self) -> "_Holding":
+        return _Holding(self.settings.unstreamed_hold_tokens,
+                        self.settings.unstreamed_hold_ms / 1000)
+
+    def _put_held(self, job, holding: "_Holding | None") -> None:
+        """A failed job's held deltas, before its failure (watchers see all it made)."""
+        if holding is not None:
+            for ev in holding.take():
+                self.publisher.put(job.id, ev, job.reply_to)
 
     def _count(self, job: GenerationJob) -> Iterator[Event]:
         n = self.backend.count_prompt(job)
@@ -322,3 +343,39 @@ class Runtime:
         except redis_lib.RedisError as e:
             # The job's watchers still get its events, if Redis comes back for the publisher.
             log.error("could not record the end of job %s: %s", job_id, e)
+
+
+class _Holding:
+    """The deltas of a job nobody streams (``GenerationJob.streamed`` false), held and
+    merged until its next other event, ``tokens`` tokens or ``seconds``, then put as one
+    delta per choice (and tool call): its reader needs only the whole answer. Its first
+    delta goes at once: the time to its first token is still measured where it is read,
+    and its watchers see it start."""
+
+    def __init__(self, tokens: int, seconds: float):
+        self.tokens, self.seconds = tokens, seconds
+        self.held: list[Event] = []
+        self.count, self.since, self.first = 0, 0.0, True
+
+    def add(self, ev: Event) -> list[Event]:
+        """What to put now."""
+        if self.first:
+            self.first = False
+            return [ev]
+        if not self.held:
+            self.since = time.monotonic()
+        self.held.append(ev)
+        self.count += ev.tokens
+        if self.count >= self.tokens or time.monotonic() - self.since >= self.seconds:
+            return self.take()
+        return []
+
+    def take(self) -> list[Event]:
+        """The held deltas, merged: sorted by choice (a stable sort: each choice's own order
+        is kept), consecutive ones of a choice as one (``events.coalesce``)."""
+        if not self.held:
+            return []
+        held = sorted(self.held, key=lambda ev: ev.index)
+        self.held, self.count = [], 0
+        return coalesce(held)
+

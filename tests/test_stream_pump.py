@@ -137,3 +137,33 @@ def test_pubsub_frames_split_anywhere_parse_the_same():
             got += frames.feed(stream[pos:pos + step])
             pos += step
         assert got == want, trial
+
+
+def test_tokens_nobody_streams_travel_in_few_messages(web, synthetic_worker, redis_server):
+    """A request answered with one body needs its answer, not its tokens as they come: the
+    worker holds them after the first (``FERRY_UNSTREAMED_HOLD_MS``) and sends one delta per
+    choice, so its 100 tokens make a handful of messages (Redis, web) where a stream of the
+    same job makes one per token. The answer is the same."""
+    import redis
+    import requests
+
+    from config.contract.protocol import events_log
+
+    r = redis.Redis.from_url(redis_server.url)
+    tokens = [f"<{i}>" for i in range(100)]
+    sizes = {}
+    for stream in (False, True):
+        body = {"model": "synthetic", "stream": stream,
+                "messages": script(tokens=tokens, delay=0.01)}
+        reply = requests.post(web.url + "/v1/chat/completions", json=body, timeout=60,
+                              stream=stream)
+        if stream:
+            text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                           for line in reply.iter_lines()
+                           if line.startswith(b"data: {"))
+        else:
+            text = reply.json()["choices"][0]["message"]["content"]
+        assert text == "".join(tokens)
+        sizes[stream] = r.xlen(events_log(reply.headers["X-Request-Id"]))
+    assert sizes[False] <= 6, sizes  # started, first token, the rest, finish, done
+    assert sizes[True] >= 50, sizes

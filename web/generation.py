@@ -72,7 +72,7 @@ def respond(prepared: list[Prepared], *, stream: bool, include_usage: bool) -> R
     """The synchronous endpoints: run the request's jobs (``tasks.core.generation.start``),
     answer with their stream or their body."""
     g.model = prepared[0].entry.name
-    run = start(current_app.extensions["ferry"], prepared, caller())
+    run = start(current_app.extensions["ferry"], prepared, caller(), streamed=stream)
     try:
         if stream:
             return _stream(run, include_usage)

@@ -73,6 +73,10 @@ class GenerationJob(BaseModel):
     # The web process's channel for its events (``protocol.reply_channel``); None: only the
     # job's own channel (nobody waits for it synchronously).
     reply_to: str | None = None
+    # False: nobody reads its tokens as they come (a request answered with one body, a batch
+    # line): the worker may hold them (``FERRY_UNSTREAMED_HOLD_MS``). True for jobs of
+    # /v1/jobs, whose watchers follow them, and from a web that does not set it.
+    streamed: bool = True
     # As chat templates expect them: ``content`` a string, or a list of OpenAI content parts
     # when it holds images; assistant ``tool_calls`` with ``function.arguments`` already
     # parsed into objects; ``tool`` messages with ``tool_call_id``.

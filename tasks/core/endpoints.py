@@ -65,7 +65,7 @@ def answer(ferry: Ferry, endpoint: str, body: dict[str, Any], caller: Caller) ->
         counted = dataclasses.replace(caller, on_enqueued=on_enqueued)
         if hasattr(fam, "answer"):
             return 200, *fam.answer(req, ferry, counted)
-        run = start(ferry, fam.prepare_all(req, ferry), counted)
+        run = start(ferry, fam.prepare_all(req, ferry), counted, streamed=False)
         return 200, run.id, collect(run)
     except ClientGone:
         return None

@@ -85,7 +85,7 @@ class ClientGone(Exception):
 
 def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
            webhook: str | None = None, live: bool = False,
-           subscription: Subscription | None = None) -> JobRecord:
+           subscription: Subscription | None = None, streamed: bool = True) -> JobRecord:
     """Record the job as the caller's, then enqueue it. The record exists before any worker
     can start it. ``live``: 503 unless a worker serves the model now; ``subscription``:
     confirmed before the job is enqueued, and told where a routed job waits
@@ -94,7 +94,10 @@ def submit(ferry: Ferry, prepared: Prepared, *, caller: Caller, deadline: float,
     choice of queue another."""
     entry, tenant, bulk = prepared.entry, caller.tenant, caller.bulk
     reply_to = subscription.channel if subscription is not None else None
-    job = prepared.job.model_copy(update={"deadline": deadline, "reply_to": reply_to})
+    update = {"deadline": deadline, "reply_to": reply_to}
+    if isinstance(prepared.job, GenerationJob):
+        update["streamed"] = streamed  # ``streamed``: its tokens are read as they come
+    job = prepared.job.model_copy(update=update)
     try:
         # Batch lines are paced by the batch worker (chunks x lines in flight) and queue
         # behind interactive work; the in-flight limit protects interactive clients.
@@ -171,10 +174,11 @@ class Run:
         self.sub.close()
 
 
-def start(ferry: Ferry, prepared: list[Prepared], caller: Caller) -> Run:
+def start(ferry: Ferry, prepared: list[Prepared], caller: Caller, *, streamed: bool) -> Run:
     """Subscribe to each job's events, then submit it (one job per prompt for completions
     with several prompts: they run in parallel and are read as one, ``tasks.core.merge``,
-    under the request id their ids share). Fails fast when no worker is live."""
+    under the request id their ids share). Fails fast when no worker is live. ``streamed``:
+    the caller sends the tokens on as they come (else the worker may hold them)."""
     entry = prepared[0].entry
     subs: list[Subscription] = []
     deadline = time.time() + ferry.settings.queue_timeout
@@ -183,7 +187,7 @@ def start(ferry: Ferry, prepared: list[Prepared], caller: Caller) -> Run:
             sub = _subscribe(ferry, p, caller.tenant)
             try:
                 record = submit(ferry, p, caller=caller, deadline=deadline, live=True,
-                                subscription=sub)
+                                subscription=sub, streamed=streamed)
             except BaseException:
                 sub.close()  # its job was not enqueued
                 raise
@@ -280,10 +284,11 @@ class Streaming:
             self.run.close()
 
 
-def stream(ferry: Ferry, prepared: Prepared, caller: Caller, feed: Feed) -> Streaming:
+def stream(ferry: Ferry, prepared: Prepared, caller: Caller, feed: Feed, *,
+           streamed: bool) -> Streaming:
     """Start the job and wait for its worker to start it, so that errors found while
     preparing it (context length, template) fail the request itself."""
-    run = start(ferry, [prepared], caller)
+    run = start(ferry, [prepared], caller, streamed=streamed)
     rest = run.events()
     try:
         first = next(rest)
@@ -309,5 +314,5 @@ def collect(run: Run) -> dict:
 
 def run_to_end(ferry: Ferry, prepared: Prepared, caller: Caller) -> tuple[str, dict]:
     """Run one job to its end: its id and result body (``collect``)."""
-    run = start(ferry, [prepared], caller)
+    run = start(ferry, [prepared], caller, streamed=False)
     return run.id, collect(run)

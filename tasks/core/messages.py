@@ -112,7 +112,7 @@ def count_tokens(ferry: Ferry, req: CountMessageTokensRequest,
     """The count's job id and ``{"input_tokens": n}``: what a create with the same body
     reports as its input (``input_tokens + cache_read_input_tokens``: Anthropic counts a
     cached prefix apart)."""
-    run = generation.start(ferry, [prepare_count(req, ferry)], caller)
+    run = generation.start(ferry, [prepare_count(req, ferry)], caller, streamed=False)
     try:
         for ev in run.events():
             if isinstance(ev, events.Done):
@@ -122,13 +122,14 @@ def count_tokens(ferry: Ferry, req: CountMessageTokensRequest,
     raise InvalidRequest("The count ended early.")  # pragma: no cover - Done always ends it
 
 
-def begin(ferry: Ferry, turn: Turn,
-          caller: generation.Caller) -> tuple[MessageBuilder, generation.Streaming]:
+def begin(ferry: Ferry, turn: Turn, caller: generation.Caller,
+          streamed: bool = True) -> tuple[MessageBuilder, generation.Streaming]:
     """Start the turn's job and wait for the worker to start it (so that errors found while
     preparing it, such as the context length, fail the request itself); its Messages stream
     events then follow (``Streaming.events``), until ``message_stop``, or an ``error``."""
     builder = turn.builder()
-    return builder, generation.stream(ferry, turn.prepared, caller, _Feed(builder))
+    return builder, generation.stream(ferry, turn.prepared, caller, _Feed(builder),
+                                      streamed=streamed)
 
 
 class _Feed:
@@ -147,7 +148,7 @@ class _Feed:
 
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
     """The turn run to its end: the message object (a failure is raised)."""
-    builder, streaming = begin(ferry, turn, caller)
+    builder, streaming = begin(ferry, turn, caller, streamed=False)
     for _ in streaming.events(raise_failure=True):
         pass
     return builder.message()

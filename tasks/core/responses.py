@@ -87,8 +87,8 @@ def prepare(req: CreateResponseRequest, ferry: Ferry, tenant: Tenant) -> Turn:
                                                                   prepared.entry.name))
 
 
-def begin(ferry: Ferry, turn: Turn,
-          caller: generation.Caller) -> tuple[ResponseBuilder, generation.Streaming]:
+def begin(ferry: Ferry, turn: Turn, caller: generation.Caller,
+          streamed: bool = True) -> tuple[ResponseBuilder, generation.Streaming]:
     """Start the turn's job and wait for the worker to start it (so that errors found while
     preparing it, such as the context length, fail the request itself); its Responses
     stream events then follow (``Streaming.events``), until the final one, or
@@ -96,7 +96,7 @@ def begin(ferry: Ferry, turn: Turn,
     client that has it can retrieve the response."""
     builder = turn.builder()
     feed = _Feed(ferry, turn, builder, caller.tenant.owner)
-    return builder, generation.stream(ferry, turn.prepared, caller, feed)
+    return builder, generation.stream(ferry, turn.prepared, caller, feed, streamed=streamed)
 
 
 class _Feed:
@@ -140,7 +140,7 @@ def submit_background(ferry: Ferry, turn: Turn, caller: generation.Caller) -> di
 
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
     """The turn run to its end: the response object (a failure is raised)."""
-    builder, streaming = begin(ferry, turn, caller)
+    builder, streaming = begin(ferry, turn, caller, streamed=False)
     for _ in streaming.events(raise_failure=True):
         pass
     return builder.response()
