@@ -61,7 +61,7 @@ class ProcWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.series: list[tuple[float, dict[str, float]]] = []
         self.steady_window: tuple[float, float] | None = None
-        self._cpu0 = {k: sum(map(self.cpu_seconds, v)) for k, v in self.cpu_groups.items()}
+        self._cpu0 = self._cpu_now()
         self._t0 = time.monotonic()
 
     @staticmethod
@@ -106,8 +106,7 @@ class ProcWatch:
         self._stop.set()
         self._thread.join()
         wall = time.monotonic() - self._t0
-        self.cpu_used = {k: sum(map(self.cpu_seconds, v)) - self._cpu0[k]
-                         for k, v in self.cpu_groups.items()}
+        self.cpu_used = {k: v - self._cpu0[k] for k, v in self._cpu_now().items()}
         self.cpu_shares = {k: v / wall for k, v in self.cpu_used.items()}
         self.cpu_share = self.cpu_shares["web"]
 
