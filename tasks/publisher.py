@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import redis as redis_lib
 
 from config.contract import events
-from config.contract.protocol import events_channel, events_log
+from config.contract.protocol import events_channel, events_log, own_connection
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ class _Link:
     loaded when Redis does not know it (it forgets scripts when it restarts)."""
 
     def __init__(self, redis, script: str):
-        pool = redis.connection_pool
-        self._conn = pool.connection_class(**{**pool.connection_kwargs,
-                                              "client_name": "ferry-publisher"})
+        self._conn = own_connection(redis, client_name="ferry-publisher")
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self._in_flight: bytes | None = None  # the drain whose reply is not read yet

@@ -136,3 +136,12 @@ def connect(url: str, **kw) -> "redis.Redis":
     pool = redis.BlockingConnectionPool.from_url(url, max_connections=kw.pop("max_connections", 100),
                                                  timeout=kw.pop("timeout", 20), **kw)
     return redis.Redis(connection_pool=pool)
+
+
+def own_connection(client: "redis.Redis", **overrides) -> "redis.Connection":
+    """A connection outside ``client``'s pool, made as its connections are (address, TLS,
+    password, protocol), for a user that keeps it to itself: the relay's pub/sub reader,
+    the publisher's pipeline of drains. ``overrides``: its own settings (``client_name``)."""
+    pool = client.connection_pool
+    return pool.connection_class(**{**pool.connection_kwargs, **overrides})
+

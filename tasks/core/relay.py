@@ -34,7 +34,7 @@ from config.settings import Settings
 from config.tenants import ANY_OWNER
 from tasks.jobs.store import JobStore
 from config.contract import events
-from config.contract.protocol import events_channel, reply_channel, workers_key
+from config.contract.protocol import events_channel, own_connection, reply_channel, workers_key
 from tasks.core.timing import Timing
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ class _Line:
     No reconnection: when it breaks, the relay fails its streams and opens a new one."""
 
     def __init__(self, redis: redis_lib.Redis):
-        pool = redis.connection_pool
-        self.conn = pool.connection_class(**pool.connection_kwargs)
+        self.conn = own_connection(redis)
         self.conn.connect()
         self.sock = self.conn._sock
         self.sock.settimeout(None)  # it waits for messages as long as none come
