@@ -244,7 +244,7 @@ class Feed(Protocol):
     """How a dialect (Responses, Messages) spells a run's events as its own stream events:
     ``opening()`` before the first, ``feed(ev)`` for each, ``fail(err)`` for the failure
     that ends the stream. Called in order, one at a time, by whoever follows the run: the
-    loop in ``Streaming.events``, or a web writer that sends them as they come."""
+    web's writer that sends them as they come, or ``Streaming.to_end``."""
 
     def opening(self) -> list[dict]: ...
     def feed(self, ev: events.Event) -> list[dict]: ...
@@ -254,33 +254,29 @@ class Feed(Protocol):
 @dataclass
 class Streaming:
     """A dialect's run, its job started by its worker (``first`` is its first event,
-    ``rest`` the events after it): followed by ``events()`` or, event by event, by the
-    web's stream writer (``web/generation.py``), which must end it as ``events()`` does."""
+    ``rest`` the events after it): sent as it comes by the web's stream writer
+    (``web/generation.py``), or run ``to_end`` for an answer in one body."""
 
     run: Run
     first: events.Event
     rest: Iterator[events.Event]
     feed: Feed
 
-    def events(self, raise_failure: bool = False) -> Iterator[dict]:
-        """The stream's events, until the last. A failure later on is ``feed.fail``'s
-        events (``raise_failure``: raised, for a non-streamed request); ``ClientGone``
-        once the caller left (its job is cancelled)."""
+    def to_end(self) -> None:
+        """Feed every event, for the answer the feed builds. A failure is raised as its
+        ``FerryError``; ``ClientGone`` once the caller left (its job is cancelled)."""
         finished = False
         try:
-            yield from self.feed.opening()
+            self.feed.opening()
             for ev in itertools.chain([self.first], self.rest):
-                out = self.feed.feed(ev)
+                self.feed.feed(ev)
                 finished = finished or isinstance(ev, events.Done)
-                yield from out
-        except FerryError as e:
+        except FerryError:
             finished = True
-            if raise_failure:
-                raise
-            yield from self.feed.fail(e)
+            raise
         finally:
             if not finished:
-                self.run.cancel()  # the client went away mid-stream
+                self.run.cancel()  # the caller went away
             self.run.close()
 
 

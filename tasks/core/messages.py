@@ -126,7 +126,7 @@ def begin(ferry: Ferry, turn: Turn, caller: generation.Caller,
           streamed: bool = True) -> tuple[MessageBuilder, generation.Streaming]:
     """Start the turn's job and wait for the worker to start it (so that errors found while
     preparing it, such as the context length, fail the request itself); its Messages stream
-    events then follow (``Streaming.events``), until ``message_stop``, or an ``error``."""
+    events then follow, until ``message_stop``, or an ``error``."""
     builder = turn.builder()
     return builder, generation.stream(ferry, turn.prepared, caller, _Feed(builder),
                                       streamed=streamed)
@@ -149,8 +149,7 @@ class _Feed:
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
     """The turn run to its end: the message object (a failure is raised)."""
     builder, streaming = begin(ferry, turn, caller, streamed=False)
-    for _ in streaming.events(raise_failure=True):
-        pass
+    streaming.to_end()
     return builder.message()
 
 

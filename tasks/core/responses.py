@@ -91,7 +91,7 @@ def begin(ferry: Ferry, turn: Turn, caller: generation.Caller,
           streamed: bool = True) -> tuple[ResponseBuilder, generation.Streaming]:
     """Start the turn's job and wait for the worker to start it (so that errors found while
     preparing it, such as the context length, fail the request itself); its Responses
-    stream events then follow (``Streaming.events``), until the final one, or
+    stream events then follow, until the final one, or
     ``response.failed``. A stored turn is stored before its final event is given out, so a
     client that has it can retrieve the response."""
     builder = turn.builder()
@@ -141,8 +141,7 @@ def submit_background(ferry: Ferry, turn: Turn, caller: generation.Caller) -> di
 def collect(ferry: Ferry, turn: Turn, caller: generation.Caller) -> dict[str, Any]:
     """The turn run to its end: the response object (a failure is raised)."""
     builder, streaming = begin(ferry, turn, caller, streamed=False)
-    for _ in streaming.events(raise_failure=True):
-        pass
+    streaming.to_end()
     return builder.response()
 
 
