@@ -103,7 +103,7 @@ def dialect_stream(streaming: Streaming, headers: dict) -> Response:
 
 def _sse_response(run: Run, evs: Iterator[events.Event], chunks: "_Chunks",
                   headers: dict) -> Response:
-    pump = _Pump.of_request() if isinstance(run.sub, Subscription) else None
+    pump = _Pump.of_request(run, chunks) if isinstance(run.sub, Subscription) else None
     return Response(_sse(run, evs, chunks, pump), status=200, mimetype="text/event-stream",
                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -143,7 +143,7 @@ def _sse(run: Run, evs: Iterator[events.Event], chunks: _Chunks,
                 out.clear()
                 if pump is not None and not finished and not run.pending():
                     if pump.usable():
-                        pump.run(run, chunks.chunks, chunks.text)
+                        pump.run()
                     else:
                         pump = None
     except ClientGone:
@@ -229,26 +229,24 @@ class _Pump:
     _pumping: set["_Pump"] = set()
     _watcher = None
 
-    def __init__(self, sock, start_response):
+    def __init__(self, sock, start_response, run: Run, chunks: "_Chunks"):
         self.sock, self._start_response = sock, start_response
         self.fd = sock.fileno()
+        self.sub, self.abandoned, self.chunks = run.sub, run.abandoned, chunks
         self.woken = gevent.event.Event()
         self.rest = b""
         self.gone = False
-        self.shape: Callable[[events.Event], list[bytes]] | None = None
-        self.text: Callable[[events.Delta], bytes | None] | None = None
-        self.abandoned: Callable[[], bool] = lambda: False
         self.wrote = 0.0
-        self._sub: Subscription | None = None
 
     @classmethod
-    def of_request(cls) -> "_Pump | None":
+    def of_request(cls, run: Run, chunks: "_Chunks") -> "_Pump | None":
+        """The current request's pump for ``run``'s stream, written as ``chunks`` says."""
         environ = request.environ
         sock = environ.get("gunicorn.socket")
         start_response = environ.get(START_RESPONSE)
         if sock is None or start_response is None or hasattr(sock, "getpeercert"):
             return None
-        return cls(sock, start_response)
+        return cls(sock, start_response, run, chunks)
 
     def usable(self) -> bool:
         """After the headers went out: whether gunicorn frames this response in chunks on
@@ -256,15 +254,11 @@ class _Pump:
         resp = getattr(self._start_response, "__self__", None)
         return getattr(resp, "chunked", None) is True and getattr(resp, "sock", None) is self.sock
 
-    def run(self, run: Run, shape: Callable[[events.Event], list[bytes]],
-            text: Callable[[events.Delta], bytes | None]) -> None:
+    def run(self) -> None:
         """Pump the stream's events until something needs the request's greenlet; then
-        send what the socket did not take. Raises ``ClientGone`` once the client left.
-        ``shape``: an event's chunks; ``text``: a text delta's one chunk when it is only
-        that (the choice opened, nothing but text in it), else None."""
-        sub: Subscription = run.sub
-        self.shape, self.text, self._sub = shape, text, sub
-        self.abandoned, self.wrote = run.abandoned, time.monotonic()
+        send what the socket did not take. Raises ``ClientGone`` once the client left."""
+        sub = self.sub
+        self.wrote = time.monotonic()
         self.woken.clear()
         sub.divert(self)
         cls = type(self)
@@ -276,7 +270,6 @@ class _Pump:
         finally:
             cls._pumping.discard(self)
             sub.divert(None)
-            self._sub = None
         if self.rest and not self.gone:
             rest, self.rest = self.rest, b""
             try:
@@ -289,13 +282,13 @@ class _Pump:
     # -- on the reader greenlet -------------------------------------------------------
 
     def take(self, evs: list[events.Event]) -> int:
-        taken, out, text = 0, [], self.text
+        taken, out, text, shape = 0, [], self.chunks.text, self.chunks.chunks
         for ev in evs:
             chunk = text(ev) if type(ev) is events.Delta else None
             if chunk is not None:
                 out.append(chunk)
             elif isinstance(ev, self.TAKES):
-                out.extend(self.shape(ev))
+                out.extend(shape(ev))
             else:
                 break
             taken += 1
@@ -303,7 +296,7 @@ class _Pump:
             data = out[0] if len(out) == 1 else b"".join(out)
             self._write(b"%X\r\n%s\r\n" % (len(data), data))
         if self.rest or self.gone:
-            self._sub.divert(None)
+            self.sub.divert(None)
             self.woken.set()
         return taken
 
