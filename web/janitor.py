@@ -62,7 +62,7 @@ def _run(ferry) -> None:
     while True:
         gevent.sleep(INTERVAL)
         try:
-            ferry.jobs.sweep(lambda queue: set(ferry.relay.live_workers(queue)))
+            ferry.jobs.sweep()
             _rescue(ferry)
             lost.sweep()
             files.sweep_expired()

@@ -40,7 +40,7 @@ from config.contract import events
 from config.contract.protocol import (PENDING_JOBS, RUNNING_JOBS, cancel_key, celery_list,
                                       events_channel, events_log, job_key, owner_jobs_key,
                                       owner_pending_key, pending_key, queued_key,
-                                      request_cancel, worker_jobs_key)
+                                      request_cancel, worker_jobs_key, workers_key)
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,41 @@ local out = {}
 for _, id in ipairs(old) do if missing[id] then table.insert(out, id) end end
 return out
 """
+# Running jobs started a worker timeout ago whose worker died, or is alive but no longer
+# lists them (see ``sweep``); those that ended meanwhile leave the running index. KEYS: the
+# running index. ARGV: started before, now (ms: a worker is live while its heartbeat's
+# score is ahead of it), and the key prefixes of jobs, of a queue's workers and of a
+# worker's job list. Returns {job id, worker, "1" if the worker is alive} per job to fail.
+# Run in Redis: the web read every such job's status, queue and worker each second, in
+# every web process, which cost more CPU than the tokens it streamed meanwhile.
+_STALE_RUNNING = """
+local out, live, listed = {}, {}, {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  local h = redis.call('HMGET', ARGV[3] .. id, 'status', 'queue', 'worker')
+  if h[1] ~= 'in_progress' then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local queue, worker = h[2] or '', h[3] or ''
+    local key = queue .. ' ' .. worker
+    if live[key] == nil then
+      local score = redis.call('ZSCORE', ARGV[4] .. queue, worker)
+      live[key] = score ~= false and tonumber(score) >= tonumber(ARGV[2])
+    end
+    if not live[key] then
+      table.insert(out, id); table.insert(out, worker); table.insert(out, '0')
+    else
+      if listed[worker] == nil then
+        local raw = redis.call('GET', ARGV[5] .. worker)
+        listed[worker] = raw and (' ' .. raw .. ' ') or false
+      end
+      if listed[worker] and not string.find(listed[worker], ' ' .. id .. ' ', 1, true) then
+        table.insert(out, id); table.insert(out, worker); table.insert(out, '1')
+      end
+    end
+  end
+end
+return out
+"""
 # Jobs ahead of a queued one (see ``position``). KEYS: job, the queue's interactive lane.
 # ARGV: job id. -1: the job has no lane (not queued).
 _POSITION = """
@@ -209,6 +244,7 @@ class JobStore:
         self._end = redis.register_script(_END)
         self._position = redis.register_script(_POSITION)
         self._missing = redis.register_script(_MISSING)
+        self._stale_running = redis.register_script(_STALE_RUNNING)
         self.events_ttl_ms = int(min(settings.job_events_ttl, settings.job_ttl) * 1000)
 
     # -- reading ----------------------------------------------------------------------------
@@ -397,54 +433,23 @@ class JobStore:
             JobLost("The job's queued message was lost (Redis restarted, or a worker died "
                     "as it took it); it was not run."), keep_error=True)
 
-    def sweep(self, live_workers: Callable[[str], set[str]]) -> None:
-        """Expire queued jobs past their deadline; fail running jobs whose worker died.
-        Called periodically by every web process (the transitions make that safe)."""
+    def sweep(self) -> None:
+        """Expire queued jobs past their deadline; fail running jobs whose worker died, or
+        is alive but no longer lists them (their end was lost: a write Redis dropped in a
+        restart). Called periodically by every web process (the transitions make that safe).
+        A running job is looked at once it started a worker timeout ago: a heartbeat since
+        has listed it if its worker runs it."""
         now = time.time()
         for raw in self.redis.zrangebyscore(PENDING_JOBS, "-inf", now, start=0, num=100):
             if not self.expire(raw.decode()):
                 self.redis.zrem(PENDING_JOBS, raw)  # started, cancelled, or deleted by TTL
-        stale = self.redis.zrangebyscore(RUNNING_JOBS, "-inf",
-                                         now - self.settings.worker_timeout)
-        if stale:
-            self._sweep_running([raw.decode() for raw in stale], live_workers)
-
-    def _sweep_running(self, job_ids: list[str], live_workers: Callable[[str], set[str]]):
-        """Fail the running jobs whose worker died, or is alive but no longer lists them.
-        Reads only each job's status, queue and worker, all jobs in one round trip and the
-        workers' job lists in another: this runs every second over every job started a
-        worker timeout ago, and a whole record (spec, messages) is many times that."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hmget(job_key(job_id), "status", "queue", "worker")
-        running: list[tuple[str, str, str]] = []
-        for job_id, (status, queue, worker) in zip(job_ids, pipe.execute()):
-            if status != b"in_progress":
-                self.redis.zrem(RUNNING_JOBS, job_id)  # ended, or deleted by its TTL
-                continue
-            running.append((job_id, queue.decode(), (worker or b"").decode()))
-        live: dict[str, set[str]] = {}
-        alive: list[tuple[str, str]] = []
-        for job_id, queue, worker in running:
-            if queue not in live:
-                live[queue] = live_workers(queue)
-            if worker in live[queue]:
-                alive.append((job_id, worker))
-            else:
-                self.fail_lost(job_id, worker)
-        # Alive, but does it still run the job? (Started a worker timeout ago at least, so a
-        # heartbeat since has listed it if it does; no list at all: nothing to compare.)
-        workers = sorted({worker for _, worker in alive})
-        if not workers:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for worker in workers:
-            pipe.get(worker_jobs_key(worker))
-        listed = {w: None if raw is None else set(raw.decode().split())
-                  for w, raw in zip(workers, pipe.execute())}
-        for job_id, worker in alive:
-            if listed[worker] is not None and job_id not in listed[worker]:
-                self.fail_lost(job_id, worker, alive=True)
+        found = self._stale_running(
+            keys=[RUNNING_JOBS],
+            args=[now - self.settings.worker_timeout, int(now * 1000), job_key(""),
+                  workers_key(""), worker_jobs_key("")])
+        for i in range(0, len(found), 3):
+            job_id, worker, alive = (raw.decode() for raw in found[i:i + 3])
+            self.fail_lost(job_id, worker, alive=alive == "1")
 
     # -- internals --------------------------------------------------------------------------
 
