@@ -12,7 +12,7 @@ script call:
   it is published: a watcher that subscribes and then reads the buffer misses nothing;
 - per job, a PUBLISH on its own channel, for its watchers (``/v1/jobs/{id}/events``);
 - per web process that waits for some of the jobs (``reply_to``), one PUBLISH holding all
-  their messages (``events.encode_routed``).
+  their batches, a line each (``events.encode_routed``).
 
 The buffer's TTL is pushed forward on a job's first message, its last, and every half TTL
 between: not with every token.
@@ -261,9 +261,10 @@ class Publisher:
             keys.append(job.log_key)
             args += (b"1" if expire else b"0", job.channel, message.encode())
             if job.reply_to:
-                routed.setdefault(job.reply_to, []).append((job_id, message))
-        for channel, messages in routed.items():
-            args += (channel.encode(), events.encode_routed(messages).encode())
+                routed.setdefault(job.reply_to, []).append(
+                    events.routed(job_id, job.seq - len(evs), evs, message))
+        for channel, lines in routed.items():
+            args += (channel.encode(), events.encode_routed(lines).encode())
         self._deliver(keys, args, len(batches), wait)
 
     def _deliver(self, keys: list[bytes], args: list[bytes], jobs: int, wait: bool) -> None:

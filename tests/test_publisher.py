@@ -38,8 +38,15 @@ def test_a_delta_on_the_wire_leaves_out_its_defaults_and_reads_back_whole():
     assert events.decode(message) == (7, evs)
     plain = json.loads(events.encode(0, [Delta(2, "x")]))["e"][0]
     assert plain == {"index": 2, "text": "x", "t": "delta"}
-    routed = events.encode_routed([('job"1', message)])
-    assert events.decode_routed(routed) == [('job"1', 7, evs)]
+    # A web channel's lines: a batch's events as they are; a batch that is one delta of
+    # text as that text's JSON string, which decodes to the same delta.
+    text = Delta(3, 't"\\\n\u2028☃ x', tokens=2)
+    routed = events.encode_routed([events.routed("job-1", 7, evs, message),
+                                   events.routed("job-2", 9, [text], events.encode(9, [text]))])
+    (j1, s1, got), (j2, s2, wire) = events.decode_routed(routed)
+    assert (j1, s1, got) == ("job-1", 7, evs)
+    assert (j2, s2, wire.index, wire.tokens) == ("job-2", 9, 3, 2)
+    assert wire.text == json.dumps(text.text).encode() and wire.events() == [text]
 
 
 def test_the_publisher_does_not_wait_for_the_clients_pool(redis_server):
@@ -103,6 +110,8 @@ def test_events_keep_flowing_when_redis_forgets_the_script_or_drops_the_connecti
         if msg["channel"].decode() == reply:
             for j, seq, evs in events.decode_routed(msg["data"]):
                 assert j == job_id
+                if isinstance(evs, events.WireText):
+                    evs = evs.events()
                 on_reply += [(seq + i, ev) for i, ev in enumerate(evs)]
         else:
             seq, evs = events.decode(msg["data"])

@@ -72,7 +72,8 @@ def test_coalesce_merges_a_choices_deltas_and_keeps_logprobs_aligned():
     choice = chunk["choices"][0]
     assert "".join(e["token"] for e in choice["logprobs"]["content"]) == choice["delta"]["content"]
     # Through the wire format and back, and a web channel's message holds several jobs.
-    routed = events.encode_routed([("a", events.encode(3, out[:2])), ("b", events.encode(0, out[2:3]))])
+    routed = events.encode_routed([events.routed("a", 3, out[:2], events.encode(3, out[:2])),
+                                   events.routed("b", 0, out[2:3], events.encode(0, out[2:3]))])
     assert events.decode_routed(routed) == [("a", 3, out[:2]), ("b", 0, out[2:3])]
 
 
@@ -85,6 +86,10 @@ def test_text_chunks_from_the_template_are_the_shapes_own_bytes():
                 for text in ("t1 ", 'a"b\\c\n', "héllo ☃", "\u2028", "\x00ferry-text\x00"):
                     ev = events.Delta(index, text)
                     assert texts.get(ev) == _data(shape.chunk(index, ev), include_usage)
+                    # The same text as a web channel carries it, spliced undecoded.
+                    line = events.routed("j-1", 0, [ev], events.encode(0, [ev]))
+                    [(_, _, wire)] = events.decode_routed(line)
+                    assert texts.wire(wire) == texts.get(ev)
     # Logprobs asked for: the shape builds every chunk itself.
     assert _TextChunks(ChatShape("chatcmpl-1", "m", 7, logprobs=True), False).get(
         events.Delta(0, "x")) is None

@@ -120,6 +120,9 @@ class _Chunks(Protocol):
     def text(self, ev: events.Delta) -> bytes | None:
         """A text delta's one SSE event when it is built the quick way, else None."""
 
+    def wire_text(self, text: events.WireText) -> bytes | None:
+        """The same, from the text as the relay got it (its JSON string), else None."""
+
     def error(self, err: FerryError) -> list[bytes]:
         """What ends a stream that failed."""
 
@@ -175,6 +178,9 @@ class _OpenAIChunks:
     def text(self, ev: events.Delta) -> bytes | None:
         return self.texts.get(ev) if ev.index in self.opened and ev.text else None
 
+    def wire_text(self, text: events.WireText) -> bytes | None:
+        return self.texts.wire(text) if text.index in self.opened else None
+
     def error(self, err: FerryError) -> list[bytes]:
         return [_encode({"error": err.to_dict()})]
 
@@ -192,6 +198,9 @@ class _NamedChunks:
         return [_named(out) for out in self.feed.feed(ev)]
 
     def text(self, ev: events.Delta) -> bytes | None:
+        return None
+
+    def wire_text(self, text: events.WireText) -> bytes | None:
         return None
 
     def error(self, err: FerryError) -> list[bytes]:
@@ -300,6 +309,16 @@ class _Pump:
             self.woken.set()
         return taken
 
+    def take_text(self, text: events.WireText) -> bool:
+        chunk = self.chunks.wire_text(text)
+        if chunk is None:
+            return False
+        self._write(b"%X\r\n%s\r\n" % (len(chunk), chunk))
+        if self.rest or self.gone:
+            self.sub.divert(None)
+            self.woken.set()
+        return True
+
     def release(self) -> None:
         self.woken.set()
 
@@ -384,16 +403,25 @@ class _TextChunks:
     def get(self, ev: events.Delta) -> bytes | None:
         if not self.usable or ev.logprobs or ev.prompt:
             return None
-        parts = self._parts.get(ev.index)
-        if parts is None:
-            chunk = self.shape.chunk(ev.index, events.Delta(ev.index, self._MARK))
-            pieces = [] if chunk is None else \
-                _data(chunk, self.include_usage).split(json.dumps(self._MARK).encode())
-            if len(pieces) != 2:
-                self.usable = False
-                return None
-            parts = self._parts[ev.index] = (pieces[0], pieces[1])
-        return parts[0] + _json_str(ev.text).encode() + parts[1]
+        parts = self._parts.get(ev.index) or self._split(ev.index)
+        return None if parts is None else parts[0] + _json_str(ev.text).encode() + parts[1]
+
+    def wire(self, text: events.WireText) -> bytes | None:
+        """``get``'s chunk for a text as the relay got it: its JSON string is the chunk's."""
+        if not self.usable:
+            return None
+        parts = self._parts.get(text.index) or self._split(text.index)
+        return None if parts is None else parts[0] + text.text + parts[1]
+
+    def _split(self, index: int) -> tuple[bytes, bytes] | None:
+        chunk = self.shape.chunk(index, events.Delta(index, self._MARK))
+        pieces = [] if chunk is None else \
+            _data(chunk, self.include_usage).split(json.dumps(self._MARK).encode())
+        if len(pieces) != 2:
+            self.usable = False
+            return None
+        parts = self._parts[index] = (pieces[0], pieces[1])
+        return parts
 
 
 # What json.dumps does with a str, without its two Python calls (once per token).

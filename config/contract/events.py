@@ -10,9 +10,12 @@ On the wire a message is a batch: ``{"s": <seq of the first event>, "e": [event,
 event being its fields and ``t`` (its type), less any field that holds its default (a
 delta's ``tokens``, ``logprobs``, ``prompt``): a reader fills those in, as ``decode`` does;
 sequence numbers let the reader detect a gap (a lost message) instead of guessing. A web
-process's own channel carries several jobs' batches in one message, each with its job id:
-``[{"j": <job id>, "s": ..., "e": [...]}, ...]`` (``encode_routed``), so one PUBLISH and one
-read serve every stream of that process a worker had events for.
+process's own channel carries several jobs' batches in one message, a line each
+(``encode_routed``), so one PUBLISH and one read serve every stream of that process a worker
+had events for: ``<job id> <seq> <events>``, the events as in a batch, or for a batch that is
+one delta of text and nothing else (most of them) ``<job id> <seq> <index> <tokens>
+<text as a JSON string>``, read as a ``WireText``: its JSON string goes into the stream's
+chunk as it came, the web never decoding it (``web/generation.py``). Job ids hold no space.
 
 A worker may ``coalesce`` a job's consecutive deltas into one before numbering them: the
 text, token counts and logprobs of the merged delta are those of its parts, in order.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Literal, TypedDict, Union
+from typing import Any, Literal, NamedTuple, TypedDict, Union
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
@@ -193,11 +196,34 @@ def encode(first_seq: int, events: list[Event]) -> str:
     return '{"s":%d,"e":[%s]}' % (first_seq, ",".join(map(_json, events)))
 
 
-def encode_routed(messages: list[tuple[str, str]]) -> str:
-    """One message for a web process's channel: ``(job id, encode(...))`` pairs, spliced
-    (each batch is encoded once, for the job's replay buffer and for this)."""
-    return "[" + ",".join('{"j":' + _string(job_id) + "," + message[1:]
-                          for job_id, message in messages) + "]"
+def routed(job_id: str, first_seq: int, evs: list[Event], message: str) -> str:
+    """The job's line in a message for a web process's channel (``encode_routed``), from
+    the batch's ``message`` (``encode(first_seq, evs)``: each batch is encoded once, for
+    the job's replay buffer and for this). Ferry's job ids (a prefix and a uuid) hold no
+    space; one that did would make the line unreadable, failing its web's streams."""
+    if len(evs) == 1:
+        ev = evs[0]
+        if type(ev) is Delta and ev.text and ev.logprobs is None and not ev.prompt:
+            return "%s %d %d %d %s" % (job_id, first_seq, ev.index, ev.tokens, _string(ev.text))
+    return "%s %d %s" % (job_id, first_seq, message[message.index("["):-1])
+
+
+def encode_routed(lines: list[str]) -> str:
+    """One message for a web process's channel: its jobs' ``routed`` lines."""
+    return "\n".join(lines)
+
+
+class WireText(NamedTuple):
+    """A batch of one ``Delta`` that is only text, as a web process's channel carries it:
+    ``text`` is the text as a JSON string (ASCII, quotes included), as the stream's chunk
+    holds it."""
+
+    index: int
+    tokens: int
+    text: bytes
+
+    def events(self) -> list[Event]:
+        return [Delta(self.index, json.loads(self.text), self.tokens)]
 
 
 def _events(raw: list[dict]) -> list[Event]:
@@ -221,8 +247,21 @@ def decode(data: str | bytes) -> tuple[int, list[Event]]:
     return msg["s"], _events(msg["e"])
 
 
-def decode_routed(data: str | bytes) -> list[tuple[str, int, list[Event]]]:
-    return [(m["j"], m["s"], _events(m["e"])) for m in json.loads(data)]
+def decode_routed(data: str | bytes) -> list[tuple[str, int, "list[Event] | WireText"]]:
+    """``(job id, first seq, events or WireText)`` per line of ``encode_routed``."""
+    if isinstance(data, str):
+        data = data.encode()
+    out = []
+    for line in data.split(b"\n"):
+        job_id, seq, body = line.split(b" ", 2)
+        if body[0] == 0x5B:  # [: the batch's events
+            out.append((job_id.decode(), int(seq), _events(json.loads(body))))
+        else:
+            index, tokens, text = body.split(b" ", 2)
+            if text[0] != 0x22:  # "
+                raise ValueError("a routed text is not a JSON string")
+            out.append((job_id.decode(), int(seq), WireText(int(index), int(tokens), text)))
+    return out
 
 
 def _merge(a: Event, b: Event) -> Event | None:

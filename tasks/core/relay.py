@@ -235,7 +235,9 @@ class Subscription(_Listener):
         """Hand the events that arrive from now on to ``sink.take(evs)``, on the reader
         greenlet, instead of queueing them; ``None`` ends that. ``take`` returns how many of
         them it took, in order, and must not switch greenlets (it runs between two reads of
-        the relay's one connection). Only while nothing is queued, so order holds: the first
+        the relay's one connection); a token's text as the channel carried it
+        (``events.WireText``) goes to ``sink.take_text(text)`` first, which says whether it
+        took it, else to ``take`` as a ``Delta``. Only while nothing is queued, so order holds: the first
         event it does not take, and everything after it, is queued as usual, and the diversion
         ends with ``sink.release()``; so does a failure (``Failed`` is queued) or ``close``.
         This is how a stream's tokens go from Redis to its client's socket without waking
@@ -269,9 +271,23 @@ class Subscription(_Listener):
         for callback in callbacks:
             callback()
 
-    def _deliver(self, first_seq: int, evs: list[events.Event]) -> None:
+    def _deliver(self, first_seq: int, evs: "list[events.Event] | events.WireText") -> None:
         if self.finished:
             return
+        if type(evs) is events.WireText:
+            # A token's text, as its stream's chunk holds it: written so when the stream is
+            # diverted and its dialect takes it (no Delta is made), else decoded.
+            if self._sink is not None and first_seq == self._next_seq:
+                try:
+                    taken = self._sink.take_text(evs)
+                except Exception:
+                    log.exception("job %s: a stream's sink failed", self.job_id)
+                    taken = False
+                if taken:
+                    self._next_seq = first_seq + 1
+                    self.timing.tokens()
+                    return
+            evs = evs.events()
         if first_seq < self._next_seq:
             # A drain its worker sent again (the reply to the first send was lost with its
             # connection): what was seen already is dropped.
@@ -471,6 +487,8 @@ class Relay:
             if len(found) == 1:
                 found[0]._deliver(first, evs)
             else:
+                if type(evs) is events.WireText:
+                    evs = evs.events()
                 for sub in tuple(found):
                     sub._deliver(first, evs)
 

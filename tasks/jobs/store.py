@@ -152,7 +152,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PUBLISH', KEYS[4], out)
 local reply = redis.call('HGET', KEYS[1], 'reply_to')
 if reply then
-  redis.call('PUBLISH', reply, '[{"j":' .. cjson.encode(ARGV[8]) .. ',' .. string.sub(out, 2) .. ']')
+  redis.call('PUBLISH', reply, ARGV[8] .. ' ' .. seq .. ' [' .. ARGV[5] .. ']')
 end
 return 1
 """
