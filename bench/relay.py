@@ -21,7 +21,7 @@ errors, RSS <= 400 MB. The last line gives the most streams per web process that
 added <= 50 ms with no errors.
 
     python -m bench.relay [--levels 100,500,1000] [--count 300] [--rate 20] [--open-rate 100]
-                          [--web-workers 1] [--coalesce-ms MS]
+                          [--web-workers 1] [--coalesce-ms MS] [--lockstep]
 """
 
 from __future__ import annotations
@@ -139,10 +139,13 @@ async def _lag_probe(lags: list[float], stop: asyncio.Event) -> None:
 
 
 async def clients(url: str, n: int, count: int, rate: float, ramp: float,
-                  silent: bool = False) -> tuple[list[StreamResult], list[float], float, float]:
+                  silent: bool = False, lockstep: bool = False,
+                  ) -> tuple[list[StreamResult], list[float], float, float]:
     """n streams opened evenly over ``ramp`` seconds; results, client lags, wall, client CPU
-    (a share of one core). ``silent``: the source paces its tokens but sends none."""
-    script = {"count": count, "rate": rate, **({"silent": True} if silent else {})}
+    (a share of one core). ``silent``: the source paces its tokens but sends none;
+    ``lockstep``: every stream's tokens come at the same instants (a batching engine's steps)."""
+    script = {"count": count, "rate": rate, **({"silent": True} if silent else {}),
+              **({"lockstep": True} if lockstep else {})}
     body = {"model": "synthetic", "stream": True,
             "messages": [{"role": "user", "content": json.dumps(script)}]}
     timeout = ramp + count / rate + 60
@@ -228,7 +231,7 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
 
 
 def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 2,
-        open_rate: float = 100.0, web_workers: int = 1) -> dict:
+        open_rate: float = 100.0, web_workers: int = 1, lockstep: bool = False) -> dict:
     per_worker = math.ceil(max(levels) / workers) + 10
     rows = []
     source_us: float | None = None
@@ -245,14 +248,15 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
             with ProcWatch([*web_pids, web.proc.pid], web=web_workers,
                            cpu={"workers": worker_pids, "redis": [redis_pid]}) as watch:
                 results, lags, wall, client_cpu = asyncio.run(
-                    clients(url, n, count, rate, n / open_rate))
+                    clients(url, n, count, rate, n / open_rate, lockstep=lockstep))
             row = level_stats(n, results, lags, wall, client_cpu, watch, web_pids, count, rate)
             rows.append(row)
             if source_us is None:
                 # The same streams again, paced but silent: the synthetic source's own cost
                 # (a benchmark instrument's, not the relay's) in the workers' figure.
                 with ProcWatch([web.proc.pid], cpu={"workers": worker_pids}) as quiet:
-                    asyncio.run(clients(url, n, count, rate, n / open_rate, silent=True))
+                    asyncio.run(clients(url, n, count, rate, n / open_rate, silent=True,
+                                        lockstep=lockstep))
                 source_us = 1e6 * quiet.cpu_used["workers"] / (n * count)
             print(f"  {n:>5} streams: p99 added {row['added_p99_ms'] or 0:.1f} ms, errors "
                   f"{row['errors']}, incomplete {row['incomplete']}, web RSS "
@@ -269,7 +273,8 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
     print_table(f"Relay capacity: {web_workers} web process(es) (gunicorn + gevent); {workers} "
                 f"synthetic worker "
                 f"processes (Celery gevent pool, up to {per_worker} jobs each); {count} tokens per "
-                f"stream at {rate:g} tok/s (nominal gap {1000 / rate:.0f} ms); streams opened at "
+                f"stream at {rate:g} tok/s (nominal gap {1000 / rate:.0f} ms"
+                f"{', every stream on the same instants' if lockstep else ''}); streams opened at "
                 f"{open_rate:g}/s. CPU % is of one core; {os.cpu_count()} cores in all",
                 ["streams", "ok", "errors", "incomplete", "gap p50 ms", "gap p99 ms",
                  "added p99 ms", "steady added p99", "TTFT p99 ms", "web RSS MB", "web CPU %",
@@ -298,7 +303,8 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
     met = at is not None and at["errors"] == 0 and at["incomplete"] == 0 and \
         at["added_p99_ms"] is not None and at["added_p99_ms"] <= GOAL_ADDED_MS and \
         at["web_rss_total_peak_mb"] <= GOAL_RSS_MB
-    data = {"count": count, "rate": rate, "open_rate": open_rate, "synthetic_workers": workers,
+    data = {"count": count, "rate": rate, "lockstep": lockstep, "open_rate": open_rate,
+            "synthetic_workers": workers,
             "synthetic_pool": f"gevent, {per_worker} jobs per process",
             "web_processes": web_workers, "streams_per_web_process": per_web,
             "source_alone_workers_us_per_token": source_us,
@@ -322,11 +328,14 @@ def main() -> None:
     p.add_argument("--web-workers", type=int, default=1, help="web processes (FERRY_WEB_WORKERS)")
     p.add_argument("--coalesce-ms", type=float, default=None,
                    help="the workers' FERRY_STREAM_COALESCE_MS (default: the setting's)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="every stream's tokens at the same instants, as a batching engine "
+                        "steps all its jobs at once (default: spread evenly)")
     a = p.parse_args()
     if a.coalesce_ms is not None:
         os.environ["FERRY_STREAM_COALESCE_MS"] = str(a.coalesce_ms)  # inherited by the workers
     run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate,
-        a.web_workers)
+        a.web_workers, a.lockstep)
 
 
 if __name__ == "__main__":

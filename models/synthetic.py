@@ -5,7 +5,9 @@ The prompt (or the last message) is a JSON script, so tests can drive the whole 
 ``{"tokens": ["a", "b"], "delay": 0.01, "fail": "msg", "crash": true, "hang": true,
 "count": 100, "rate": 50, "pad": 0}``. ``count``/``rate`` produce ``count`` tokens at ``rate`` per
 second, each followed by ``pad`` x's (long tokens, to fill a slow reader's socket);
-``"silent": true`` paces and counts them but sends none (what pacing alone costs a worker).
+``"silent": true`` paces and counts them but sends none (what pacing alone costs a worker);
+``"lockstep": true`` paces them on a clock shared by every job (each token at the next
+multiple of 1/rate s), as a batching engine's step yields a token for all its jobs at once.
 Registry option ``threads`` (default 1): run that many jobs at once in a Celery threads
 pool, as batching GPU backends do, so the pool's plumbing is tested without a GPU.
 
@@ -74,6 +76,7 @@ class SyntheticBackend(Backend):
             tokens = [f"t{i} {pad}" for i in range(int(script.get("count", 8)))]
         delay = 1.0 / script["rate"] if script.get("rate") else float(script.get("delay", 0))
         limit = job.max_tokens if job.max_tokens is not None else len(tokens)
+        lockstep = bool(script.get("lockstep"))
         yield Started(worker="", prompt_tokens=int(script.get("prompt_tokens", 1)))
         total = 0
         for index in range(job.n):
@@ -88,7 +91,7 @@ class SyntheticBackend(Backend):
                     reason = "cancelled"
                     break
                 if delay:
-                    time.sleep(delay)
+                    time.sleep(delay - time.monotonic() % delay if lockstep else delay)
                 n += 1
                 if script.get("silent"):
                     continue  # paced and counted, not sent: the pacing's own cost (bench)
