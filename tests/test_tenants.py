@@ -208,6 +208,21 @@ def test_per_key_in_flight_limit(web, alice, bob):
     assert job(bob).status_code == 202  # ended jobs free their places
 
 
+def test_completed_jobs_free_their_in_flight_places(web, bob):
+    """A job the worker runs to its end (nobody waiting on it: /v1/jobs) frees its place in
+    its key's in-flight limit (2 for bob): more jobs are taken, one after the other, than
+    the limit holds."""
+    for _ in range(3):
+        r = bob.post(web.url + "/v1/jobs", json={"endpoint": CHAT, "body": scripted(
+            tokens=["x"])}, timeout=10)
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 20
+        while bob.get(f"{web.url}/v1/jobs/{r.json()['id']}", timeout=10).json()[
+                "status"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 def test_per_key_upload_limit(web, bob, alice):
     big = [chat_line(f"l{i}", tokens=["x" * 100]) for i in range(20)]  # > bob's 2,000 bytes
     data = b"".join(json.dumps(x).encode() + b"\n" for x in big)

@@ -117,8 +117,20 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return {'in_progress', redis.call('EXISTS', KEYS[4]), redis.call('HGETALL', KEYS[1])}
 """
 
+# The end of a script that ended a job: its place in the model's and its owner's in-flight
+# limits (``tasks/core/limits.py``) is free again, whichever way it ended (an expired Celery
+# task never reaches a worker). Returns 2 if the job has a webhook (``JobStore.on_end``
+# then reads the record), else 1. Placeholders: the job id and the two keys' prefixes.
+_RELEASE = """
+local ended = redis.call('HMGET', KEYS[1], 'queue', 'owner', 'webhook')
+if ended[1] then redis.call('ZREM', {pending} .. ended[1], {id}) end
+if ended[2] then redis.call('ZREM', {owner_pending} .. ended[2], {id}) end
+if ended[3] then return 2 end
+return 1
+"""
+
 # KEYS: job, running. ARGV: status, now, result json or '', error json or '', job id,
-# why the result is not kept or ''.
+# why the result is not kept or '', the in-flight keys' prefixes.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2])
@@ -126,12 +138,11 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[3]) end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'result_omitted', ARGV[6]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
 redis.call('ZREM', KEYS[2], ARGV[5])
-return 1
-"""
+""" + _RELEASE.format(id="ARGV[5]", pending="ARGV[7]", owner_pending="ARGV[8]")
 
 # Ends a job nobody else will report on. KEYS: job, index (pending or running), events log,
 # channel (and the web process's reply channel the job names, if any). ARGV: from status, to status, now, error json or '', terminal event json, stream
-# max length, stream ttl (ms), job id, worker ('' = any).
+# max length, stream ttl (ms), job id, worker ('' = any), the in-flight keys' prefixes.
 _END = """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 0 end
@@ -154,8 +165,7 @@ local reply = redis.call('HGET', KEYS[1], 'reply_to')
 if reply then
   redis.call('PUBLISH', reply, ARGV[8] .. ' ' .. seq .. ' [' .. ARGV[5] .. ']')
 end
-return 1
-"""
+""" + _RELEASE.format(id="ARGV[8]", pending="ARGV[10]", owner_pending="ARGV[11]")
 # The queued jobs of a lane created before ARGV[1] whose Celery message is not in the lane's
 # list, nor in the lane's list of any worker jobs were routed to (KEYS: lane, list, routed-to
 # workers; ARGV: created before, worker-queue prefix, lane suffix). The list is read from its oldest end (kombu pops from the right),
@@ -380,7 +390,8 @@ class JobStore:
                 "job (FERRY_JOB_RESULT_MAX_BYTES): it went to the synchronous client and the "
                 "job's event stream only.")
         done = self._finish(keys=[job_key(job_id), RUNNING_JOBS], args=[
-            status, time.time(), stored, _json(error), job_id, omitted])
+            status, time.time(), stored, _json(error), job_id, omitted, pending_key(""),
+            owner_pending_key("")])
         return self._ended(job_id, done)
 
     def cancel(self, job_id: str, *, owner: str | None) -> JobRecord | None:
@@ -459,22 +470,17 @@ class JobStore:
         done = self._end(
             keys=[job_key(job_id), index, events_log(job_id), events_channel(job_id)],
             args=[frm, to, time.time(), _json(err.to_dict()) if keep_error else "", event,
-                  self.settings.job_events_max, self.events_ttl_ms, job_id, worker])
+                  self.settings.job_events_max, self.events_ttl_ms, job_id, worker,
+                  pending_key(""), owner_pending_key("")])
         return self._ended(job_id, done)
 
     def _ended(self, job_id: str, done) -> bool:
+        """After a script that ended a job (``_RELEASE``'s reply): its webhook, if any."""
         if not done:
             return False
-        record = self.get(job_id, owner=ANY_OWNER)
-        if record is not None:
-            # Its place in the model's and its owner's in-flight limits (``tasks/core/limits.py``)
-            # is free again, whichever way it ended (an expired Celery task never reaches a
-            # worker).
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zrem(pending_key(record.queue), job_id)
-            pipe.zrem(owner_pending_key(record.owner), job_id)
-            pipe.execute()
-            if self.on_end is not None:
+        if done == 2 and self.on_end is not None:
+            record = self.get(job_id, owner=ANY_OWNER)
+            if record is not None:
                 self.on_end(record)
         return True
 
