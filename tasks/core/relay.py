@@ -71,7 +71,9 @@ class _Line:
 
     def read(self) -> list:
         """The next frames (waiting for at least one chunk of bytes)."""
-        data = self.sock.recv(1 << 18)
+        # 64 KiB: with 256 KiB (allocated whole for every read, then shrunk) a read of a
+        # few KiB cost ~25 µs more here.
+        data = self.sock.recv(1 << 16)
         if not data:
             raise ConnectionError("Redis closed the connection")
         return self.frames.feed(data)
