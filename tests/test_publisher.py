@@ -17,7 +17,8 @@ from tests.services import RedisServer
 
 
 def _publisher(client, **kw) -> Publisher:
-    return Publisher(client, log_max=1000, log_ttl_ms=60_000, retry_s=kw.pop("retry_s", 2.0),
+    return Publisher(client, log_max=kw.pop("log_max", 1000), log_ttl_ms=60_000,
+                     retry_s=kw.pop("retry_s", 2.0),
                      window_s=kw.pop("window_s", 0.005), **kw)
 
 
@@ -143,6 +144,32 @@ def test_put_from_many_threads_loses_and_reorders_nothing(redis_server):
         text = "".join(ev.text for _, b in batches for ev in b if isinstance(ev, Delta))
         assert text == "".join(f"{i}," for i in range(300))
         assert isinstance(batches[-1][1][-1], Done)
+
+
+def test_a_buffer_keeps_its_latest_messages_up_to_its_cap(redis_server):
+    """A job's buffer is trimmed from its oldest end: past ``log_max`` it holds at most a
+    sixteenth more (trimmed back to ``log_max`` then), always its latest messages, in order,
+    and it still ends with the job's last event."""
+    from config import load_settings
+    from tasks.jobs.store import JobStore
+
+    r = redis.Redis.from_url(redis_server.url)
+    pub = _publisher(connect(redis_server.url), log_max=32)
+    job_id = _job_id("capped")
+    lengths = []
+    for i in range(100):
+        pub.put(job_id, Delta(0, f"{i},"), None)
+        assert pub.flush()  # one message per delta
+        lengths.append(r.llen(events_log(job_id)))
+    pub.put(job_id, Done(1, 100), None)
+    assert pub.flush()
+    assert lengths[:32] == list(range(1, 33))
+    assert max(lengths) == 34 and min(lengths[32:]) == 32
+    batches = _buffer(r, job_id)
+    assert [seq for seq, _ in batches] == list(range(101 - len(batches), 101))
+    replayed = list(JobStore(r, load_settings()).replay(job_id))
+    assert [seq for seq, _ in replayed] == [seq for seq, _ in batches]
+    assert replayed[-1][1] == Done(1, 100)
 
 
 def test_a_drain_sent_twice_is_read_once(redis_server):
