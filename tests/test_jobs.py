@@ -12,6 +12,7 @@ import pytest
 import redis
 import requests
 
+from config.contract.protocol import events_log
 from tests.jobclient import (CHAT, cancel, events, get, script, scripted, submit, submitted,
                              text_of, wait_status)
 from tests.services import Web, Worker
@@ -333,8 +334,8 @@ def test_replay_buffer_is_capped_and_says_so(strict, redis_server):
     assert evs[0].data["error"]["code"] == "events_lost"
     # The latest ones are still there, up to finish and done: numbered on from the buffer's
     # last message (the worker coalesces tokens, so a delta may hold several).
-    last = redis.Redis.from_url(redis_server.url).xrevrange(f"ferry:evlog:{job['id']}", count=1)
-    last = json.loads(last[0][1][b"m"])
+    last = redis.Redis.from_url(redis_server.url).lindex(events_log(job["id"]), -1)
+    last = json.loads(last)
     end = last["s"] + len(last["e"]) - 1
     tail = events(web, job["id"], last_event_id=end - 5)
     assert [e.id for e in tail] == list(range(end - 4, end + 1))

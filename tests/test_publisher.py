@@ -17,12 +17,13 @@ from tests.services import RedisServer
 
 
 def _publisher(client, **kw) -> Publisher:
-    return Publisher(client, log_max=1000, log_ttl_ms=60_000, retry_s=kw.pop("retry_s", 2.0),
+    return Publisher(client, log_max=kw.pop("log_max", 1000), log_ttl_ms=60_000,
+                     retry_s=kw.pop("retry_s", 2.0),
                      window_s=kw.pop("window_s", 0.005), **kw)
 
 
 def _buffer(r, job_id: str) -> list[tuple[int, list]]:
-    return [events.decode(fields[b"m"]) for _, fields in r.xrange(events_log(job_id))]
+    return [events.decode(message) for message in r.lrange(events_log(job_id), 0, -1)]
 
 
 def _job_id(name: str) -> str:
@@ -154,6 +155,32 @@ def test_put_from_many_threads_loses_and_reorders_nothing(redis_server):
         assert isinstance(batches[-1][1][-1], Done)
 
 
+def test_a_buffer_keeps_its_latest_messages_up_to_its_cap(redis_server):
+    """A job's buffer is trimmed from its oldest end: past ``log_max`` it holds at most a
+    sixteenth more (trimmed back to ``log_max`` then), always its latest messages, in order,
+    and it still ends with the job's last event."""
+    from config import load_settings
+    from tasks.jobs.store import JobStore
+
+    r = redis.Redis.from_url(redis_server.url)
+    pub = _publisher(connect(redis_server.url), log_max=32)
+    job_id = _job_id("capped")
+    lengths = []
+    for i in range(100):
+        pub.put(job_id, Delta(0, f"{i},"), None)
+        assert pub.flush()  # one message per delta
+        lengths.append(r.llen(events_log(job_id)))
+    pub.put(job_id, Done(1, 100), None)
+    assert pub.flush()
+    assert lengths[:32] == list(range(1, 33))
+    assert max(lengths) == 34 and min(lengths[32:]) == 32
+    batches = _buffer(r, job_id)
+    assert [seq for seq, _ in batches] == list(range(101 - len(batches), 101))
+    replayed = list(JobStore(r, load_settings()).replay(job_id))
+    assert [seq for seq, _ in replayed] == [seq for seq, _ in batches]
+    assert replayed[-1][1] == Done(1, 100)
+
+
 def test_a_drain_sent_twice_is_read_once(redis_server):
     """The publisher sends a drain again when the reply to it was lost with its connection,
     and Redis may have run both: the job's buffer then holds those events twice, and the
@@ -168,7 +195,7 @@ def test_a_drain_sent_twice_is_read_once(redis_server):
     batches = [(0, [Started("w", 1), Delta(0, "a")]), (0, [Started("w", 1), Delta(0, "a")]),
                (1, [Delta(0, "a"), Delta(0, "b")]), (3, [Delta(0, "c")])]
     for first, evs in batches:
-        r.xadd(events_log(job), {"m": events.encode(first, evs)})
+        r.rpush(events_log(job), events.encode(first, evs))
     settings = load_settings()
     store = JobStore(r, settings)
     assert [(seq, ev.text if isinstance(ev, Delta) else ev.t) for seq, ev in store.replay(job)] \

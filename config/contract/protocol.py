@@ -119,9 +119,13 @@ def celery_list(queue: str, bulk: bool) -> str:
 
 
 def events_log(job_id: str) -> str:
-    """The job's replay buffer: a Redis Stream holding every message published on its
-    channel, added in the same pipeline and *before* the PUBLISH (see ``web/job_events.py``)."""
-    return f"ferry:evlog:{job_id}"
+    """The job's replay buffer: a Redis list holding every message published on its
+    channel, oldest first, each pushed in the same script call and *before* the PUBLISH (see
+    ``web/job_events.py``), trimmed from its oldest end. A list, not a Stream: RPUSH costs
+    Redis less than XADD, and nothing reads it by entry id. Not the key of the Streams
+    (``ferry:evlog:``) older versions wrote, so none of those is ever pushed to (WRONGTYPE):
+    they expire by their TTL, and jobs that ran across the upgrade cannot be replayed."""
+    return f"ferry:evbuf:{job_id}"
 
 
 def connect(url: str, **kw) -> "redis.Redis":

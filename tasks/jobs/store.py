@@ -141,8 +141,9 @@ redis.call('ZREM', KEYS[2], ARGV[5])
 """ + _RELEASE.format(id="ARGV[5]", pending="ARGV[7]", owner_pending="ARGV[8]")
 
 # Ends a job nobody else will report on. KEYS: job, index (pending or running), events log,
-# channel (and the web process's reply channel the job names, if any). ARGV: from status, to status, now, error json or '', terminal event json, stream
-# max length, stream ttl (ms), job id, worker ('' = any), the in-flight keys' prefixes.
+# channel (and the web process's reply channel the job names, if any). ARGV: from status, to
+# status, now, error json or '', terminal event json, events log max length, events log ttl
+# (ms), job id, worker ('' = any), the in-flight keys' prefixes.
 _END = """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 0 end
@@ -152,13 +153,14 @@ redis.call('ZREM', KEYS[2], ARGV[8])
 local lane = redis.call('HGET', KEYS[1], 'lane')
 if lane then redis.call('ZREM', lane, ARGV[8]) end
 local seq = 0
-local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  local msg = cjson.decode(last[1][2][2])
+local last = redis.call('LINDEX', KEYS[3], -1)
+if last then
+  local msg = cjson.decode(last)
   seq = msg['s'] + #msg['e']
 end
 local out = '{"s":' .. seq .. ',"e":[' .. ARGV[5] .. ']}'
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'm', out)
+local max = tonumber(ARGV[6])
+if redis.call('RPUSH', KEYS[3], out) > max then redis.call('LTRIM', KEYS[3], -max, -1) end
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('PUBLISH', KEYS[4], out)
 local reply = redis.call('HGET', KEYS[1], 'reply_to')
@@ -302,19 +304,18 @@ class JobStore:
     def replay(self, job_id: str, after: int = -1) -> Iterator[tuple[int, events.Event]]:
         """The job's events kept in its replay buffer with a sequence number above ``after``,
         each once: a drain its worker sent again (its reply lost with a connection) is in the
-        buffer twice."""
-        key, start, page = events_log(job_id), "-", 500
-        while True:
-            entries = self.redis.xrange(key, start, "+", count=page)
-            for entry_id, fields in entries:
-                first, evs = events.decode(fields[b"m"])
-                for i, ev in enumerate(evs):
-                    if first + i > after:
-                        after = first + i
-                        yield after, ev
-            if len(entries) < page:
-                return
-            start = "(" + entry_id.decode()
+        buffer twice.
+
+        The buffer is read whole, in one LRANGE: its writers trim it from its oldest end, so
+        a list read in pages by index would skip as many messages as were trimmed between
+        two pages (a stream's entry ids did not move). It is capped (``job_events_max``
+        messages, and a sixteenth more), and every reader reads on to its end anyway."""
+        for message in self.redis.lrange(events_log(job_id), 0, -1):
+            first, evs = events.decode(message)
+            for i, ev in enumerate(evs):
+                if first + i > after:
+                    after = first + i
+                    yield after, ev
 
     # -- transitions ------------------------------------------------------------------------
 
