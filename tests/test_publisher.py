@@ -48,6 +48,10 @@ def test_a_delta_on_the_wire_leaves_out_its_defaults_and_reads_back_whole():
     assert (j1, s1, got) == ("job-1", 7, evs)
     assert (j2, s2, wire.index, wire.tokens) == ("job-2", 9, 3, 2)
     assert wire.text == json.dumps(text.text).encode() and wire.events() == [text]
+    # What a worker not yet upgraded sends a web process's channel still reads.
+    before = '[{"j":"job-3","s":4,"e":[{"index":0,"text":"hi","t":"delta"},{"t":"done",' \
+             '"prompt_tokens":1,"completion_tokens":1}]}]'
+    assert events.decode_routed(before) == [("job-3", 4, [Delta(0, "hi"), Done(1, 1)])]
 
 
 def test_the_publisher_does_not_wait_for_the_clients_pool(redis_server):

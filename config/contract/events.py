@@ -248,9 +248,13 @@ def decode(data: str | bytes) -> tuple[int, list[Event]]:
 
 
 def decode_routed(data: str | bytes) -> list[tuple[str, int, "list[Event] | WireText"]]:
-    """``(job id, first seq, events or WireText)`` per line of ``encode_routed``."""
+    """``(job id, first seq, events or WireText)`` per line of ``encode_routed``; also a
+    message of the JSON form before it (``[{"j": ..., "s": ..., "e": [...]}, ...]``, which
+    no job id starts like), sent by a worker not yet upgraded."""
     if isinstance(data, str):
         data = data.encode()
+    if data[:1] == b"[":
+        return [(m["j"], m["s"], _events(m["e"])) for m in json.loads(data)]
     out = []
     for line in data.split(b"\n"):
         job_id, seq, body = line.split(b" ", 2)
