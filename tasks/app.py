@@ -44,17 +44,16 @@ def log_format(settings: Settings) -> dict:
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _one_backend(app: Celery) -> None:
-    """Each task of ``app`` uses one result backend, made once. Celery makes one per thread,
-    and its gevent pool runs every task in a new greenlet (a thread to Celery): each task
-    made its own (~6% of a job's CPU in the worker). Ferry's apps ignore results, so theirs
-    is the disabled backend, which holds no state to share."""
-    @signals.worker_init.connect(weak=False)
-    def _share(sender, **_):  # the worker, once it imported every task module
-        if sender.app is app:
-            backend = app.backend
-            for task in app.tasks.values():
-                task.backend = backend
+@signals.worker_init.connect
+def _one_backend(sender, **_) -> None:
+    """A worker's tasks share one result backend, made once, when it has imported every
+    task module. Celery makes one per thread, and its gevent pool runs every task in a new
+    greenlet (a thread to Celery): each task made its own (~6% of a job's CPU in the worker).
+    Ferry's apps ignore results, so theirs is the disabled backend, which holds no state."""
+    app = sender.app
+    backend = app.backend
+    for task in app.tasks.values():
+        task.backend = backend
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -79,7 +78,6 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={"ack_emulation": False},
         task_default_queue="ferry.default",
     )
-    _one_backend(app)
     app.ferry_settings = settings
     return app
 
@@ -100,7 +98,6 @@ def make_batch_celery(settings: Settings) -> Celery:
             "unacked_restore_throttle": 1,
         },
     )
-    _one_backend(app)
     app.ferry_settings = settings
     return app
 
@@ -129,6 +126,5 @@ def make_webhook_celery(settings: Settings) -> Celery:
             "unacked_restore_throttle": 1,
         },
     )
-    _one_backend(app)
     app.ferry_settings = settings
     return app

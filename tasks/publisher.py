@@ -257,8 +257,9 @@ class Publisher:
             job = self._jobs[job_id]
             if len(evs) > 1:
                 evs = events.coalesce(evs)
-            message = events.encode(job.seq, evs)
-            job.seq += len(evs)
+            first = job.seq
+            message = events.encode(first, evs)
+            job.seq = first + len(evs)
             ended = type(evs[-1]) in TERMINAL
             expire = ended or now >= job.expire_due
             if expire:
@@ -269,7 +270,7 @@ class Publisher:
             args += (b"1" if expire else b"0", job.channel, message.encode())
             if job.reply_to:
                 routed.setdefault(job.reply_to, []).append(
-                    events.routed(job_id, job.seq - len(evs), evs, message))
+                    events.routed(job_id, first, evs, message))
         for channel, lines in routed.items():
             args += (channel.encode(), events.encode_routed(lines).encode())
         self._deliver(keys, args, len(batches), wait)

@@ -302,22 +302,23 @@ class _Pump:
                 break
             taken += 1
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            self._write(b"%X\r\n%s\r\n" % (len(data), data))
-        if self.rest or self.gone:
-            self.sub.divert(None)
-            self.woken.set()
+            self._send(out[0] if len(out) == 1 else b"".join(out))
         return taken
 
     def take_text(self, text: events.WireText) -> bool:
         chunk = self.chunks.wire_text(text)
         if chunk is None:
             return False
-        self._write(b"%X\r\n%s\r\n" % (len(chunk), chunk))
+        self._send(chunk)
+        return True
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data`` as one chunk; hand the stream back if the socket did not take it
+        all or the client left."""
+        self._write(b"%X\r\n%s\r\n" % (len(data), data))
         if self.rest or self.gone:
             self.sub.divert(None)
             self.woken.set()
-        return True
 
     def release(self) -> None:
         self.woken.set()

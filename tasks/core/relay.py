@@ -489,8 +489,6 @@ class Relay:
             if len(found) == 1:
                 found[0]._deliver(first, evs)
             else:
-                if type(evs) is events.WireText:
-                    evs = evs.events()
                 for sub in tuple(found):
                     sub._deliver(first, evs)
 
