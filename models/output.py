@@ -1,7 +1,8 @@
 """From sampled tokens to one choice's events; shared by every backend.
 
 A backend feeds each sampled token's bytes (and its log probability entry, when asked for);
-``ChoiceWriter`` decodes UTF-8 across token boundaries, holds back text that may be the start
+``ChoiceWriter`` decodes UTF-8 across token boundaries (a character cut by the choice's end
+is dropped), holds back text that may be the start
 of a stop string, splits tool calls from text (``models.tools``), and releases each token's
 log probability with the text it produced.
 """
@@ -52,7 +53,11 @@ class ChoiceWriter:
         return self._release(text, final=False)
 
     def finish(self, reason: FinishReason) -> list[Event]:
-        out = self._release(self._decoder.decode(b"", final=True), final=True)
+        # The bytes of a character the choice stopped in the middle of (cut at max_tokens,
+        # say) are dropped, not released as U+FFFD: the text ends with the last whole
+        # character. Bytes that can never be UTF-8 were replaced as they came.
+        self._decoder.reset()
+        out = self._release("", final=True)
         if self._calls is not None and self._calls.called:
             self._logprobs = []  # log probabilities are reported for text, not for calls
         if self._pending:

@@ -78,6 +78,20 @@ def test_choice_writer_joins_split_utf8():
     assert evs[-1].completion_tokens == 2
 
 
+def test_choice_writer_drops_a_character_cut_by_the_end():
+    # max_tokens ends the choice inside an emoji's bytes: the text stops before it, with no
+    # U+FFFD, and the token is still counted.
+    w = ChoiceWriter(0, stops=[])
+    evs = w.add(b"ok ") + w.add("🙂".encode()[:2]) + w.finish("length")
+    assert "".join(e.text for e in evs if isinstance(e, Delta)) == "ok "
+    assert sum(e.tokens for e in evs if isinstance(e, Delta)) == 2
+    assert evs[-1] == Finish(0, "length", 2, None)
+    # Bytes that are never UTF-8 are still replaced where they stand.
+    w = ChoiceWriter(0, stops=[])
+    evs = w.add(b"a\xffb") + w.finish("stop")
+    assert "".join(e.text for e in evs if isinstance(e, Delta)) == "a\ufffdb"
+
+
 def test_choice_writer_tool_call_finish_reason():
     w = ChoiceWriter(0, stops=[], calls=tools.CallParser(text_allowed=False))
     evs = [e for piece in CALL for e in w.add(piece.encode())] + w.finish("stop")
