@@ -34,7 +34,7 @@ QUICK = {
     "concurrency": lambda: concurrency.run([1, 4], tokens=16, parallel=4),
     "prefix": lambda: prefix.run(**prefix.QUICK),
     "affinity": lambda: affinity.run(**affinity.QUICK),
-    "relay": lambda: relay.run([20, 50], count=20, rate=20.0),
+    "relay": lambda: relay.run([20, 50], count=20, rate=20.0, requests=100),
 }
 OTHERS = ("embeddings", "gpu", "chaos")
 # Arguments for the benchmarks in their own modules.

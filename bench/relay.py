@@ -18,10 +18,11 @@ web processes, the workers (the synthetic source's own pacing included) and Redi
 client's (asyncio + aiohttp, this process, which also measures its own event-loop lag) beside:
 a client that cannot keep up shows as such. Goal at 500 streams: p99 added <= 50 ms, no
 errors, RSS <= 400 MB. The last line gives the most streams per web process that met p99
-added <= 50 ms with no errors.
+added <= 50 ms with no errors. Before the levels, ``--requests`` one-token streams (10 at
+once) give the CPU a request costs besides its tokens, in ms per request.
 
     python -m bench.relay [--levels 100,500,1000] [--count 300] [--rate 20] [--open-rate 100]
-                          [--web-workers 1] [--coalesce-ms MS] [--lockstep]
+                          [--web-workers 1] [--coalesce-ms MS] [--lockstep] [--requests 800]
 """
 
 from __future__ import annotations
@@ -167,6 +168,37 @@ async def clients(url: str, n: int, count: int, rate: float, ramp: float,
     return list(results), lags, wall, cpu / wall
 
 
+async def short_requests(url: str, n: int, at_once: int) -> list[StreamResult]:
+    """``n`` streams of one token, ``at_once`` at a time: what a request costs besides its
+    tokens (HTTP, validation, the job's record, Celery's message, the worker's start and
+    end, the stream's first and last chunks)."""
+    body = {"model": "synthetic", "stream": True,
+            "messages": [{"role": "user", "content": json.dumps({"tokens": ["x"]})}]}
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(session) -> StreamResult:
+        async with gate:
+            return await stream(session, url, body, 30)
+
+    async with aiohttp.ClientSession(connector=connector(at_once),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        return list(await asyncio.gather(*(one(session) for _ in range(n))))
+
+
+def per_request(url: str, n: int, at_once: int, web_pids: list[int],
+                cpu: dict[str, list[int]]) -> dict:
+    """CPU ms per request of ``short_requests`` in each group, and requests per second."""
+    with ProcWatch(web_pids, web=len(web_pids), cpu=cpu) as watch:
+        t0 = time.monotonic()
+        results = asyncio.run(short_requests(url, n, at_once))
+        wall = time.monotonic() - t0
+    failed = [r.error for r in results if r.error or r.text != "x"]
+    if failed:
+        raise CheckFailed(f"{len(failed)} of {n} one-token streams failed: {failed[0]!r}")
+    return {"requests": n, "at_once": at_once, "per_s": n / wall,
+            "cpu_ms": {k: 1e3 * watch.cpu_used[k] / n for k in ("web", *cpu)}}
+
+
 def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: float,
                 client_cpu: float, watch: ProcWatch, web_pids: list[int], count: int,
                 rate: float) -> dict:
@@ -231,7 +263,8 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
 
 
 def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 2,
-        open_rate: float = 100.0, web_workers: int = 1, lockstep: bool = False) -> dict:
+        open_rate: float = 100.0, web_workers: int = 1, lockstep: bool = False,
+        requests: int = 800) -> dict:
     per_worker = math.ceil(max(levels) / workers) + 10
     rows = []
     source_us: float | None = None
@@ -244,6 +277,12 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
         web_pids = web_worker_pids(web, web_workers)
         url = web.url + "/v1/chat/completions"
         asyncio.run(clients(url, 10, 5, rate, 0.1))  # warm up: connections, imports, pools
+        cpu = {"workers": worker_pids, "redis": [redis_pid]}
+        short = per_request(url, requests, 10, web_pids, cpu) if requests else None
+        if short is not None:
+            print(f"  per request ({requests} one-token streams, 10 at once): CPU ms "
+                  f"{', '.join(f'{k} {v:.2f}' for k, v in short['cpu_ms'].items())}; "
+                  f"{short['per_s']:.0f} requests/s", flush=True)
         for n in levels:
             with ProcWatch([*web_pids, web.proc.pid], web=web_workers,
                            cpu={"workers": worker_pids, "redis": [redis_pid]}) as watch:
@@ -308,6 +347,7 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
             "synthetic_pool": f"gevent, {per_worker} jobs per process",
             "web_processes": web_workers, "streams_per_web_process": per_web,
             "source_alone_workers_us_per_token": source_us,
+            "per_request": short,
             "rows": rows,
             "goal": {"streams": GOAL_STREAMS, "added_p99_ms": GOAL_ADDED_MS,
                      "rss_mb": GOAL_RSS_MB, "errors": 0},
@@ -328,6 +368,8 @@ def main() -> None:
     p.add_argument("--web-workers", type=int, default=1, help="web processes (FERRY_WEB_WORKERS)")
     p.add_argument("--coalesce-ms", type=float, default=None,
                    help="the workers' FERRY_STREAM_COALESCE_MS (default: the setting's)")
+    p.add_argument("--requests", type=int, default=800,
+                   help="one-token streams first, 10 at once, for CPU per request (0: none)")
     p.add_argument("--lockstep", action="store_true",
                    help="every stream's tokens at the same instants, as a batching engine "
                         "steps all its jobs at once (default: spread evenly)")
@@ -335,7 +377,7 @@ def main() -> None:
     if a.coalesce_ms is not None:
         os.environ["FERRY_STREAM_COALESCE_MS"] = str(a.coalesce_ms)  # inherited by the workers
     run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate,
-        a.web_workers, a.lockstep)
+        a.web_workers, a.lockstep, a.requests)
 
 
 if __name__ == "__main__":

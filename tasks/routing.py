@@ -146,17 +146,22 @@ class Served:
         pipe.hset(self.key, mapping={"slots": self.slots, "active": active})
         pipe.pexpire(self.key, self.alive_ms)
 
-    def busy(self, delta: int) -> None:
-        """A job started (+1) or ended (-1) here."""
-        pipe = self.redis.pipeline(transaction=False)
+    def busy(self, delta: int, pipe=None) -> None:
+        """A job started (+1) or ended (-1) here; queued on ``pipe`` if given (sent with the
+        job's start, ``JobStore.start``), else sent now."""
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own else pipe
         pipe.hincrby(self.key, "active", delta)
         pipe.pexpire(self.key, self.alive_ms)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
-    def ended(self, job: GenerationJob | None, replies: list[tuple[str, list[dict]]]) -> None:
-        """A job ended here (one round trip, before its terminal event): one job less, and
-        for a chat ``job`` that ended with ``replies`` (one per choice), its prefix and each
-        continuation now point here."""
+    def ended(self, job: GenerationJob | None, replies: list[tuple[str, list[dict]]],
+              pipe=None) -> None:
+        """A job ended here (before its terminal event; on ``pipe`` as for ``busy``, sent
+        with the job's end, ``JobStore.finish``): one job less, and for a chat ``job`` that
+        ended with ``replies`` (one per choice), its prefix and each continuation now point
+        here."""
         names = []
         if job is not None and job.messages:
             names = [digest(job, job.messages + [reply_message(text, calls)])
@@ -164,12 +169,13 @@ class Served:
             own = prefix_digest(job)
             if own is not None:
                 names.append(own)
-        pipe = self.redis.pipeline(transaction=False)
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own else pipe
         for name in names:
             pipe.set(affinity_key(self.queue, name), self.worker, px=self.ttl_ms)
-        pipe.hincrby(self.key, "active", -1)
-        pipe.pexpire(self.key, self.alive_ms)
-        pipe.execute()
+        self.busy(-1, pipe)
+        if own:
+            pipe.execute()
 
     def forget(self) -> None:
         self.redis.delete(self.key)

@@ -40,8 +40,8 @@ from config.contract.job import EmbeddingJob, EmbeddingPartsJob, GenerationJob
 from models.vectors import check_dimensions, shorten, to_base64
 from tasks import webhooks
 from tasks.cluster import TokenMeter
-from config.contract.protocol import (CANCEL_CHANNEL, connect, pending_key, stats_key,
-                                      worker_jobs_key, workers_key)
+from config.contract.protocol import (CANCEL_CHANNEL, connect, owner_pending_key,
+                                      pending_key, stats_key, worker_jobs_key, workers_key)
 from tasks.publisher import Publisher
 from tasks.routing import Served
 
@@ -89,7 +89,7 @@ class Runtime:
         key = workers_key(self.entry.queue)
         while not self._stop.is_set():
             now = time.time()
-            # Under the lock: a job's end (``_served``) takes it off the published load in
+            # Under the lock: a job's end (``_end``) takes it off the published load in
             # the same lock, so a beat cannot write back a count read before that end.
             with self._jobs_lock:
                 try:
@@ -145,16 +145,21 @@ class Runtime:
         # listener; one asked for earlier is reported by ``start`` itself.
         with self._jobs_lock:
             self._active.add(job.id)
+        # The job counts on this worker's load from its start, sent with it. (A start sent
+        # again after a lost reply may count it twice: the next heartbeat sets the count.)
         try:
-            started_job = self._retrying(f"start job {job.id}",
-                                         lambda: self.jobs.start(job.id, self.name))
+            started_job = self._retrying(f"start job {job.id}", lambda: self.jobs.start(
+                job.id, self.name, also=lambda pipe: self.served.busy(+1, pipe)))
+            counted = True
         except redis_lib.RedisError as e:
             log.error("job %s dropped: Redis is unreachable (%s)", job.id, e)
-            started_job = None
+            started_job, counted = None, False
         if started_job is None:
             with self._jobs_lock:
                 self._active.discard(job.id)
                 self._cancelled.discard(job.id)
+            if counted:
+                self._load(-1)
             found = self._safe_get(job.id)
             log.info("job %s skipped: %s", job.id, found.status if found else "unknown")
             self._release(job.id)
@@ -162,8 +167,8 @@ class Runtime:
         record, cancel_asked = started_job
         if cancel_asked:
             self._mark_cancelled(job.id)
-        self._load(+1)
         loaded = True
+        released = False  # by the script that recorded the job's end (``JobStore.finish``)
         outcome = Outcome()
         holding = None
         started = time.monotonic()
@@ -190,22 +195,19 @@ class Runtime:
                         put(job_id, ev, reply_to)
                 if kind in RESULTS:
                     # Recorded before the terminal event is published: a watcher that saw it
-                    # finds the job ended.
-                    self._finish(job.id, "cancelled" if outcome.cancelled else "completed",
-                                 result=outcome.body(shape))
-                    # Before the terminal event too: the client's next turn, sent once it
-                    # has the reply, is routed here, and finds this worker free again
-                    # (tasks/routing.py).
-                    self._served(job, outcome)
+                    # finds the job ended, and the client's next turn, sent once it has the
+                    # reply, is routed here and finds this worker free again.
+                    released = self._end(job, outcome, shape)
                     loaded = False
                 put(job_id, event, reply_to)
         except FerryError as e:
             self._put_held(job, holding)
-            self._fail(job, e)
+            released = self._fail(job, e) or released
         except Exception:
             log.exception("job %s failed", job.id)
             self._put_held(job, holding)
-            self._fail(job, GenerationFailed("The model failed on this request."))
+            released = self._fail(job, GenerationFailed("The model failed on this request.")) \
+                or released
         finally:
             log.info("finished job=%s cancelled=%s usage=%s seconds=%.3f", job.id,
                      outcome.cancelled, outcome.usage, time.monotonic() - started)
@@ -214,7 +216,8 @@ class Runtime:
                 self._cancelled.discard(job.id)
             if loaded:
                 self._load(-1)
-            self._release(job.id)
+            if not released:
+                self._release(job.id, record.owner)
             self.publisher.flush()
 
     def _holding(self) -> "_Holding":
@@ -297,30 +300,45 @@ class Runtime:
         except redis_lib.RedisError:
             pass  # it expires with the heartbeat; routers then see the worker as gone
 
-    def _served(self, job, outcome: Outcome) -> None:
-        """The job's load is off this worker, and a chat job's prefixes point here."""
+    def _end(self, job, outcome: Outcome, shape) -> bool:
+        """Record the job's end (the body the synchronous endpoint returns), and in the same
+        round trip take it off this worker's load and point a chat job's prefixes here
+        (``Served.ended``). True if that ended the job, and so freed its in-flight places."""
+        status: JobStatus = "cancelled" if outcome.cancelled else "completed"
+        result = outcome.body(shape)
         # A count kept no KV cache here: its prefix must not point here.
         chat = isinstance(job, GenerationJob) and not outcome.cancelled and not job.count_only
         replies = [(c.text, c.tool_calls) for _, c in sorted(outcome.choices.items())]
         with self._jobs_lock:
-            # Its result is recorded: nothing left to cancel, and no longer counted by the
-            # heartbeat's load (held across the write, see ``_heartbeat``).
+            # Nothing left to cancel, and no longer counted by the heartbeat's load (held
+            # across the write, see ``_heartbeat``).
             self._active.discard(job.id)
             try:
-                self.served.ended(job if chat else None, replies)
+                return self.jobs.finish(job.id, status, result=result, also=lambda pipe:
+                                        self.served.ended(job if chat else None, replies, pipe))
             except redis_lib.RedisError as e:
-                log.warning("could not record the end of job %s for routing: %s", job.id, e)
+                log.warning("could not record the end of job %s (%s); retrying", job.id, e)
+        # The record alone, retried while Redis is down or reloading: the heartbeat sets the
+        # load right, and the next turn is routed to any worker.
+        return self._finish(job.id, status, result=result)
 
-    def _release(self, job_id: str) -> None:
-        """The job no longer counts against its model's in-flight limit."""
+    def _release(self, job_id: str, owner: str | None = None) -> None:
+        """The job no longer counts against its model's (and its owner's) in-flight limit:
+        for a job whose end no script of ours recorded (the record gone, Redis down)."""
         try:
-            self.redis.zrem(pending_key(self.entry.queue), job_id)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(pending_key(self.entry.queue), job_id)
+            if owner is not None:
+                pipe.zrem(owner_pending_key(owner), job_id)
+            pipe.execute()
         except redis_lib.RedisError:
             pass  # the web sweeps stale entries
 
-    def _fail(self, job, err: FerryError) -> None:
-        self._finish(job.id, "failed", error=err.to_dict())
+    def _fail(self, job, err: FerryError) -> bool:
+        """Record the job failed and publish its failure; True if that ended it."""
+        released = self._finish(job.id, "failed", error=err.to_dict())
         self.publisher.put(job.id, failed(err), job.reply_to)
+        return released
 
     def _retrying(self, what: str, write):
         """``write()``, again with back-off while Redis is down or loading its data, for up to
@@ -336,13 +354,15 @@ class Runtime:
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
-    def _finish(self, job_id: str, status: JobStatus, **outcome) -> None:
+    def _finish(self, job_id: str, status: JobStatus, **outcome) -> bool:
+        """True if this ended the job (``JobStore.finish``)."""
         try:
-            self._retrying(f"record the end of job {job_id}",
-                           lambda: self.jobs.finish(job_id, status, **outcome))
+            return self._retrying(f"record the end of job {job_id}",
+                                  lambda: self.jobs.finish(job_id, status, **outcome))
         except redis_lib.RedisError as e:
             # The job's watchers still get its events, if Redis comes back for the publisher.
             log.error("could not record the end of job %s: %s", job_id, e)
+            return False
 
 
 class _Holding:

@@ -226,6 +226,37 @@ def test_missing_finds_only_jobs_whose_message_is_gone(tmp_path, bulk):
         server.kill()
 
 
+def test_a_start_and_an_end_sent_with_the_load_survive_forgotten_scripts(redis_server):
+    """A worker sends a job's start and end with its load change (``also``), by the scripts'
+    SHA1s. Redis restarted forgets its scripts: the script is sent again, and the load is
+    moved once, not twice."""
+    from config import load_settings
+    from config.contract.protocol import pending_key
+    from tasks.jobs.shapes import ResponseSpec
+    from tasks.jobs.store import InFlight, JobStore
+
+    r = redis.Redis.from_url(redis_server.url)
+    jobs, load = JobStore(r, load_settings()), "test:forgotten:load"
+    r.delete(load)
+    jobs.create(job_id="forgotten", endpoint="/v1/chat/completions", model="m", queue="ferry.fm",
+                spec=ResponseSpec(endpoint="/v1/chat/completions"), deadline=time.time() + 60,
+                owner="", in_flight=InFlight(pending_key("ferry.fm"), 10, 0))
+    for step in ("start", "finish"):
+        r.script_flush()
+        if step == "start":
+            record, cancel_asked = jobs.start("forgotten", "w1",
+                                              also=lambda p: p.hincrby(load, "active", 1))
+            assert record.id == "forgotten" and not cancel_asked
+            assert r.hget(load, "active") == b"1"
+        else:
+            assert jobs.finish("forgotten", "completed", result={"ok": 1},
+                               also=lambda p: p.hincrby(load, "active", -1))
+            assert r.hget(load, "active") == b"0"
+    record = jobs.get("forgotten", owner="")
+    assert record.status == "completed" and record.result == {"ok": 1}
+    assert r.zscore(pending_key("ferry.fm"), "forgotten") is None  # its place freed
+
+
 def test_a_job_whose_end_redis_lost_is_failed(stack):
     """Redis restarted from its append-only file may lose a job's last write, its end: the
     record says in_progress on a worker that is alive and no longer runs it. The janitor

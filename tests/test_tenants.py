@@ -223,6 +223,30 @@ def test_completed_jobs_free_their_in_flight_places(web, bob):
             time.sleep(0.05)
 
 
+def test_answered_and_abandoned_requests_free_their_places(web, bob):
+    """Answered requests (a body, a whole stream) free their places in bob's in-flight limit
+    (2) in the script that ends their job; a stream its client leaves frees its own when
+    the web closes it. More requests pass, one after the other, than the limit holds."""
+    url = web.url + "/v1/chat/completions"
+    for stream in (False, True, False, True):
+        r = bob.post(url, json={**scripted(tokens=["x"]), "stream": stream}, timeout=20)
+        assert r.status_code == 200, r.text
+        assert b"[DONE]" in r.content if stream else r.json()["choices"][0]["message"]
+    for _ in range(4):
+        deadline = time.monotonic() + 15
+        while True:
+            r = bob.post(url, json={**scripted(tokens=["x"] * 400, delay=0.05), "stream": True},
+                         stream=True, timeout=20)
+            if r.status_code != 429:
+                break
+            r.close()
+            assert time.monotonic() < deadline, "an abandoned stream kept its place"
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        assert next(r.iter_lines()).startswith(b"data: ")
+        r.close()
+
+
 def test_per_key_upload_limit(web, bob, alice):
     big = [chat_line(f"l{i}", tokens=["x" * 100]) for i in range(20)]  # > bob's 2,000 bytes
     data = b"".join(json.dumps(x).encode() + b"\n" for x in big)

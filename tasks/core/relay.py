@@ -210,6 +210,10 @@ class Subscription(_Listener):
         self._idle_ticks = self._wake_after = 0
         self._on_close: list | None = []
         self._sink = None
+        # The job's terminal event came from Redis: a script ended the job (the worker's
+        # ``JobStore.finish``, or ``_END`` for a job its worker will not end), and freed its
+        # in-flight places there. A failure this process makes up does not set it.
+        self.ended = False
 
     def next(self, timeout: float | None = None):
         """The next event, or None if none arrived within ``timeout`` (None up to a ``TICK``
@@ -302,6 +306,8 @@ class Subscription(_Listener):
                                           "response between worker and web."))
             return
         self._next_seq = first_seq + len(evs)
+        if type(evs[-1]) in events.TERMINAL:
+            self.ended = True
         for ev in evs:
             if type(ev) is events.Delta and ev.text:
                 self.timing.tokens()

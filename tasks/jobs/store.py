@@ -29,6 +29,9 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+import redis as redis_lib
 
 from config.errors import FerryError, JobCancelled, JobExpired, JobLost, WorkerLost
 from config.settings import Settings
@@ -366,11 +369,14 @@ class JobStore:
             pipe.zrem(owner_jobs_key(owner.decode()), job_id)
         pipe.execute()
 
-    def start(self, job_id: str, worker: str) -> tuple[JobRecord, bool] | None:
+    def start(self, job_id: str, worker: str, also: Also | None = None
+              ) -> tuple[JobRecord, bool] | None:
         """A worker takes the job: its record and whether a cancel was already asked for, or
-        None if it must not run (cancelled, expired — now or before — or unknown)."""
-        found = self._start(keys=[job_key(job_id), PENDING_JOBS, RUNNING_JOBS, cancel_key(job_id)],
-                            args=[worker, time.time(), job_id])
+        None if it must not run (cancelled, expired — now or before — or unknown).
+        ``also(pipe)``: commands of the caller's own sent in the same round trip."""
+        found = _with(self.redis, self._start, also,
+                      keys=[job_key(job_id), PENDING_JOBS, RUNNING_JOBS, cancel_key(job_id)],
+                      args=[worker, time.time(), job_id])
         if found[0] == b"late":
             self.expire(job_id)
         if found[0] != b"in_progress":
@@ -380,9 +386,11 @@ class JobStore:
         return record, bool(found[1])
 
     def finish(self, job_id: str, status: JobStatus, *, result: dict | None = None,
-               error: dict | None = None) -> bool:
+               error: dict | None = None, also: Also | None = None) -> bool:
         """The worker ends a job it ran (the only way out of ``in_progress`` but a dead worker).
-        A result over ``job_result_max_bytes`` is replaced by a note in ``result_omitted``."""
+        A result over ``job_result_max_bytes`` is replaced by a note in ``result_omitted``.
+        True if this ended it, which frees its in-flight places too (``_RELEASE``); ``also``
+        as for ``start``."""
         stored, omitted = _json(result), ""
         limit = self.settings.job_result_max_bytes
         if len(stored) > limit:
@@ -390,7 +398,7 @@ class JobStore:
                 f"The result ({len(stored)} bytes) is larger than the {limit} bytes kept per "
                 "job (FERRY_JOB_RESULT_MAX_BYTES): it went to the synchronous client and the "
                 "job's event stream only.")
-        done = self._finish(keys=[job_key(job_id), RUNNING_JOBS], args=[
+        done = _with(self.redis, self._finish, also, keys=[job_key(job_id), RUNNING_JOBS], args=[
             status, time.time(), stored, _json(error), job_id, omitted, pending_key(""),
             owner_pending_key("")])
         return self._ended(job_id, done)
@@ -484,6 +492,30 @@ class JobStore:
             if record is not None:
                 self.on_end(record)
         return True
+
+
+# Queues a caller's own commands on a pipeline (``JobStore.start``, ``finish``).
+Also = Callable[[Any], None]
+
+
+def _with(redis, script, also: Also | None, *, keys: list, args: list):
+    """``script``'s reply; with ``also``, the script and the commands ``also(pipe)`` queues go
+    in one round trip (a worker's job start or end and its load, ``tasks/routing.py``)."""
+    if also is None:
+        return script(keys=keys, args=args)
+    pipe = redis.pipeline(transaction=False)
+    # By its SHA1, as ``script`` sends itself: a pipeline given the script object would ask
+    # Redis whether it knows the script first, a round trip more every time.
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    also(pipe)
+    replies = pipe.execute(raise_on_error=False)
+    if isinstance(replies[0], redis_lib.exceptions.NoScriptError):
+        # Redis restarted and forgot it: the script alone, loaded again (``also`` went).
+        replies[0] = script(keys=keys, args=args)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies[0]
 
 
 def _json(value) -> str:
