@@ -176,6 +176,11 @@ class CreateChatCompletionRequest(GenerationFields):
                 raise InvalidRequest("A tool message needs tool_call_id.",
                                      param=f"messages[{i}].tool_call_id")
 
+    @property
+    def has_schemas(self) -> bool:
+        """Whether ``check_schemas`` has anything to check."""
+        return bool(self.tools) or isinstance(self.response_format, JSONSchemaResponseFormat)
+
     def check_schemas(self, limits: SchemaLimits) -> None:
         """The JSON schemas (tools' parameters, response_format): bounded by ``limits``,
         then checked. Pure computation, free of any request context, so that the web can
