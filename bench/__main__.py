@@ -1,6 +1,6 @@
 """Runs every benchmark, then the report: ``python -m bench`` (``make bench``).
 
-    python -m bench [--quick] [--only overhead,single_stream,structured,concurrency,prefix,affinity,relay,embeddings,gpu,chaos]
+    python -m bench [--quick] [--only overhead,single_stream,structured,concurrency,prefix,affinity,relay,handover,embeddings,gpu,chaos]
 
 ``--quick`` uses small parameters, to check that the scripts work, not to measure. A
 benchmark that fails (a wrong output, a service that would not start) is reported and the
@@ -15,7 +15,8 @@ import sys
 import time
 import traceback
 
-from bench import affinity, concurrency, overhead, prefix, relay, report, single_stream, structured
+from bench import (affinity, concurrency, handover, overhead, prefix, relay, report,
+                   single_stream, structured)
 from bench.common import BENCH_DIR
 
 FULL = {
@@ -26,6 +27,7 @@ FULL = {
     "prefix": lambda: prefix.run(conversations=16, turns=6, concurrent=8),
     "affinity": lambda: affinity.run(),
     "relay": lambda: relay.run([100, 500, 1000], count=300, rate=20.0, open_rate=100.0),
+    "handover": lambda: handover.run(jobs=32, tokens=300, step_ms=16.0),
 }
 QUICK = {
     "overhead": lambda: overhead.run(runs=3),
@@ -35,6 +37,7 @@ QUICK = {
     "prefix": lambda: prefix.run(**prefix.QUICK),
     "affinity": lambda: affinity.run(**affinity.QUICK),
     "relay": lambda: relay.run([20, 50], count=20, rate=20.0, requests=100),
+    "handover": lambda: handover.run(jobs=8, tokens=40, step_ms=4.0, rounds=1),
 }
 OTHERS = ("embeddings", "gpu", "chaos")
 # Arguments for the benchmarks in their own modules.

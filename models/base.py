@@ -82,7 +82,11 @@ class Backend(BaseBackend):
     """A generative model.
 
     The worker calls ``check(job)`` and then ``generate(job, cancelled)``. ``generate`` yields
-    events in the order documented in ``config.contract.events``. It checks ``cancelled()`` between
+    events in the order documented in ``config.contract.events``. A backend whose own thread
+    makes every job's tokens (``supports_direct``) also takes ``direct``: a callable it hands
+    each ``Delta`` and ``ToolCallDelta`` to, on that thread, as it makes them, instead of
+    yielding them (``models.output.Outbox``); the rest it still yields, after the deltas it
+    handed over before them. It checks ``cancelled()`` between
     decode steps and, once it returns True, stops within one step, finishing open choices
     with ``finish_reason="cancelled"``. Errors caused by the request are raised as
     ``config.errors.FerryError`` subclasses before ``Started`` where possible (so that they
@@ -111,6 +115,8 @@ class Backend(BaseBackend):
     # Fill-in-the-middle (``job.suffix``). Depends on the model's vocabulary, so a backend
     # may set it per instance once the model is loaded.
     supports_fim: bool = False
+    # ``generate(job, cancelled, direct=...)``, see above.
+    supports_direct: ClassVar[bool] = False
 
     def check(self, job: GenerationJob) -> None:
         """Raise ``Unsupported`` (400, with ``param``) for anything this backend cannot do."""

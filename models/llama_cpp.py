@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +33,7 @@ from models.guidance import Grammar
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import LlamaEngine
 from models.llama_sampling import ChainSpec
-from models.output import ChoiceWriter, follow_choices
+from models.output import ChoiceWriter, Outbox, follow_choices
 from models.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -70,6 +69,7 @@ class LlamaCppBackend(Backend):
     supports_logit_bias = True
     supports_top_k = True
     supports_echo = True
+    supports_direct = True
 
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
@@ -176,8 +176,9 @@ class LlamaCppBackend(Backend):
 
     # -- generation -----------------------------------------------------------------------
 
-    def choices(self, job: GenerationJob, prompt: list[int], max_tokens: int) -> list[Choice]:
-        """One ``Choice`` per choice of the job, all reading into one queue."""
+    def choices(self, job: GenerationJob, prompt: list[int], max_tokens: int,
+                direct: Callable[[Event], None] | None = None) -> list[Choice]:
+        """One ``Choice`` per choice of the job, all reading into one queue (``Outbox``)."""
         fmt = self.template.tool_format if self.template else tools.FERRY
         constraint = constraints.for_job(job, fmt)
         grammar = self._grammar(constraint)
@@ -185,7 +186,7 @@ class LlamaCppBackend(Backend):
         base_seed = s.seed if s.seed is not None else random.getrandbits(31)
         echo = self._echo_text(job, prompt) if job.echo else None
         stop_by = time.time() + self.entry.max_job_seconds
-        out: queue.Queue = queue.Queue()
+        out = Outbox(direct)
         made = []
         for index in range(job.n):
             calls = tools.CallParser(constraint.text_allowed, fmt) \
@@ -202,10 +203,11 @@ class LlamaCppBackend(Backend):
             return job.prompt
         return self.engine.detokenize(prompt).decode("utf-8", "replace")
 
-    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
+    def generate(self, job: GenerationJob, cancelled: Cancelled,
+                 direct: Callable[[Event], None] | None = None) -> Iterator[Event]:
         prompt = self.prompt_tokens(job)
         max_tokens = self._budget(job, len(prompt))
-        choices = self.choices(job, prompt, max_tokens)
+        choices = self.choices(job, prompt, max_tokens, direct)
         yield Started(worker="", prompt_tokens=len(prompt))
         self.loop.submit_all(choices)
         total = yield from self._follow(choices, cancelled)

@@ -6,6 +6,10 @@ computes, so both keep running during generation. ``run`` may be called from sev
 Celery task threads at once (the threads pool of batching backends): the job sets are
 guarded by one lock, and the publisher and the Redis client are thread-safe.
 
+A batching backend's loop thread hands each job's deltas over as it makes them (``_Flow``,
+``models.output.Outbox``): a job's task thread wakes for its start, its choices' finishes and
+its end, not for every token.
+
 Every event of a job passes through ``run``, so the runtime is the source of truth for its
 record (``jobs.store``): it marks the job started, and at the end writes the final body (the
 one the synchronous endpoint returns) or the error *before* publishing the terminal event,
@@ -123,24 +127,28 @@ class Runtime:
 
     def run(self, job: GenerationJob) -> None:
         """Run one generation job to its end, publishing every event. Never raises."""
-        def produce() -> Iterator[Event]:
+        def produce(direct) -> Iterator[Event]:
             self.backend.check(job)
             if job.count_only:
                 return self._count(job)
-            return self.backend.generate(job, lambda: job.id in self._cancelled)
+            cancelled = lambda: job.id in self._cancelled  # noqa: E731
+            if self.backend.supports_direct:
+                return self.backend.generate(job, cancelled, direct=direct)
+            return self.backend.generate(job, cancelled)
 
         self._run(job, produce)
 
     def embed(self, job: EmbeddingJob) -> None:
         """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
-        self._run(job, lambda: self._embed(job))
+        self._run(job, lambda _: self._embed(job))
 
     def embed_parts(self, job: EmbeddingPartsJob) -> None:
         """Embed several requests' inputs in shared passes; a part that is bad input fails
         alone, in the job's result. Never raises."""
-        self._run(job, lambda: self._embed_parts(job))
+        self._run(job, lambda _: self._embed_parts(job))
 
     def _run(self, job: GenerationJob | EmbeddingJob | EmbeddingPartsJob, produce) -> None:
+        """``produce(direct)``: the job's events (``direct``: see ``_Flow.direct``)."""
         # Active before the job starts: a cancel published from here on is caught by the
         # listener; one asked for earlier is reported by ``start`` itself.
         with self._jobs_lock:
@@ -170,42 +178,34 @@ class Runtime:
         loaded = True
         released = False  # by the script that recorded the job's end (``JobStore.finish``)
         outcome = Outcome()
-        holding = None
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
+        flow = _Flow(self, job, outcome,
+                     None if getattr(job, "streamed", True) else self._holding(),
+                     shared=isinstance(job, GenerationJob) and self.backend.supports_direct)
         try:
             shape = record.spec.shape(job.id, record.model, int(record.created))
-            # Once per token: bound once, and types compared rather than isinstance chains
-            # (events are final dataclasses).
-            add, count, put = outcome.add, self.meter.add, self.publisher.put
-            job_id, reply_to = job.id, job.reply_to
-            holding = None if getattr(job, "streamed", True) else self._holding()
-            for event in produce():
+            take = flow.take
+            for event in produce(flow.direct):
                 kind = type(event)
                 if kind is Started:
                     event = dataclasses.replace(event, worker=self.name)
-                add(event)
-                count(event)
-                if holding is not None:
-                    if kind is Delta or kind is ToolCallDelta:
-                        for ev in holding.add(event):
-                            put(job_id, ev, reply_to)
-                        continue
-                    for ev in holding.take():  # before any other event: order holds
-                        put(job_id, ev, reply_to)
-                if kind in RESULTS:
-                    # Recorded before the terminal event is published: a watcher that saw it
-                    # finds the job ended, and the client's next turn, sent once it has the
-                    # reply, is routed here and finds this worker free again.
-                    released = self._end(job, outcome, shape)
-                    loaded = False
-                put(job_id, event, reply_to)
+                if kind not in RESULTS:
+                    take(event, kind)
+                    continue
+                flow.close(event)
+                # Recorded before the terminal event is published: a watcher that saw it
+                # finds the job ended, and the client's next turn, sent once it has the
+                # reply, is routed here and finds this worker free again.
+                released = self._end(job, outcome, shape)
+                loaded = False
+                self.publisher.put(job.id, event, job.reply_to)
         except FerryError as e:
-            self._put_held(job, holding)
+            flow.close()
             released = self._fail(job, e) or released
         except Exception:
             log.exception("job %s failed", job.id)
-            self._put_held(job, holding)
+            flow.close()
             released = self._fail(job, GenerationFailed("The model failed on this request.")) \
                 or released
         finally:
@@ -223,12 +223,6 @@ class Runtime:
     def _holding(self) -> "_Holding":
         return _Holding(self.settings.unstreamed_hold_tokens,
                         self.settings.unstreamed_hold_ms / 1000)
-
-    def _put_held(self, job, holding: "_Holding | None") -> None:
-        """A failed job's held deltas, before its failure (watchers see all it made)."""
-        if holding is not None:
-            for ev in holding.take():
-                self.publisher.put(job.id, ev, job.reply_to)
 
     def _count(self, job: GenerationJob) -> Iterator[Event]:
         n = self.backend.count_prompt(job)
@@ -363,6 +357,73 @@ class Runtime:
             # The job's watchers still get its events, if Redis comes back for the publisher.
             log.error("could not record the end of job %s: %s", job_id, e)
             return False
+
+
+class _Flow:
+    """One job's events on their way to the publisher, from its task thread and, for a
+    backend that ``supports_direct``, from the backend's loop thread too: each delta as it
+    is made (``direct``), so the task thread is not woken for every token. One lock keeps a
+    job's events in one order (its choices' finishes come through the task thread while
+    other choices' deltas still come directly); once the job's end is on its way
+    (``close``) nothing more of it is published."""
+
+    def __init__(self, runtime: Runtime, job, outcome: Outcome, holding: "_Holding | None",
+                 shared: bool = True):
+        """``shared``: the backend hands deltas over (else only the task thread puts, and
+        ``take`` takes no lock: under gevent a lock is a greenlet semaphore, ~1 µs a token)."""
+        self.job_id, self.reply_to, self.holding = job.id, job.reply_to, holding
+        self._cancelled = runtime._cancelled
+        # Once per token: bound once, and types compared rather than isinstance chains
+        # (events are final dataclasses).
+        self._add, self._count, self._put = outcome.add, runtime.meter.add, runtime.publisher.put
+        self._lock = threading.Lock()
+        self._closed = False
+        if not shared:
+            self.take = self._take
+
+    def direct(self, event: Event) -> None:
+        """A delta, on the backend's loop thread. Dropped once the job is cancelled (nothing
+        more reaches a client that has gone, as ``models.output.follow_choices`` does) or
+        has ended. Never raises into the loop, and never waits but for this job's lock."""
+        if self.job_id in self._cancelled:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._take(event, type(event))
+            except Exception:
+                log.exception("job %s: a delta could not be published", self.job_id)
+
+    def take(self, event: Event, kind: type) -> None:
+        """An event the job's generator yielded, but its result."""
+        with self._lock:
+            if not self._closed:
+                self._take(event, kind)
+
+    def close(self, result: Event | None = None) -> None:
+        """No more events but the job's end: ``result`` counted (not published: the caller
+        does, once the job's end is recorded), and the deltas held published first."""
+        with self._lock:
+            self._closed = True
+            if result is not None:
+                self._add(result)
+                self._count(result)
+            for ev in self.holding.take() if self.holding is not None else ():
+                self._put(self.job_id, ev, self.reply_to)
+
+    def _take(self, event: Event, kind: type) -> None:
+        self._add(event)
+        self._count(event)
+        holding = self.holding
+        if holding is not None:
+            if kind is Delta or kind is ToolCallDelta:
+                for ev in holding.add(event):
+                    self._put(self.job_id, ev, self.reply_to)
+                return
+            for ev in holding.take():  # before any other event: order holds
+                self._put(self.job_id, ev, self.reply_to)
+        self._put(self.job_id, event, self.reply_to)
 
 
 class _Holding:

@@ -132,6 +132,20 @@ def test_n_choices_are_n_jobs_with_consecutive_seeds(toys):
     assert any(len(step) == 3 for step in toy.gen.decode_steps)
 
 
+def test_direct_hands_each_delta_over_on_the_loop_thread(toys):
+    """``direct`` (the runtime's): the deltas go to it on the loop's thread as they are made;
+    the generator yields the rest, the choices' finishes among them."""
+    toy, handed = toys(), []
+    events = list(toy.backend.generate(
+        GenerationJob(id="d", model="toy", n=2, messages=[{"role": "user", "content": "Hi"}]),
+        lambda: False, direct=lambda ev: handed.append((ev, threading.current_thread().name))))
+    assert not any(isinstance(e, Delta) for e in events)
+    assert sorted(e.index for e in events if isinstance(e, Finish)) == [0, 1]
+    assert events[-1] == Done(events[0].prompt_tokens, 2 * len(REPLY))
+    assert [text_of([ev for ev, _ in handed], i) for i in (0, 1)] == [REPLY, REPLY]
+    assert {name for _, name in handed} == {toy.backend.loop.thread_name}
+
+
 def test_cancel_stops_within_one_step_and_finishes_cancelled(toys):
     toy = toys(script=lambda job: [4] * 10_000, step=0.005)
     flag = threading.Event()

@@ -17,7 +17,7 @@ from config.contract.job import Sampling
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import DecodeFailed, Row
 from models.llama_sampling import ChainSpec
-from models.output import ChoiceWriter
+from models.output import ChoiceWriter, Outbox
 
 VOCAB = [b"<eos>", b"a", b"b", b"c", b" ", b"."]
 EOS = 0
@@ -156,6 +156,30 @@ def test_running_choices_share_each_decode_call(make_loop):
     assert all([r.seq for r in call] == sorted(r.seq for r in call) for call in decode_steps)
     assert all(ch.closed for ch in engine.chains)
     assert set(engine.clears) == {0, 1, 2}
+
+
+def test_a_direct_outbox_gets_the_deltas_on_the_loop_thread(make_loop):
+    """``Outbox(direct)``: each delta is handed to ``direct`` on the loop's thread as it is
+    made; the task thread's queue gets only the finish (one wake per choice, not per token)."""
+    engine = EngineDouble({1: [1, 1, 1, EOS], 2: [2, 2, EOS]}, slots=4)
+    loop = make_loop(engine)
+    handed = []
+    out = Outbox(lambda ev: handed.append((ev, threading.current_thread().name)))
+    cs = [choice(1, out=out), choice(2, index=1, out=out)]
+    for c in cs:
+        loop.submit(c)
+    finishes = sorted((out.get(timeout=10) for _ in cs), key=lambda f: f.index)
+    assert [(f.index, f.finish_reason, f.completion_tokens) for f in finishes] == [
+        (0, "stop", 3), (1, "stop", 2)]
+    assert out.empty()
+    texts = ["".join(ev.text for ev, _ in handed if ev.index == i) for i in (0, 1)]
+    assert texts == ["aaa", "bb"]
+    assert {name for _, name in handed} == {BatchLoop.thread_name}
+    # Without ``direct`` it is a queue of everything, in order.
+    c = choice(2, out=Outbox())
+    loop.submit(c)
+    text, final, _ = drain(c)
+    assert text == "bb" and isinstance(final, Finish)
 
 
 def test_a_prompt_is_evaluated_alone_in_n_batch_chunks_from_its_start(make_loop):

@@ -19,7 +19,7 @@ import logging
 import queue
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from config.errors import FerryError, GenerationFailed, InvalidRequest
@@ -36,7 +36,7 @@ from models.exllamav2.spec import JobSpec
 from models.exllamav2.stops import stop_conditions
 from models.exllamav2.vision import EmbeddingCache, decode_images, image_parts, with_aliases
 from config.contract.job import GenerationJob
-from models.output import follow_choices
+from models.output import Outbox, follow_choices
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class ExLlamaV2Backend(Backend):
     supports_top_k = True
     # llguidance masks (models/guidance.py, through models/exllamav2/grammar.py).
     supports_constraints = True
+    # The loop thread hands each job's deltas over as it makes them (models/output.py Outbox).
+    supports_direct = True
 
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
@@ -234,14 +236,15 @@ class ExLlamaV2Backend(Backend):
     def count_prompt(self, job: GenerationJob) -> int:
         return len(self.prompt(job)[0])
 
-    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
+    def generate(self, job: GenerationJob, cancelled: Cancelled,
+                 direct: Callable[[Event], None] | None = None) -> Iterator[Event]:
         constraint = constraints.for_job(job, self.tool_format)
         grammar = self._grammar(constraint)
         prompt, embeddings = self.prompt(job)
         max_tokens = self.budget(job, len(prompt))
         specs = self.specs(job, prompt, max_tokens, grammar, embeddings)
         yield Started(worker="", prompt_tokens=len(prompt))
-        out: queue.Queue = queue.Queue()
+        out = Outbox(direct)
         logprobs = job.top_logprobs is not None
         stop_by = time.time() + self.entry.max_job_seconds
         calls = self._calls(constraint)
