@@ -250,6 +250,15 @@ def test_results_become_deltas_and_a_finish():
     assert end == [Delta(2, "rld", tokens=1), Finish(2, "length", 4)]
 
 
+def test_a_reply_cut_inside_a_character_ends_before_it():
+    # max_new_tokens came after two of an emoji's four bytes: exllamav2 releases the held
+    # pieces as U+FFFDs. The text stops before them; the tokens still count.
+    s = ChoiceStream(0)
+    end = s.feed(streaming(eos=True, eos_reason="max_new_tokens", text="ok \ufffd\ufffd",
+                           token_ids=ids(5, 6, 7), new_tokens=3))
+    assert end == [Delta(0, "ok ", tokens=3), Finish(0, "length", 3)]
+
+
 def test_stop_token_is_not_counted_and_brings_no_text():
     s = ChoiceStream(0, {5: "Hi", 151645: ""}.__getitem__)
     s.feed(streaming(text="Hi", token_ids=ids(5)))

@@ -49,6 +49,10 @@ class ChoiceStream:
         self.tokens += len(ids)
         events: list[Event] = []
         text = r.get("text", "")
+        if r["eos"] and r.get("eos_reason") == "max_new_tokens" and text.endswith("\ufffd"):
+            # Cut inside a character: exllamav2 releases the pieces it held for it, each a
+            # U+FFFD. The reply ends before that character, as the llama.cpp backend's does.
+            text = text.rstrip("\ufffd")
         if text or ids:
             events += self._emit(text, len(ids), self._logprobs(r, ids))
         if r["eos"]:
