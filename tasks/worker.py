@@ -82,6 +82,13 @@ def main(argv: list[str]) -> None:
         sys.exit(f"ferry worker: {e}")
     if argv[0] == "--webhooks":
         return webhooks_main(argv[1:])
+    if settings.log_level != "debug":
+        # Ferry's own lines say when each job started and finished (tasks/runtime.py):
+        # Celery's "received" and "succeeded" lines for every task said it again, ~5% of a
+        # short job's CPU in a model worker (the webhook sender keeps them). A task's failure
+        # is still logged (an error).
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     name, extra = argv[0], argv[1:]
     entry = Registry(settings.models).resolve(name)
     os.environ["FERRY_WORKER_MODEL"] = entry.name

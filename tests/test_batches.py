@@ -90,9 +90,8 @@ def test_embeddings_batch(embedder, batch_worker, embeddings_worker):
     assert errors["req-0"]["error"]["code"] == "duplicate_custom_id"
     assert embedder.files.retrieve(done.output_file_id).purpose == "batch_output"
     # Each chunk's lines reached the model worker as one job (one Celery message, one record):
-    # 14 lines in chunks of 4 (tests/conftest.py) are 4 jobs.
-    parts_jobs = set(re.findall(r"Task ferry\.embed_parts\[([^\]]+)\]",
-                                embeddings_worker.log.read_text()))
+    # 14 lines in chunks of 4 (tests/conftest.py) are 4 jobs, each one the worker ran.
+    parts_jobs = set(re.findall(r"started job=(\S+)", embeddings_worker.log.read_text()))
     request_ids = {r["response"]["request_id"] for r in out}
     assert len(request_ids) == 4 and request_ids <= parts_jobs
 
@@ -285,14 +284,13 @@ def test_interactive_requests_overtake_batch_lines(scripted, batch_worker, redis
     assert reply.choices[0].message.content == "now"
     done = wait(scripted, batch.id)
     assert done.request_counts.completed == 24
-    ran = re.findall(r"Task ferry\.generate\[([^\]]+)\] succeeded",
-                     synthetic_worker.log.read_text())
+    ran = re.findall(r"finished job=(\S+)", synthetic_worker.log.read_text())
     assert len(queued) >= 3 and queued <= set(ran)
     assert all(ran.index(reply.id) < ran.index(q) for q in queued)
 
 
 def generations_run(worker) -> int:
-    return len(re.findall(r"Task ferry\.generate\[[^\]]+\] succeeded", worker.log.read_text()))
+    return len(re.findall(r"finished job=\S+", worker.log.read_text()))
 
 
 def test_killed_batch_worker_loses_and_duplicates_nothing(scripted, batch_worker,
