@@ -86,8 +86,8 @@ class Backend(BaseBackend):
     makes every job's tokens (``supports_direct``) also takes ``direct``: a callable it hands
     each ``Delta`` and ``ToolCallDelta`` to, on that thread, as it makes them, instead of
     yielding them (``models.output.Outbox``); the rest it still yields, after the deltas it
-    handed over before them. It checks ``cancelled()`` between
-    decode steps and, once it returns True, stops within one step, finishing open choices
+    handed over before them. It checks ``cancelled()`` between decode steps and, once it
+    returns True, stops within one step, finishing open choices
     with ``finish_reason="cancelled"``. Errors caused by the request are raised as
     ``config.errors.FerryError`` subclasses before ``Started`` where possible (so that they
     reach a streaming client as an HTTP status, not as an error event).

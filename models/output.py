@@ -2,9 +2,9 @@
 
 A backend feeds each sampled token's bytes (and its log probability entry, when asked for);
 ``ChoiceWriter`` decodes UTF-8 across token boundaries (a character cut by the choice's end
-is dropped), holds back text that may be the start
-of a stop string, splits tool calls from text (``models.tools``), and releases each token's
-log probability with the text it produced.
+is dropped), holds back text that may be the start of a stop string, splits tool calls from
+text (``models.tools``), and releases each token's log probability with the text it
+produced.
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ class Outbox(queue.Queue):
         self.direct = direct
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        kind = type(item)
-        if self.direct is not None and (kind is Delta or kind is ToolCallDelta):
-            self.direct(item)
+        direct = self.direct
+        if direct is not None and (type(item) is Delta or type(item) is ToolCallDelta):
+            direct(item)
         else:
             super().put(item, block, timeout)
 
@@ -122,8 +122,8 @@ def follow_choices(out: queue.Queue, open_: dict[int, Any], cancel: Callable[[An
 
     Shared by the batching backends, whose engine thread writes Deltas, ToolCallDeltas,
     Finishes or a ``FerryError`` to ``out`` (an ``Outbox``: with ``direct``, the deltas go
-    there instead, and only finishes and errors come here). Once ``cancelled()``, every open choice is
-    cancelled and only Finishes are passed on (nothing more reaches a client that has gone);
+    there instead, and only finishes and errors come here). Once ``cancelled()``, every open
+    choice is cancelled and only Finishes are passed on (nothing more reaches a client that has gone);
     an error in one choice, or the consumer closing us, cancels the others too.
     """
     total, cancelling = 0, False

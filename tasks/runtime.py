@@ -132,11 +132,11 @@ class Runtime:
             if job.count_only:
                 return self._count(job)
             cancelled = lambda: job.id in self._cancelled  # noqa: E731
-            if self.backend.supports_direct:
+            if direct is not None:
                 return self.backend.generate(job, cancelled, direct=direct)
             return self.backend.generate(job, cancelled)
 
-        self._run(job, produce)
+        self._run(job, produce, direct=self.backend.supports_direct)
 
     def embed(self, job: EmbeddingJob) -> None:
         """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
@@ -147,8 +147,10 @@ class Runtime:
         alone, in the job's result. Never raises."""
         self._run(job, lambda _: self._embed_parts(job))
 
-    def _run(self, job: GenerationJob | EmbeddingJob | EmbeddingPartsJob, produce) -> None:
-        """``produce(direct)``: the job's events (``direct``: see ``_Flow.direct``)."""
+    def _run(self, job: GenerationJob | EmbeddingJob | EmbeddingPartsJob, produce,
+             direct: bool = False) -> None:
+        """``direct``: the backend hands its deltas over (``supports_direct``); ``produce``
+        is then given where to (``_Flow.direct``), else None, and returns the job's events."""
         # Active before the job starts: a cancel published from here on is caught by the
         # listener; one asked for earlier is reported by ``start`` itself.
         with self._jobs_lock:
@@ -181,12 +183,11 @@ class Runtime:
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
         flow = _Flow(self, job, outcome,
-                     None if getattr(job, "streamed", True) else self._holding(),
-                     shared=isinstance(job, GenerationJob) and self.backend.supports_direct)
+                     None if getattr(job, "streamed", True) else self._holding(), shared=direct)
         try:
             shape = record.spec.shape(job.id, record.model, int(record.created))
             take = flow.take
-            for event in produce(flow.direct):
+            for event in produce(flow.direct if direct else None):
                 kind = type(event)
                 if kind is Started:
                     event = dataclasses.replace(event, worker=self.name)
