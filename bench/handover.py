@@ -1,8 +1,9 @@
 """Benchmark 11, the hand-over from a batching loop: a GPU engine makes one token for each of
 its jobs every step, on its own thread, and each token must reach the publisher. Before, the
-loop queued every token and each job's task thread woke to take it (``pull``); now the loop
-hands each delta over itself (``direct``, ``models.output.Outbox``), and a task thread wakes
-for its choices' finishes only.
+loop queued every token and each job's task thread woke to take it (``pull``); then the loop
+handed each delta over itself (``models.output.Outbox``), and a task thread woke for its
+choices' finishes and every 50 ms to look at its cancel (``polled``); now it sleeps until
+its finish or its cancel (``direct``, ``models.base.CancelFlag``).
 
 Ferry's own parts, as a worker runs them: the llama.cpp backend's batching loop
 (``models/llama_batch.py``) around a stand-in engine whose decode step sleeps ``--step-ms``
@@ -30,6 +31,7 @@ from bench.stack import Stack
 from config.contract.events import Finish
 from config.contract.job import Sampling
 from config.contract.protocol import connect
+from models.base import CancelFlag
 from models.llama_batch import BatchLoop, Choice
 from models.llama_sampling import ChainSpec
 from models.output import ChoiceWriter, Outbox, follow_choices
@@ -93,7 +95,6 @@ class _Runtime:
     """What ``_Flow`` reads of the worker's runtime."""
 
     def __init__(self, publisher: Publisher):
-        self._cancelled: set[str] = set()
         self.meter = TokenMeter("ferry.bench")
         self.publisher = publisher
 
@@ -101,6 +102,12 @@ class _Runtime:
 class _Job:
     def __init__(self, i: int):
         self.id, self.reply_to = f"handover-{i}-{time.monotonic_ns()}", "ferry:reply:bench"
+
+
+# pull: every token queued to its job's thread (before round 5); polled: deltas handed over
+# by the loop, the task thread looking at its cancel every 50 ms (round 5); direct: handed
+# over, the task thread asleep until its finish or its cancel (as served).
+MODES = ("pull", "polled", "direct")
 
 
 def one_mode(mode: str, publisher: Publisher, jobs: int, tokens: int, step: float) -> dict:
@@ -111,14 +118,18 @@ def one_mode(mode: str, publisher: Publisher, jobs: int, tokens: int, step: floa
 
     def task(i: int) -> None:
         job, outcome = _Job(i), Outcome()
-        flow = _Flow(runtime, job, outcome, None, shared=mode == "direct")
-        out = Outbox(flow.direct if mode == "direct" else None)
+        cancel = CancelFlag()
+        flow = _Flow(runtime, job, outcome, None, cancel, shared=mode != "pull")
+        out = Outbox(flow.direct if mode != "pull" else None)
         choice = Choice(index=0, prompt=[1], max_tokens=tokens,
                         chain=ChainSpec(Sampling(temperature=0), i),
                         writer=ChoiceWriter(0, []), out=out)
         loop.submit(choice)
         n = 0
-        for ev in follow_choices(out, {0: choice}, loop.cancel, lambda: False, 0.05):
+        # "direct" as served: the task thread sleeps until its finish or its cancel; the
+        # others look at a plain callable every 50 ms (ExLlamaV2's POLL), as before.
+        cancelled = cancel if mode == "direct" else cancel.__call__
+        for ev in follow_choices(out, {0: choice}, loop.cancel, cancelled, 0.05):
             flow.take(ev, type(ev))
             if type(ev) is Finish:
                 n = ev.completion_tokens
@@ -154,9 +165,9 @@ def run(jobs: int = 32, tokens: int = 300, step_ms: float = 16.0, rounds: int = 
         publisher = Publisher(connect(url), log_max=10000, log_ttl_ms=600_000,
                               window_s=0.005, window_tokens=16)
         for _ in range(rounds):  # alternated: the machine's speed drifts
-            for mode in ("pull", "direct"):
+            for mode in MODES:
                 rows.append(one_mode(mode, publisher, jobs, tokens, step))
-    by = {m: [r for r in rows if r["mode"] == m] for m in ("pull", "direct")}
+    by = {m: [r for r in rows if r["mode"] == m] for m in MODES}
     mean = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if k != "mode"}
             for m, rs in by.items()}
     print_table(f"Hand-over from a batching loop: {jobs} jobs x {tokens} tokens, a "
@@ -165,9 +176,11 @@ def run(jobs: int = 32, tokens: int = 300, step_ms: float = 16.0, rounds: int = 
                 ["mode", "CPU µs/token", "steps/s", "step beyond engine p50 ms", "p99 ms"],
                 [[m, v["cpu_us_per_token"], v["steps_per_s"], v["step_beyond_p50_ms"],
                   v["step_beyond_p99_ms"]] for m, v in mean.items()])
-    ratio = mean["pull"]["cpu_us_per_token"] / mean["direct"]["cpu_us_per_token"]
-    print(f"direct: {ratio:.2f}x less CPU per token than pull; steps/s "
-          f"{mean['direct']['steps_per_s'] / mean['pull']['steps_per_s']:.2f}x")
+    cpu = {m: v["cpu_us_per_token"] for m, v in mean.items()}
+    ratio = cpu["pull"] / cpu["direct"]
+    print(f"direct: {ratio:.2f}x less CPU per token than pull, {cpu['polled'] / cpu['direct']:.2f}x "
+          f"less than polled; steps/s {mean['direct']['steps_per_s'] / mean['pull']['steps_per_s']:.2f}x "
+          "pull's")
     data = {"jobs": jobs, "tokens": tokens, "step_ms": step_ms, "rows": rows, "mean": mean,
             "cpu_ratio_pull_over_direct": ratio}
     save("handover", data)

@@ -38,9 +38,10 @@ from models.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
-# How often a task thread waiting for its choices looks at cancelled() when no event comes:
-# a running choice sends one every step, so this bounds only the cancel of a choice still
-# waiting for a slot. Rarer wakeups leave the cores to llama.cpp's threads.
+# How often a task thread waiting for its choices looks at a plain cancelled() callable when
+# no event comes. The worker's runtime gives a ``CancelFlag``, which wakes it when set
+# instead (``models.output.follow_choices``): its deltas go direct, so a running choice
+# sends the thread nothing until it finishes.
 POLL = 0.1
 
 

@@ -115,6 +115,12 @@ class Outbox(queue.Queue):
             super().put(item, block, timeout)
 
 
+# What a cancel puts in a job's outbox to wake its task thread (``follow_choices``).
+_WAKE = object()
+# How often a task thread woken by its cancel flag looks anyway.
+WAKE_POLL = 1.0
+
+
 def follow_choices(out: queue.Queue, open_: dict[int, Any], cancel: Callable[[Any], None],
                    cancelled: Callable[[], bool], poll: float):
     """Yield a job's choice events from ``out`` until every choice in ``open_`` (index ->
@@ -125,8 +131,16 @@ def follow_choices(out: queue.Queue, open_: dict[int, Any], cancel: Callable[[An
     there instead, and only finishes and errors come here). Once ``cancelled()``, every open
     choice is cancelled and only Finishes are passed on (nothing more reaches a client that has gone);
     an error in one choice, or the consumer closing us, cancels the others too.
+
+    ``cancelled()`` is looked at every ``poll`` seconds while no event comes, or, when it is
+    a ``models.base.CancelFlag``, when it is set (and every ``WAKE_POLL`` s, to be safe): a
+    running choice whose deltas go ``direct`` sends nothing here until it finishes.
     """
     total, cancelling = 0, False
+    on_set = getattr(cancelled, "on_set", None)
+    if on_set is not None:
+        on_set(lambda: out.put(_WAKE))
+        poll = max(poll, WAKE_POLL)
     try:
         while open_:
             if not cancelling and cancelled():
@@ -136,6 +150,8 @@ def follow_choices(out: queue.Queue, open_: dict[int, Any], cancel: Callable[[An
             try:
                 item = out.get(timeout=poll)
             except queue.Empty:
+                continue
+            if item is _WAKE:
                 continue
             if isinstance(item, FerryError):
                 raise item

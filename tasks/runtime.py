@@ -36,7 +36,7 @@ from tasks.jobs.record import JobStatus
 from tasks.jobs.shapes import Outcome
 from tasks.jobs.store import JobStore
 from models import load_backend
-from models.base import EmbeddingBackend
+from models.base import CancelFlag, EmbeddingBackend
 from models.batcher import MicroBatcher
 from config.contract.events import (RESULTS, Delta, Done, EmbeddedParts, Embedded, Event,
                                      Started, ToolCallDelta, coalesce, failed)
@@ -69,10 +69,9 @@ class Runtime:
                              alive_for=settings.worker_timeout)
         # Tokens generated, for the console's tokens per second (tasks/cluster.py).
         self.meter = TokenMeter(entry.queue)
-        self._active: set[str] = set()
-        self._cancelled: set[str] = set()
-        # Guards both sets: a cancel must not be recorded for a job that has just ended
-        # (it would stay in _cancelled for ever).
+        # The running jobs, each with its cancel. Under the lock: a cancel must find the job
+        # it cancels, and the heartbeat's load must not count a job that has ended.
+        self._active: dict[str, CancelFlag] = {}
         self._jobs_lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -122,16 +121,16 @@ class Runtime:
 
     def _mark_cancelled(self, job_id: str) -> None:
         with self._jobs_lock:
-            if job_id in self._active:
-                self._cancelled.add(job_id)
+            flag = self._active.get(job_id)
+        if flag is not None:
+            flag.set()
 
     def run(self, job: GenerationJob) -> None:
         """Run one generation job to its end, publishing every event. Never raises."""
-        def produce(direct) -> Iterator[Event]:
+        def produce(direct, cancelled: CancelFlag) -> Iterator[Event]:
             self.backend.check(job)
             if job.count_only:
                 return self._count(job)
-            cancelled = lambda: job.id in self._cancelled  # noqa: E731
             if direct is not None:
                 return self.backend.generate(job, cancelled, direct=direct)
             return self.backend.generate(job, cancelled)
@@ -140,21 +139,23 @@ class Runtime:
 
     def embed(self, job: EmbeddingJob) -> None:
         """Embed one request's inputs, in a pass shared with concurrent requests. Never raises."""
-        self._run(job, lambda _: self._embed(job))
+        self._run(job, lambda *_: self._embed(job))
 
     def embed_parts(self, job: EmbeddingPartsJob) -> None:
         """Embed several requests' inputs in shared passes; a part that is bad input fails
         alone, in the job's result. Never raises."""
-        self._run(job, lambda _: self._embed_parts(job))
+        self._run(job, lambda *_: self._embed_parts(job))
 
     def _run(self, job: GenerationJob | EmbeddingJob | EmbeddingPartsJob, produce,
              direct: bool = False) -> None:
-        """``direct``: the backend hands its deltas over (``supports_direct``); ``produce``
-        is then given where to (``_Flow.direct``), else None, and returns the job's events."""
+        """``produce(direct, cancelled)`` returns the job's events; ``direct``: the backend
+        hands its deltas over (``supports_direct``), and ``produce`` is given where to
+        (``_Flow.direct``), else None; ``cancelled``: the job's ``CancelFlag``."""
         # Active before the job starts: a cancel published from here on is caught by the
         # listener; one asked for earlier is reported by ``start`` itself.
+        cancel = CancelFlag()
         with self._jobs_lock:
-            self._active.add(job.id)
+            self._active[job.id] = cancel
         # The job counts on this worker's load from its start, sent with it. (A start sent
         # again after a lost reply may count it twice: the next heartbeat sets the count.)
         try:
@@ -166,8 +167,7 @@ class Runtime:
             started_job, counted = None, False
         if started_job is None:
             with self._jobs_lock:
-                self._active.discard(job.id)
-                self._cancelled.discard(job.id)
+                self._active.pop(job.id, None)
             if counted:
                 self._load(-1)
             found = self._safe_get(job.id)
@@ -176,18 +176,19 @@ class Runtime:
             return
         record, cancel_asked = started_job
         if cancel_asked:
-            self._mark_cancelled(job.id)
+            cancel.set()
         loaded = True
         released = False  # by the script that recorded the job's end (``JobStore.finish``)
         outcome = Outcome()
         started = time.monotonic()
         log.info("started job=%s model=%s", job.id, job.model)
         flow = _Flow(self, job, outcome,
-                     None if getattr(job, "streamed", True) else self._holding(), shared=direct)
+                     None if getattr(job, "streamed", True) else self._holding(), cancel,
+                     shared=direct)
         try:
             shape = record.spec.shape(job.id, record.model, int(record.created))
             take = flow.take
-            for event in produce(flow.direct if direct else None):
+            for event in produce(flow.direct if direct else None, cancel):
                 kind = type(event)
                 if kind is Started:
                     event = dataclasses.replace(event, worker=self.name)
@@ -213,8 +214,7 @@ class Runtime:
             log.info("finished job=%s cancelled=%s usage=%s seconds=%.3f", job.id,
                      outcome.cancelled, outcome.usage, time.monotonic() - started)
             with self._jobs_lock:
-                self._active.discard(job.id)
-                self._cancelled.discard(job.id)
+                self._active.pop(job.id, None)
             if loaded:
                 self._load(-1)
             if not released:
@@ -307,7 +307,7 @@ class Runtime:
         with self._jobs_lock:
             # Nothing left to cancel, and no longer counted by the heartbeat's load (held
             # across the write, see ``_heartbeat``).
-            self._active.discard(job.id)
+            self._active.pop(job.id, None)
             try:
                 return self.jobs.finish(job.id, status, result=result, also=lambda pipe:
                                         self.served.ended(job if chat else None, replies, pipe))
@@ -369,11 +369,11 @@ class _Flow:
     (``close``) nothing more of it is published."""
 
     def __init__(self, runtime: Runtime, job, outcome: Outcome, holding: "_Holding | None",
-                 shared: bool = True):
+                 cancelled: CancelFlag, shared: bool = True):
         """``shared``: the backend hands deltas over (else only the task thread puts, and
         ``take`` takes no lock: under gevent a lock is a greenlet semaphore, ~1 µs a token)."""
         self.job_id, self.reply_to, self.holding = job.id, job.reply_to, holding
-        self._cancelled = runtime._cancelled
+        self._cancelled = cancelled
         # Once per token: bound once, and types compared rather than isinstance chains
         # (events are final dataclasses).
         self._add, self._count, self._put = outcome.add, runtime.meter.add, runtime.publisher.put
@@ -386,7 +386,7 @@ class _Flow:
         """A delta, on the backend's loop thread. Dropped once the job is cancelled (nothing
         more reaches a client that has gone, as ``models.output.follow_choices`` does) or
         has ended. Never raises into the loop, and never waits but for this job's lock."""
-        if self.job_id in self._cancelled:
+        if self._cancelled():
             return
         with self._lock:
             if self._closed:

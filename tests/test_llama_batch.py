@@ -17,7 +17,8 @@ from config.contract.job import Sampling
 from models.llama_batch import BatchLoop, Choice
 from models.llama_engine import DecodeFailed, Row
 from models.llama_sampling import ChainSpec
-from models.output import ChoiceWriter, Outbox
+from models.base import CancelFlag
+from models.output import ChoiceWriter, Outbox, follow_choices
 
 VOCAB = [b"<eos>", b"a", b"b", b"c", b" ", b"."]
 EOS = 0
@@ -180,6 +181,38 @@ def test_a_direct_outbox_gets_the_deltas_on_the_loop_thread(make_loop):
     loop.submit(c)
     text, final, _ = drain(c)
     assert text == "bb" and isinstance(final, Finish)
+
+
+def test_a_cancel_wakes_the_thread_following_a_direct_outbox_at_once(make_loop):
+    """With its deltas handed over, a running choice sends its task thread nothing until it
+    finishes: a ``CancelFlag`` set from another thread wakes ``follow_choices`` to cancel it,
+    without waiting for its poll (here 60 s) to come round."""
+    engine = EngineDouble(slots=2, step=0.002)
+    loop = make_loop(engine)
+    handed = []
+    c = choice(1, max_tokens=100_000, out=Outbox(handed.append))
+    loop.submit(c)
+    flag = CancelFlag()
+    got = []
+    follower = threading.Thread(target=lambda: got.extend(
+        follow_choices(c.out, {0: c}, loop.cancel, flag, poll=60.0)))
+    follower.start()
+    deadline = time.monotonic() + 5
+    while not handed and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert handed, "the loop never handed a delta over"
+    t0 = time.monotonic()
+    flag.set()
+    follower.join(timeout=5)
+    assert not follower.is_alive(), "the cancel did not wake the task thread"
+    assert time.monotonic() - t0 < 2.0
+    assert [type(ev) for ev in got] == [Finish] and got[0].finish_reason == "cancelled"
+    # A flag set before anyone follows it wakes its follower as it starts.
+    late, flag = choice(2, max_tokens=100_000, out=Outbox(lambda ev: None)), CancelFlag()
+    flag.set()
+    loop.submit(late)
+    finished = list(follow_choices(late.out, {0: late}, loop.cancel, flag, poll=60.0))
+    assert finished[-1].finish_reason == "cancelled"
 
 
 def test_a_prompt_is_evaluated_alone_in_n_batch_chunks_from_its_start(make_loop):

@@ -40,8 +40,9 @@ from models.output import Outbox, follow_choices
 
 log = logging.getLogger(__name__)
 
-# How often a waiting task thread looks at cancelled(): a cancel reaches the loop within
-# this time plus one generator step.
+# How often a waiting task thread looks at a plain cancelled() callable: a cancel reaches
+# the loop within this time plus one generator step. The worker's runtime gives a
+# ``CancelFlag``, which wakes the thread when set instead (``models.output.follow_choices``).
 POLL = 0.05
 # How long a task thread waits for the loop thread to embed its images.
 EMBED_TIMEOUT = 120.0
