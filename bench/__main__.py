@@ -1,6 +1,6 @@
 """Runs every benchmark, then the report: ``python -m bench`` (``make bench``).
 
-    python -m bench [--quick] [--only overhead,single_stream,structured,concurrency,prefix,affinity,relay,handover,embeddings,gpu,chaos]
+    python -m bench [--quick] [--only overhead,single_stream,structured,concurrency,prefix,affinity,relay,relay_engine,handover,embeddings,gpu,chaos]
 
 ``--quick`` uses small parameters, to check that the scripts work, not to measure. A
 benchmark that fails (a wrong output, a service that would not start) is reported and the
@@ -27,6 +27,9 @@ FULL = {
     "prefix": lambda: prefix.run(conversations=16, turns=6, concurrent=8),
     "affinity": lambda: affinity.run(),
     "relay": lambda: relay.run([100, 500, 1000], count=300, rate=20.0, open_rate=100.0),
+    # As a GPU host's workers make tokens: one loop per worker steps all its jobs at once.
+    "relay_engine": lambda: relay.run([100, 500], count=300, rate=20.0, open_rate=100.0,
+                                      lockstep=True, requests=0, engine=True),
     "handover": lambda: handover.run(jobs=32, tokens=300, step_ms=16.0),
 }
 QUICK = {
@@ -37,6 +40,8 @@ QUICK = {
     "prefix": lambda: prefix.run(**prefix.QUICK),
     "affinity": lambda: affinity.run(**affinity.QUICK),
     "relay": lambda: relay.run([20, 50], count=20, rate=20.0, requests=100),
+    "relay_engine": lambda: relay.run([20], count=20, rate=20.0, lockstep=True, requests=0,
+                                      engine=True),
     "handover": lambda: handover.run(jobs=8, tokens=40, step_ms=4.0, rounds=1),
 }
 OTHERS = ("embeddings", "gpu", "chaos")

@@ -22,7 +22,8 @@ added <= 50 ms with no errors. Before the levels, ``--requests`` one-token strea
 once) give the CPU a request costs besides its tokens, in ms per request.
 
     python -m bench.relay [--levels 100,500,1000] [--count 300] [--rate 20] [--open-rate 100]
-                          [--web-workers 1] [--coalesce-ms MS] [--lockstep] [--requests 800]
+                          [--web-workers 1] [--coalesce-ms MS] [--lockstep] [--engine]
+                          [--requests 800]
 """
 
 from __future__ import annotations
@@ -264,15 +265,22 @@ def level_stats(n: int, results: list[StreamResult], lags: list[float], wall: fl
 
 def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 2,
         open_rate: float = 100.0, web_workers: int = 1, lockstep: bool = False,
-        requests: int = 800) -> dict:
+        requests: int = 800, engine: bool = False) -> dict:
+    """``engine``: the workers run the source as a batching engine (one loop thread makes
+    every job's tokens and hands them over, task threads asleep: as a GPU host's workers
+    run), in Celery's threads pool; else each job paces itself in the gevent pool."""
     per_worker = math.ceil(max(levels) / workers) + 10
+    pool = (f"threads, {per_worker} jobs per process, one loop making every job's tokens"
+            if engine else f"gevent, {per_worker} jobs per process")
     rows = []
     source_us: float | None = None
     with Stack("relay") as stack:
         stack.redis()
         redis_pid = stack.services[-1].proc.pid
-        worker_pids = [w.proc.pid for w in
-                       stack.workers("synthetic", workers, "-c", str(per_worker), gevent=True)]
+        started = stack.workers("synthetic", workers, options={
+            "batching": True, "threads": per_worker}) if engine else \
+            stack.workers("synthetic", workers, "-c", str(per_worker), gevent=True)
+        worker_pids = [w.proc.pid for w in started]
         web = stack.web(FERRY_WEB_WORKERS=str(web_workers))
         web_pids = web_worker_pids(web, web_workers)
         url = web.url + "/v1/chat/completions"
@@ -310,8 +318,7 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
                   f"; web CPU % each "
                   f"{', '.join(f'{100 * c:.0f}' for c in row['web_cpu_share_each'])}", flush=True)
     print_table(f"Relay capacity: {web_workers} web process(es) (gunicorn + gevent); {workers} "
-                f"synthetic worker "
-                f"processes (Celery gevent pool, up to {per_worker} jobs each); {count} tokens per "
+                f"synthetic worker processes (Celery {pool}); {count} tokens per "
                 f"stream at {rate:g} tok/s (nominal gap {1000 / rate:.0f} ms"
                 f"{', every stream on the same instants' if lockstep else ''}); streams opened at "
                 f"{open_rate:g}/s. CPU % is of one core; {os.cpu_count()} cores in all",
@@ -344,7 +351,7 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
         at["web_rss_total_peak_mb"] <= GOAL_RSS_MB
     data = {"count": count, "rate": rate, "lockstep": lockstep, "open_rate": open_rate,
             "synthetic_workers": workers,
-            "synthetic_pool": f"gevent, {per_worker} jobs per process",
+            "synthetic_pool": pool, "engine": engine,
             "web_processes": web_workers, "streams_per_web_process": per_web,
             "source_alone_workers_us_per_token": source_us,
             "per_request": short,
@@ -352,7 +359,7 @@ def run(levels: list[int], count: int = 300, rate: float = 20.0, workers: int = 
             "goal": {"streams": GOAL_STREAMS, "added_p99_ms": GOAL_ADDED_MS,
                      "rss_mb": GOAL_RSS_MB, "errors": 0},
             "met": met if at is not None else None}
-    save("relay", data)
+    save("relay_engine" if engine else "relay", data)
     if not any(r["ok"] for r in rows):
         raise CheckFailed("no stream delivered the scripted tokens")
     return data
@@ -373,11 +380,15 @@ def main() -> None:
     p.add_argument("--lockstep", action="store_true",
                    help="every stream's tokens at the same instants, as a batching engine "
                         "steps all its jobs at once (default: spread evenly)")
+    p.add_argument("--engine", action="store_true",
+                   help="the workers make every job's tokens on one loop thread and hand them "
+                        "over, as the batching GPU backends do (default: each job paces "
+                        "itself, Celery gevent pool)")
     a = p.parse_args()
     if a.coalesce_ms is not None:
         os.environ["FERRY_STREAM_COALESCE_MS"] = str(a.coalesce_ms)  # inherited by the workers
     run([int(x) for x in a.levels.split(",")], a.count, a.rate, a.workers, a.open_rate,
-        a.web_workers, a.lockstep, a.requests)
+        a.web_workers, a.lockstep, a.requests, a.engine)
 
 
 if __name__ == "__main__":

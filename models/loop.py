@@ -48,11 +48,12 @@ class InboxLoop:
     def _shutdown(self) -> None:
         raise NotImplementedError
 
-    def _drain(self, block: bool) -> bool:
-        """Apply every waiting command (waiting up to ``idle_wait`` for one if ``block``).
-        False once told to stop."""
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply every waiting command (waiting up to ``timeout``, else ``idle_wait``, for one
+        if ``block``). False once told to stop."""
         try:
-            item = self._inbox.get(timeout=self.idle_wait) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=self.idle_wait if timeout is None else timeout) \
+                if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
         while item is not None:

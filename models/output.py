@@ -118,7 +118,7 @@ class Outbox(queue.Queue):
 # What a cancel puts in a job's outbox to wake its task thread (``follow_choices``).
 _WAKE = object()
 # How often a task thread woken by its cancel flag looks anyway.
-WAKE_POLL = 1.0
+WAKE_POLL = 5.0
 
 
 def follow_choices(out: queue.Queue, open_: dict[int, Any], cancel: Callable[[Any], None],

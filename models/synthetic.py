@@ -10,6 +10,12 @@ second, each followed by ``pad`` x's (long tokens, to fill a slow reader's socke
 multiple of 1/rate s), as a batching engine's step yields a token for all its jobs at once.
 Registry option ``threads`` (default 1): run that many jobs at once in a Celery threads
 pool, as batching GPU backends do, so the pool's plumbing is tested without a GPU.
+Option ``batching`` (default false): the tokens of paced scripts (``rate`` or ``delay``; not
+``fail``, ``crash``, ``hang``, an echo or images, which run as above) are made by one loop
+thread for all the worker's jobs, each at its own pace, and handed over as they are made
+(``supports_direct``), as the llama.cpp and ExLlamaV2 backends' loops do: the relay
+benchmark's stand-in for a GPU host's engine, whose task threads sleep until their
+choices finish.
 
 A test double of a vision model when its registry entry says ``vision = true``: it accepts
 image parts, and ``{"describe_images": true}`` makes it reply with what reached it — the
@@ -21,15 +27,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
+import itertools
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from config.errors import GenerationFailed, InvalidRequest
 from config.settings import ModelEntry
 from models.base import Backend, Cancelled
+from models.loop import InboxLoop
+from models.output import Outbox, follow_choices
 from config.contract.events import Delta, Done, Event, Finish, Started
 from config.contract.job import GenerationJob
 from models.stops import StopMatcher
@@ -42,6 +53,12 @@ class SyntheticBackend(Backend):
     def __init__(self, entry: ModelEntry):
         super().__init__(entry)
         self.supports_vision = entry.vision
+        self.loop = _PaceLoop().start() if entry.options.get("batching") else None
+        self.supports_direct = self.loop is not None
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
 
     @classmethod
     def worker_pool(cls, entry: ModelEntry) -> tuple[str, int]:
@@ -65,7 +82,8 @@ class SyntheticBackend(Backend):
     def count_prompt(self, job: GenerationJob) -> int:
         return int(self._script(job).get("prompt_tokens", 1))
 
-    def generate(self, job: GenerationJob, cancelled: Cancelled) -> Iterator[Event]:
+    def generate(self, job: GenerationJob, cancelled: Cancelled,
+                 direct: Callable[[Event], None] | None = None) -> Iterator[Event]:
         script = self._script(job)
         tokens = script.get("tokens")
         if script.get("describe_images"):
@@ -78,6 +96,17 @@ class SyntheticBackend(Backend):
         limit = job.max_tokens if job.max_tokens is not None else len(tokens)
         lockstep = bool(script.get("lockstep"))
         yield Started(worker="", prompt_tokens=int(script.get("prompt_tokens", 1)))
+        if self.loop is not None and delay and not job.echo and not any(
+                script.get(k) for k in ("fail", "crash", "hang", "describe_images")):
+            out = Outbox(direct)
+            paced = {i: _Paced(i, tokens, limit, delay, lockstep, bool(script.get("silent")),
+                               job.stop, out) for i in range(job.n)}
+            for p in paced.values():
+                self.loop.submit(p)
+            total = yield from follow_choices(out, paced, self.loop.cancel, cancelled, 0.05)
+            yield Done(prompt_tokens=int(script.get("prompt_tokens", 1)),
+                       completion_tokens=total)
+            return
         total = 0
         for index in range(job.n):
             if job.echo:
@@ -116,3 +145,87 @@ class SyntheticBackend(Backend):
             yield Finish(index, "cancelled" if cancelled() else reason, n,
                          stops.matched if reason == "stop" else None)
         yield Done(prompt_tokens=int(script.get("prompt_tokens", 1)), completion_tokens=total)
+
+
+class _Paced:
+    """One choice the loop makes: its script's tokens, one every ``delay`` s."""
+
+    __slots__ = ("index", "tokens", "limit", "delay", "lockstep", "silent", "stops", "out",
+                 "n", "due", "cancelled", "done")
+
+    def __init__(self, index: int, tokens: list[str], limit: int, delay: float,
+                 lockstep: bool, silent: bool, stop: list[str], out: Outbox):
+        self.index, self.tokens, self.limit, self.delay = index, tokens, limit, delay
+        self.lockstep, self.silent, self.out = lockstep, silent, out
+        self.stops = StopMatcher(stop)
+        self.n, self.due, self.cancelled, self.done = 0, 0.0, False, False
+
+    def next_due(self, now: float) -> float:
+        if self.lockstep:  # the next multiple of delay, as every job's step
+            return now + self.delay - now % self.delay
+        return max(self.due + self.delay, now) if self.due else now + self.delay
+
+
+class _PaceLoop(InboxLoop):
+    """Every job's paced tokens, made on one thread: it sleeps until the next one is due
+    (or a command comes), then makes each token due by then. A token's delta goes to its
+    choice's outbox (handed over directly where the job's runtime gave ``direct``); a
+    choice's finish wakes its task thread."""
+
+    thread_name = "synthetic-loop"
+
+    def __init__(self):
+        super().__init__(idle_wait=1.0)
+        self._heap: list[tuple[float, int, _Paced]] = []
+        self._seq = itertools.count()
+
+    def _run(self) -> None:
+        heap = self._heap
+        while True:
+            wait = heap[0][0] - time.monotonic() if heap else None
+            if not self._drain(block=wait is None or wait > 0, timeout=wait):
+                return
+            now = time.monotonic()
+            while heap and heap[0][0] <= now:
+                p = heapq.heappop(heap)[2]
+                if not p.done:
+                    self._make(p, now)
+
+    def _make(self, p: _Paced, now: float) -> None:
+        if p.cancelled:
+            return self._end(p, "cancelled")
+        piece = p.tokens[p.n]
+        p.n += 1
+        if not p.silent:  # paced and counted, not sent: the pacing's own cost (bench)
+            text = p.stops.feed(piece)
+            if text:
+                p.out.put(Delta(p.index, text))
+            if p.stops.stopped:
+                return self._end(p, "stop")
+        if p.n == len(p.tokens):
+            return self._end(p, "stop")
+        if p.n >= p.limit:
+            return self._end(p, "length")
+        p.due = p.next_due(now)
+        heapq.heappush(self._heap, (p.due, next(self._seq), p))
+
+    def _end(self, p: _Paced, reason: str) -> None:
+        p.done = True
+        tail = p.stops.flush()
+        if tail:
+            p.out.put(Delta(p.index, tail, tokens=0))
+        p.out.put(Finish(p.index, reason, p.n, p.stops.matched if reason == "stop" else None))
+
+    def _apply(self, op: str, arg: Any) -> None:
+        if op == "submit":
+            if arg.limit <= 0:
+                return self._end(arg, "length")
+            arg.due = arg.next_due(time.monotonic())
+        else:  # cancel: finished at once
+            arg.cancelled, arg.due = True, 0.0
+        heapq.heappush(self._heap, (arg.due, next(self._seq), arg))
+
+    def _shutdown(self) -> None:
+        for _, _, p in self._heap:
+            if not p.done:
+                self._end(p, "cancelled")
