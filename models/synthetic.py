@@ -30,6 +30,7 @@ import hashlib
 import heapq
 import itertools
 import json
+import logging
 import os
 import signal
 import time
@@ -45,6 +46,8 @@ from config.contract.events import Delta, Done, Event, Finish, Started
 from config.contract.job import GenerationJob
 from models.stops import StopMatcher
 from models.templates import flatten_content
+
+log = logging.getLogger(__name__)
 
 
 class SyntheticBackend(Backend):
@@ -188,8 +191,14 @@ class _PaceLoop(InboxLoop):
             now = time.monotonic()
             while heap and heap[0][0] <= now:
                 p = heapq.heappop(heap)[2]
-                if not p.done:
+                if p.done:
+                    continue
+                try:
                     self._make(p, now)
+                except Exception:  # that choice fails; the loop goes on with the others
+                    log.exception("synthetic loop: a choice failed")
+                    p.done = True
+                    p.out.put(GenerationFailed("The synthetic source failed."))
 
     def _make(self, p: _Paced, now: float) -> None:
         if p.cancelled:
@@ -218,6 +227,8 @@ class _PaceLoop(InboxLoop):
 
     def _apply(self, op: str, arg: Any) -> None:
         if op == "submit":
+            if not arg.tokens:
+                return self._end(arg, "stop")
             if arg.limit <= 0:
                 return self._end(arg, "length")
             arg.due = arg.next_due(time.monotonic())
