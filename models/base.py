@@ -25,23 +25,24 @@ class CancelFlag:
     job is cancelled (``models.output.follow_choices``) instead of waking every so often to
     look: 32 or 64 task threads looking 10-20 times a second cost a GPU worker about a wake
     per token at 20 tokens/s per stream. ``on_set``'s hooks run on the cancelling thread and
-    must not block."""
+    must not block. ``cancelled`` is the same as a call, for a per-token check to read
+    without one."""
 
-    __slots__ = ("_set", "_hooks", "_lock")
+    __slots__ = ("cancelled", "_hooks", "_lock")
 
     def __init__(self):
-        self._set = False
+        self.cancelled = False
         self._hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     def __call__(self) -> bool:
-        return self._set
+        return self.cancelled
 
     def set(self) -> None:
         with self._lock:
-            if self._set:
+            if self.cancelled:
                 return
-            self._set = True
+            self.cancelled = True
             hooks, self._hooks = self._hooks, []
         for hook in hooks:
             hook()
@@ -49,7 +50,7 @@ class CancelFlag:
     def on_set(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` once the job is cancelled (now, if it is)."""
         with self._lock:
-            if not self._set:
+            if not self.cancelled:
                 self._hooks.append(hook)
                 return
         hook()

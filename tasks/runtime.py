@@ -373,7 +373,7 @@ class _Flow:
         """``shared``: the backend hands deltas over (else only the task thread puts, and
         ``take`` takes no lock: under gevent a lock is a greenlet semaphore, ~1 µs a token)."""
         self.job_id, self.reply_to, self.holding = job.id, job.reply_to, holding
-        self._cancelled = cancelled
+        self._cancel = cancelled
         # Once per token: bound once, and types compared rather than isinstance chains
         # (events are final dataclasses).
         self._add, self._count, self._put = outcome.add, runtime.meter.add, runtime.publisher.put
@@ -386,7 +386,7 @@ class _Flow:
         """A delta, on the backend's loop thread. Dropped once the job is cancelled (nothing
         more reaches a client that has gone, as ``models.output.follow_choices`` does) or
         has ended. Never raises into the loop, and never waits but for this job's lock."""
-        if self._cancelled():
+        if self._cancel.cancelled:
             return
         with self._lock:
             if self._closed:
