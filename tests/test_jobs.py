@@ -431,3 +431,35 @@ def test_list_jobs_index_is_pruned_with_the_jobs(strict, redis_server):
     listed = requests.get(web.url + "/v1/jobs", params={"limit": 100}, timeout=10).json()
     assert listed["data"][0]["id"] == new["id"]
     assert old["id"] not in [j["id"] for j in listed["data"]]
+
+
+def test_a_new_web_process_serving_two_first_streams_at_once_still_watches_jobs(
+        redis_server, tmp_path, synthetic_worker):
+    """A web process opens its pub/sub line on its first request. Two first requests at once
+    each opened one; the second replaced the first as the line taps subscribe on, while the
+    reader read the first: every later ``/v1/jobs/{id}/events`` waited for a confirmation
+    nobody read, and failed with 503 after 5 s."""
+    import threading
+
+    web = Web(redis_server.url, tmp_path).start()
+    try:
+        body = {"model": "synthetic", "stream": True,
+                "messages": script(tokens=["a"] * 10, delay=0.02)}
+        bodies: list[bytes] = []
+
+        def stream() -> None:
+            with requests.post(web.url + "/v1/chat/completions", json=body, stream=True,
+                               timeout=30) as r:
+                bodies.append(r.content)
+
+        threads = [threading.Thread(target=stream) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(bodies) == 2 and all(b"[DONE]" in b for b in bodies)
+        job = submitted(web, scripted(tokens=["x", "y"], delay=0.02))
+        seen = events(web, job["id"], timeout=10)
+        assert text_of(seen) == "xy" and seen[-1].event == "done"
+    finally:
+        web.stop()

@@ -395,8 +395,15 @@ class Relay:
     def _ensure_running(self) -> None:
         if self._line is None:
             self._ready.clear()
-            self._line = _Line(self.redis)
-            self._line.subscribe(self.channel)
+            line = _Line(self.redis)  # connects: other requests' greenlets run meanwhile
+            if self._line is not None:
+                # One of them opened the line first: a second one, subscribed and never
+                # read, would take every tap's SUBSCRIBE (never confirmed: 503) while the
+                # reader reads the first.
+                line.close()
+            else:
+                self._line = line
+                line.subscribe(self.channel)
         if self._reader is None or self._reader.dead:
             self._reader = gevent.spawn(self._read_loop, self._line)
         if self._watchdog is None or self._watchdog.dead:
