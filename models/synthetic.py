@@ -115,53 +115,73 @@ class SyntheticBackend(Backend):
             if job.echo:
                 yield Delta(index, job.prompt if isinstance(job.prompt, str) else "", tokens=0,
                             prompt=True)
-            stops, n, reason = StopMatcher(job.stop), 0, "length"
-            for piece in tokens:
-                if n >= limit:
-                    break
+            p = _Paced(index, tokens, limit, delay, lockstep, bool(script.get("silent")),
+                       job.stop)
+            reason = p.ended_at_once()
+            while reason is None:
                 if cancelled():
                     reason = "cancelled"
                     break
                 if delay:
                     time.sleep(delay - time.monotonic() % delay if lockstep else delay)
-                n += 1
-                if script.get("silent"):
-                    continue  # paced and counted, not sent: the pacing's own cost (bench)
-                text = stops.feed(piece)
-                if text:
-                    yield Delta(index, text)
-                if stops.stopped:
-                    reason = "stop"
-                    break
-            else:
-                reason = "stop"
+                evs, reason = p.make()
+                yield from evs
             if script.get("fail"):
                 raise GenerationFailed(str(script["fail"]))
             if script.get("crash"):
                 os.kill(os.getpid(), signal.SIGKILL)
             while script.get("hang") and not cancelled():
                 time.sleep(0.01)
-            tail = stops.flush()
-            if tail:
-                yield Delta(index, tail, tokens=0)
-            total += n
-            yield Finish(index, "cancelled" if cancelled() else reason, n,
-                         stops.matched if reason == "stop" else None)
+            total += p.n
+            yield from p.end(reason, "cancelled" if cancelled() else reason)
         yield Done(prompt_tokens=int(script.get("prompt_tokens", 1)), completion_tokens=total)
 
 
 class _Paced:
-    """One choice the loop makes: its script's tokens, one every ``delay`` s."""
+    """One choice of a script: its tokens' events, made one at a time (``make``), on its
+    task thread or by the loop (``_PaceLoop``: ``out``, ``due``, ``cancelled`` and ``done``
+    are the loop's)."""
 
     __slots__ = ("index", "tokens", "limit", "delay", "lockstep", "silent", "stops", "out",
                  "n", "due", "cancelled", "done")
 
     def __init__(self, index: int, tokens: list[str], limit: int, delay: float,
-                 lockstep: bool, silent: bool, stop: list[str], out: Outbox):
+                 lockstep: bool, silent: bool, stop: list[str], out: Outbox | None = None):
         self.index, self.tokens, self.limit, self.delay = index, tokens, limit, delay
         self.lockstep, self.silent, self.out = lockstep, silent, out
         self.stops = StopMatcher(stop)
         self.n, self.due, self.cancelled, self.done = 0, 0.0, False, False
+
+    def ended_at_once(self) -> str | None:
+        """Why the choice ends before its first token (no tokens, no room for one), if so."""
+        if not self.tokens:
+            return "stop"
+        return "length" if self.limit <= 0 else None
+
+    def make(self) -> tuple[list[Event], str | None]:
+        """The next token's events, and why the choice ends with it (None: it goes on)."""
+        piece = self.tokens[self.n]
+        self.n += 1
+        out: list[Event] = []
+        if not self.silent:  # paced and counted, not sent: the pacing's own cost (bench)
+            text = self.stops.feed(piece)
+            if text:
+                out.append(Delta(self.index, text))
+            if self.stops.stopped:
+                return out, "stop"
+        if self.n == len(self.tokens):
+            return out, "stop"
+        return out, "length" if self.n >= self.limit else None
+
+    def end(self, reason: str, reported: str) -> list[Event]:
+        """The text held back for a stop string, and the finish (``reported`` as its
+        reason; its stop string if ``reason`` is a stop)."""
+        self.done = True
+        tail = self.stops.flush()
+        out: list[Event] = [Delta(self.index, tail, tokens=0)] if tail else []
+        out.append(Finish(self.index, reported, self.n,
+                          self.stops.matched if reason == "stop" else None))
+        return out
 
     def next_due(self, now: float) -> float:
         if self.lockstep:  # the next multiple of delay, as every job's step
@@ -203,34 +223,24 @@ class _PaceLoop(InboxLoop):
     def _make(self, p: _Paced, now: float) -> None:
         if p.cancelled:
             return self._end(p, "cancelled")
-        piece = p.tokens[p.n]
-        p.n += 1
-        if not p.silent:  # paced and counted, not sent: the pacing's own cost (bench)
-            text = p.stops.feed(piece)
-            if text:
-                p.out.put(Delta(p.index, text))
-            if p.stops.stopped:
-                return self._end(p, "stop")
-        if p.n == len(p.tokens):
-            return self._end(p, "stop")
-        if p.n >= p.limit:
-            return self._end(p, "length")
+        evs, reason = p.make()
+        for ev in evs:
+            p.out.put(ev)
+        if reason is not None:
+            return self._end(p, reason)
         p.due = p.next_due(now)
         heapq.heappush(self._heap, (p.due, next(self._seq), p))
 
-    def _end(self, p: _Paced, reason: str) -> None:
-        p.done = True
-        tail = p.stops.flush()
-        if tail:
-            p.out.put(Delta(p.index, tail, tokens=0))
-        p.out.put(Finish(p.index, reason, p.n, p.stops.matched if reason == "stop" else None))
+    @staticmethod
+    def _end(p: _Paced, reason: str) -> None:
+        for ev in p.end(reason, reason):
+            p.out.put(ev)
 
     def _apply(self, op: str, arg: Any) -> None:
         if op == "submit":
-            if not arg.tokens:
-                return self._end(arg, "stop")
-            if arg.limit <= 0:
-                return self._end(arg, "length")
+            reason = arg.ended_at_once()
+            if reason is not None:
+                return self._end(arg, reason)
             arg.due = arg.next_due(time.monotonic())
         else:  # cancel: finished at once
             arg.cancelled, arg.due = True, 0.0
